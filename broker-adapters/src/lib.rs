@@ -52,6 +52,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod binding;
 pub mod error;
 pub mod event;
 pub mod publisher;

@@ -1,0 +1,490 @@
+//! CloudEvents protocol bindings, without I/O: an [`Event`] to and from a
+//! broker-neutral [`Message`] of headers, key and payload.
+//!
+//! Written once here and used by every adapter, following the CloudEvents
+//! Kafka and NATS protocol bindings so that other CloudEvents SDKs read what
+//! we write and we read what they write:
+//!
+//! | | binary mode | structured mode |
+//! | --- | --- | --- |
+//! | attributes | one header each, `ce_<name>` (Kafka) or `ce-<name>` (NATS) | in the JSON payload |
+//! | `datacontenttype` | `content-type` header | in the JSON payload |
+//! | data | the payload, as is | in the JSON payload (`data` or `data_base64`) |
+//! | `content-type` header | the data's content type | `application/cloudevents+json` |
+//! | message key | `partitionkey` | `partitionkey` |
+//!
+//! Header values are UTF-8. Kafka carries them as they are; NATS headers
+//! cannot hold line breaks, so the NATS binding percent-encodes values as the
+//! HTTP binding does. Extension values travel as strings in binary mode, as
+//! the specification prescribes; [`EventExt`](crate::EventExt) accessors read
+//! both forms.
+//!
+//! ```
+//! use broker_adapters::binding::{Binding, Mode};
+//! use broker_adapters::CloudEventBuilder;
+//!
+//! let event = CloudEventBuilder::new("com.example.ping", "/doc")
+//!     .partition_key("k1")
+//!     .json_data(&1)
+//!     .build()?;
+//! let message = Binding::KAFKA.encode(&event, Mode::Binary)?;
+//! assert_eq!(message.key.as_deref(), Some("k1"));
+//! assert!(message.headers.iter().any(|(k, v)| k == "ce_type" && v == "com.example.ping"));
+//!
+//! let headers = message.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+//! let decoded = Binding::KAFKA.decode(headers, &message.payload)?;
+//! assert_eq!(decoded.id(), event.id());
+//! # use broker_adapters::cloudevents::AttributesReader;
+//! # Ok::<(), broker_adapters::Error>(())
+//! ```
+
+use std::borrow::Cow;
+
+use cloudevents::event::SpecVersion;
+use cloudevents::message::{
+    BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
+};
+use cloudevents::Event;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::EventExt;
+
+/// The `content-type` of an event in structured mode (JSON event format).
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The header carrying `datacontenttype` in binary mode, and the event
+/// format in structured mode.
+pub const CONTENT_TYPE: &str = "content-type";
+
+/// How an event is laid out in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Attributes in headers, data as the payload: compact, and the payload is
+    /// readable by consumers that know nothing of CloudEvents.
+    #[default]
+    Binary,
+    /// The whole event as one JSON document in the payload.
+    Structured,
+}
+
+/// A message as a broker carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    /// The message key (Kafka), taken from `partitionkey`.
+    pub key: Option<String>,
+    /// Headers, in a stable order.
+    pub headers: Vec<(String, String)>,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// One protocol binding: the header prefix and how values are escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    prefix: &'static str,
+    percent_encode: bool,
+}
+
+impl Binding {
+    /// The CloudEvents Kafka protocol binding: `ce_` headers, raw UTF-8 values.
+    pub const KAFKA: Self = Self {
+        prefix: "ce_",
+        percent_encode: false,
+    };
+
+    /// The CloudEvents NATS protocol binding: `ce-` headers, percent-encoded
+    /// values (needs NATS 2.2 or later for headers).
+    pub const NATS: Self = Self {
+        prefix: "ce-",
+        percent_encode: true,
+    };
+
+    /// The header prefix of attributes in binary mode.
+    pub fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
+    /// Encodes `event` in `mode`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Encode`] if structured JSON serialization fails.
+    pub fn encode(&self, event: &Event, mode: Mode) -> Result<Message> {
+        let key = event.partition_key().map(str::to_owned);
+        match mode {
+            Mode::Structured => {
+                let payload = serde_json::to_vec(event)
+                    .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
+                Ok(Message {
+                    key,
+                    headers: vec![(CONTENT_TYPE.to_owned(), CLOUDEVENTS_JSON.to_owned())],
+                    payload,
+                })
+            }
+            Mode::Binary => {
+                let mut headers = Vec::with_capacity(12);
+                for (name, value) in event.iter() {
+                    let value = value.to_string();
+                    let header = if name == "datacontenttype" {
+                        CONTENT_TYPE.to_owned()
+                    } else {
+                        format!("{}{name}", self.prefix)
+                    };
+                    headers.push((header, self.escape(&value).into_owned()));
+                }
+                let payload = event.data_bytes().map(Cow::into_owned).unwrap_or_default();
+                Ok(Message {
+                    key,
+                    headers,
+                    payload,
+                })
+            }
+        }
+    }
+
+    /// Decodes a received message, detecting its mode from the
+    /// `content-type` header. Headers that are not CloudEvents attributes
+    /// are ignored; header names are matched case-insensitively.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`] with the reason as source: not a CloudEvent (no
+    /// `specversion`), an unknown spec version, a header that is not UTF-8, a
+    /// missing required attribute, a malformed `time` or `dataschema`, or
+    /// structured JSON that is not a valid event.
+    pub fn decode<'a, I>(&self, headers: I, payload: &[u8]) -> Result<Event>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        let mut content_type = None;
+        let mut spec_version = None;
+        let mut attributes = Vec::new();
+        for (name, raw) in headers {
+            let lower = name.to_ascii_lowercase();
+            let attr = if lower == CONTENT_TYPE {
+                "datacontenttype".to_owned()
+            } else if let Some(attr) = lower.strip_prefix(self.prefix) {
+                attr.to_owned()
+            } else {
+                continue;
+            };
+            let text = std::str::from_utf8(raw).map_err(|e| decode_error("a header value", e))?;
+            let value = self.unescape(text)?;
+            match attr.as_str() {
+                "datacontenttype" => {
+                    content_type.get_or_insert_with(|| value.clone());
+                }
+                "specversion" => {
+                    spec_version.get_or_insert_with(|| value.clone());
+                    continue;
+                }
+                _ => {}
+            }
+            if !attributes.iter().any(|(n, _)| *n == attr) {
+                attributes.push((attr, value));
+            }
+        }
+
+        let structured = content_type
+            .as_deref()
+            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with(CLOUDEVENTS_JSON));
+        if structured {
+            return serde_json::from_slice::<Event>(payload)
+                .map_err(|e| decode_error("a structured CloudEvent", e));
+        }
+        let Some(spec_version) = spec_version else {
+            return Err(Error::with_source(
+                ErrorKind::Decode {
+                    what: "a CloudEvent",
+                },
+                format!(
+                    "the message has neither a `{}specversion` header nor a `{CLOUDEVENTS_JSON}` content type",
+                    self.prefix
+                ),
+            ));
+        };
+        let spec_version = SpecVersion::try_from(spec_version.as_str())
+            .map_err(|e| decode_error("the spec version", e))?;
+        BinaryMessage {
+            spec_version,
+            attributes,
+            payload,
+        }
+        .into_event()
+        .map_err(|e| decode_error("a binary-mode CloudEvent", e))
+    }
+
+    fn escape<'v>(&self, value: &'v str) -> Cow<'v, str> {
+        if !self.percent_encode
+            || value
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'%' && b != b'"')
+        {
+            return Cow::Borrowed(value);
+        }
+        let mut out = String::with_capacity(value.len() + 8);
+        for b in value.bytes() {
+            if (0x20..0x7f).contains(&b) && b != b'%' && b != b'"' {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    fn unescape(&self, value: &str) -> Result<String> {
+        if !self.percent_encode || !value.contains('%') {
+            return Ok(value.to_owned());
+        }
+        let bytes = value.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => out.push(b),
+                    None => {
+                        return Err(decode_error(
+                            "a header value",
+                            format!("bad percent-encoding in `{value}`"),
+                        ));
+                    }
+                }
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).map_err(|e| decode_error("a header value", e))
+    }
+}
+
+fn decode_error(
+    what: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> Error {
+    Error::with_source(ErrorKind::Decode { what }, source)
+}
+
+/// A binary-mode message, fed to the SDK's event builder.
+struct BinaryMessage<'a> {
+    spec_version: SpecVersion,
+    attributes: Vec<(String, String)>,
+    payload: &'a [u8],
+}
+
+impl BinaryDeserializer for BinaryMessage<'_> {
+    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(
+        self,
+        mut visitor: V,
+    ) -> Result<R, MessageError> {
+        let known = self.spec_version.attribute_names();
+        visitor = visitor.set_spec_version(self.spec_version)?;
+        for (name, value) in self.attributes {
+            let value = MessageAttributeValue::String(value);
+            visitor = if known.contains(&name.as_str()) {
+                visitor.set_attribute(&name, value)?
+            } else {
+                visitor.set_extension(&name, value)?
+            };
+        }
+        if self.payload.is_empty() {
+            visitor.end()
+        } else {
+            visitor.end_with_data(self.payload.to_vec())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::AttributesReader;
+    use crate::event::CloudEventBuilder;
+    use chrono::{TimeZone, Utc};
+    use url::Url;
+
+    fn full_event() -> Event {
+        CloudEventBuilder::new("com.example.order.placed", "/orders")
+            .id("0193f0c2-0000-7000-8000-000000000001")
+            .time(
+                Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5)
+                    .single()
+                    .expect("valid"),
+            )
+            .subject("order\n42 ü")
+            .dataschema(Url::parse("http://127.0.0.1:8081/schemas/ids/3").expect("url"))
+            .partition_key("order-42")
+            .saga("s1", "pay", 2)
+            .extension("flag", true)
+            .json_data(&serde_json::json!({"a": 1}))
+            .build()
+            .expect("valid")
+    }
+
+    fn decode(binding: Binding, m: &Message) -> Result<Event> {
+        binding.decode(
+            m.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+            &m.payload,
+        )
+    }
+
+    fn header<'m>(m: &'m Message, name: &str) -> Option<&'m str> {
+        m.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn kafka_binary_layout_follows_the_spec() {
+        let m = Binding::KAFKA
+            .encode(&full_event(), Mode::Binary)
+            .expect("encodes");
+        assert_eq!(m.key.as_deref(), Some("order-42"));
+        assert_eq!(header(&m, "ce_specversion"), Some("1.0"));
+        assert_eq!(
+            header(&m, "ce_id"),
+            Some("0193f0c2-0000-7000-8000-000000000001")
+        );
+        assert_eq!(header(&m, "ce_type"), Some("com.example.order.placed"));
+        assert_eq!(header(&m, "ce_source"), Some("/orders"));
+        assert_eq!(header(&m, "ce_time"), Some("2026-01-02T03:04:05+00:00"));
+        assert_eq!(header(&m, "ce_subject"), Some("order\n42 ü"));
+        assert_eq!(header(&m, "ce_sagaattempt"), Some("2"));
+        assert_eq!(header(&m, "ce_flag"), Some("true"));
+        assert_eq!(header(&m, "content-type"), Some("application/json"));
+        assert_eq!(header(&m, "ce_datacontenttype"), None);
+        assert_eq!(m.payload, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn nats_binary_percent_encodes_what_headers_cannot_hold() {
+        let m = Binding::NATS
+            .encode(&full_event(), Mode::Binary)
+            .expect("encodes");
+        assert_eq!(header(&m, "ce-subject"), Some("order%0A42 %C3%BC"));
+        assert!(m.headers.iter().all(|(_, v)| !v.contains('\n')));
+        let back = decode(Binding::NATS, &m).expect("decodes");
+        assert_eq!(back.subject(), Some("order\n42 ü"));
+    }
+
+    #[test]
+    fn every_mode_round_trips_every_attribute() {
+        let sent = full_event();
+        for binding in [Binding::KAFKA, Binding::NATS] {
+            for mode in [Mode::Binary, Mode::Structured] {
+                let m = binding.encode(&sent, mode).expect("encodes");
+                let got = decode(binding, &m).expect("decodes");
+                assert_eq!(got.id(), sent.id());
+                assert_eq!(got.ty(), sent.ty());
+                assert_eq!(got.source(), sent.source());
+                assert_eq!(got.time(), sent.time());
+                assert_eq!(got.subject(), sent.subject());
+                assert_eq!(got.dataschema(), sent.dataschema());
+                assert_eq!(got.datacontenttype(), sent.datacontenttype());
+                assert_eq!(got.partition_key(), Some("order-42"));
+                assert_eq!(got.saga_attempt().expect("typed"), Some(2));
+                assert_eq!(
+                    got.extension("flag").map(ToString::to_string).as_deref(),
+                    Some("true")
+                );
+                assert_eq!(
+                    got.data_as::<serde_json::Value>().expect("json"),
+                    serde_json::json!({"a": 1}),
+                    "{binding:?} {mode:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reads_what_another_sdk_writes() {
+        // A Kafka record as the Python `cloudevents.kafka.to_binary` writes it.
+        let headers: Vec<(&str, &[u8])> = vec![
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"abc"),
+            ("ce_source", b"https://example.com/event-producer"),
+            ("ce_type", b"com.example.sampletype1"),
+            ("ce_time", b"2018-04-05T17:31:00Z"),
+            ("ce_comexampleextension1", b"value"),
+            ("content-type", b"application/json"),
+            ("traceparent-not-ours", b"ignored"),
+        ];
+        let event = Binding::KAFKA
+            .decode(headers, br#"{"k":"v"}"#)
+            .expect("decodes");
+        assert_eq!(event.id(), "abc");
+        assert_eq!(
+            event
+                .extension("comexampleextension1")
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("value")
+        );
+        assert_eq!(
+            event.data_as::<serde_json::Value>().expect("json")["k"],
+            "v"
+        );
+
+        let structured =
+            br#"{"specversion":"1.0","id":"s1","source":"/py","type":"t","data":{"x":1}}"#;
+        let headers: Vec<(&str, &[u8])> = vec![(
+            "Content-Type",
+            b"application/cloudevents+json; charset=utf-8",
+        )];
+        let event = Binding::NATS
+            .decode(headers, structured)
+            .expect("decodes structured");
+        assert_eq!(event.id(), "s1");
+    }
+
+    #[test]
+    fn malformed_messages_are_clear_errors() {
+        let cases: Vec<(Vec<(&str, &[u8])>, &[u8], &str)> = vec![
+            (vec![], b"{}", "specversion"),
+            (vec![("ce_specversion", b"9.9")], b"", "spec version"),
+            (
+                vec![
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"1"),
+                    ("ce_type", b"t"),
+                ],
+                b"",
+                "source",
+            ),
+            (
+                vec![
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"1"),
+                    ("ce_type", b"t"),
+                    ("ce_source", b"/s"),
+                    ("ce_time", b"yesterday"),
+                ],
+                b"",
+                "time",
+            ),
+            (vec![("ce_specversion", b"\xff")], b"", "header value"),
+            (
+                vec![("content-type", b"application/cloudevents+json")],
+                b"{not json",
+                "structured",
+            ),
+        ];
+        for (headers, payload, needle) in cases {
+            let err = Binding::KAFKA.decode(headers, payload).expect_err(needle);
+            assert!(matches!(err.kind(), ErrorKind::Decode { .. }), "{err}");
+            assert!(!err.is_retryable());
+            assert!(err.to_string().contains(needle), "`{err}` lacks `{needle}`");
+        }
+        let bad_escape: Vec<(&str, &[u8])> = vec![("ce-specversion", b"1%Z0")];
+        assert!(Binding::NATS.decode(bad_escape, b"").is_err());
+    }
+}
