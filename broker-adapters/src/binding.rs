@@ -448,7 +448,8 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_clear_errors() {
-        let cases: Vec<(Vec<(&str, &[u8])>, &[u8], &str)> = vec![
+        type Headers<'a> = Vec<(&'a str, &'a [u8])>;
+        let cases: Vec<(Headers<'_>, &[u8], &str)> = vec![
             (vec![], b"{}", "specversion"),
             (vec![("ce_specversion", b"9.9")], b"", "spec version"),
             (
