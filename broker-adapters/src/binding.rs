@@ -40,11 +40,11 @@
 
 use std::borrow::Cow;
 
+use cloudevents::Event;
 use cloudevents::event::SpecVersion;
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
 };
-use cloudevents::Event;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventExt;
@@ -306,9 +306,9 @@ impl BinaryDeserializer for BinaryMessage<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudevents::AttributesReader;
     use crate::event::CloudEventBuilder;
     use chrono::{TimeZone, Utc};
+    use cloudevents::AttributesReader;
     use url::Url;
 
     fn full_event() -> Event {
