@@ -47,10 +47,8 @@ async fn main() -> anyhow::Result<()> {
                 let handled = Arc::clone(&handled);
                 let shutdown = shutdown.clone();
                 async move {
-                    let order: OrderPlaced = received
-                        .event
-                        .data_as()
-                        .map_err(HandlerError::permanent)?;
+                    let order: OrderPlaced =
+                        received.event.data_as().map_err(HandlerError::permanent)?;
                     println!(
                         "{member} billed order {} for {} ({} cents, attempt {})",
                         order.order_id, order.customer, order.total_cents, received.info.attempt
@@ -91,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
         acked += member.await??.acked;
     }
     println!("done: {acked} of {ORDERS} events handled and acked");
-    anyhow::ensure!(acked == ORDERS as u64, "expected every event to be acked once");
+    anyhow::ensure!(
+        acked == ORDERS as u64,
+        "expected every event to be acked once"
+    );
     Ok(())
 }
