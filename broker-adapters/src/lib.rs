@@ -48,11 +48,14 @@
 //! | feature | enables |
 //! | --- | --- |
 //! | `memory` (default) | [`MemoryBroker`], the in-process broker |
+//! | `kafka` | the Kafka adapter, on rdkafka (builds librdkafka from source) |
 //! | `conformance` | [`conformance`], the behavioural suite every adapter runs against its real server |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod binding;
+#[cfg(feature = "kafka")]
+mod dispatch;
 pub mod error;
 pub mod event;
 pub mod publisher;
@@ -63,6 +66,10 @@ pub mod topic;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;
+
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]

@@ -1,0 +1,369 @@
+//! Per-key dispatch for adapters whose broker hands over messages faster than
+//! handlers settle them: which buffered message may be delivered next so
+//! that events with one partition key are handled in order, nacked ones come
+//! back after their delay, and unsettled ones come back after their ack
+//! deadline — without blocking other keys.
+//!
+//! No I/O and no clock of its own: callers pass `now`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::subscriber::AckKind;
+
+#[derive(Debug)]
+struct Entry<M> {
+    key: Option<Arc<str>>,
+    msg: M,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    /// Deliveries so far.
+    attempts: u32,
+    not_before: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    token: u64,
+    attempt: u32,
+    deadline: Instant,
+}
+
+/// A message handed out for delivery.
+#[derive(Debug)]
+pub(crate) struct Pulled<'a, M> {
+    /// Its place in arrival order.
+    pub(crate) seq: u64,
+    /// Identifies this delivery among redeliveries of the same message.
+    pub(crate) token: u64,
+    /// 1 for the first delivery.
+    pub(crate) attempt: u32,
+    pub(crate) msg: &'a M,
+}
+
+/// The buffered messages of one subscription, in arrival order.
+#[derive(Debug)]
+pub(crate) struct Dispatcher<M> {
+    entries: BTreeMap<u64, Entry<M>>,
+    ready: BTreeMap<u64, Ready>,
+    in_flight: HashMap<u64, InFlight>,
+    /// A key is present while one of its messages is ready or in flight; the
+    /// queue holds its later messages, in order.
+    held: HashMap<Arc<str>, VecDeque<u64>>,
+    next_seq: u64,
+    next_token: u64,
+}
+
+impl<M> Default for Dispatcher<M> {
+    fn default() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            ready: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            held: HashMap::new(),
+            next_seq: 0,
+            next_token: 0,
+        }
+    }
+}
+
+impl<M> Dispatcher<M> {
+    /// Buffers a message that arrived; returns its sequence number.
+    pub(crate) fn push(&mut self, key: Option<Arc<str>>, msg: M, now: Instant) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match &key {
+            Some(k) => match self.held.get_mut(k) {
+                Some(queue) => queue.push_back(seq),
+                None => {
+                    self.held.insert(Arc::clone(k), VecDeque::new());
+                    self.ready.insert(
+                        seq,
+                        Ready {
+                            attempts: 0,
+                            not_before: now,
+                        },
+                    );
+                }
+            },
+            None => {
+                self.ready.insert(
+                    seq,
+                    Ready {
+                        attempts: 0,
+                        not_before: now,
+                    },
+                );
+            }
+        }
+        self.entries.insert(seq, Entry { key, msg });
+        seq
+    }
+
+    /// How many messages are buffered, in flight included.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Hands out the oldest deliverable message, or says when to look again
+    /// (`None`: only after a push or a settle).
+    pub(crate) fn pull(
+        &mut self,
+        now: Instant,
+        ack_wait: Duration,
+    ) -> Result<Pulled<'_, M>, Option<Instant>> {
+        self.expire(now);
+        let due = self
+            .ready
+            .iter()
+            .find(|(_, r)| r.not_before <= now)
+            .map(|(seq, r)| (*seq, r.attempts));
+        let Some((seq, attempts)) = due else {
+            return Err(self.wake_at());
+        };
+        self.ready.remove(&seq);
+        self.next_token += 1;
+        let token = self.next_token;
+        let attempt = attempts.saturating_add(1);
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                token,
+                attempt,
+                deadline: now + ack_wait,
+            },
+        );
+        match self.entries.get(&seq) {
+            Some(entry) => Ok(Pulled {
+                seq,
+                token,
+                attempt,
+                msg: &entry.msg,
+            }),
+            // Every ready seq has an entry; stay safe if that ever breaks.
+            None => {
+                self.in_flight.remove(&seq);
+                Err(None)
+            }
+        }
+    }
+
+    /// Records a settlement. An ack or term removes the message whoever holds
+    /// it now and returns it; a nack applies only to the delivery `token`
+    /// names, so a stale handle cannot disturb a newer delivery.
+    pub(crate) fn settle(
+        &mut self,
+        seq: u64,
+        token: u64,
+        kind: AckKind,
+        now: Instant,
+    ) -> Settled<M> {
+        match kind {
+            AckKind::Nack(delay) => match self.in_flight.get(&seq) {
+                Some(f) if f.token == token => {
+                    let attempts = f.attempt;
+                    self.in_flight.remove(&seq);
+                    self.ready.insert(
+                        seq,
+                        Ready {
+                            attempts,
+                            not_before: now + delay.unwrap_or_default(),
+                        },
+                    );
+                    Settled::Requeued
+                }
+                _ => Settled::Stale,
+            },
+            AckKind::Ack | AckKind::Term => {
+                let pending =
+                    self.in_flight.remove(&seq).is_some() || self.ready.remove(&seq).is_some();
+                if !pending {
+                    return Settled::Stale;
+                }
+                match self.entries.remove(&seq) {
+                    Some(entry) => {
+                        self.release(entry.key.as_ref(), now);
+                        Settled::Done(entry.msg)
+                    }
+                    None => Settled::Stale,
+                }
+            }
+        }
+    }
+
+    /// Resets the ack deadline of the delivery `token` names.
+    pub(crate) fn touch(&mut self, seq: u64, token: u64, deadline: Instant) -> bool {
+        match self.in_flight.get_mut(&seq) {
+            Some(f) if f.token == token => {
+                f.deadline = deadline;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops every message for which `keep` is false (e.g. of partitions this
+    /// member no longer owns), letting later messages of their keys through.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&M) -> bool, now: Instant) {
+        let dropped: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !keep(&e.msg))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in dropped {
+            let was_head =
+                self.in_flight.remove(&seq).is_some() || self.ready.remove(&seq).is_some();
+            let Some(entry) = self.entries.remove(&seq) else {
+                continue;
+            };
+            if was_head {
+                self.release(entry.key.as_ref(), now);
+            } else if let Some(queue) = entry.key.as_ref().and_then(|k| self.held.get_mut(k)) {
+                queue.retain(|s| *s != seq);
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<(u64, u32)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(seq, f)| (*seq, f.attempt))
+            .collect();
+        for (seq, attempts) in expired {
+            self.in_flight.remove(&seq);
+            self.ready.insert(
+                seq,
+                Ready {
+                    attempts,
+                    not_before: now,
+                },
+            );
+        }
+    }
+
+    fn release(&mut self, key: Option<&Arc<str>>, now: Instant) {
+        let Some(key) = key else { return };
+        match self.held.get_mut(key).and_then(VecDeque::pop_front) {
+            Some(next) => {
+                self.ready.insert(
+                    next,
+                    Ready {
+                        attempts: 0,
+                        not_before: now,
+                    },
+                );
+            }
+            None => {
+                self.held.remove(key);
+            }
+        }
+    }
+
+    fn wake_at(&self) -> Option<Instant> {
+        let ready = self.ready.values().map(|r| r.not_before);
+        let deadlines = self.in_flight.values().map(|f| f.deadline);
+        ready.chain(deadlines).min()
+    }
+}
+
+/// The outcome of [`Dispatcher::settle`].
+#[derive(Debug)]
+pub(crate) enum Settled<M> {
+    /// Acked or terminated: removed from the buffer.
+    Done(M),
+    /// Nacked: it will be delivered again.
+    Requeued,
+    /// Nothing changed: already settled, or a stale handle.
+    Stale,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    fn key(k: &str) -> Option<Arc<str>> {
+        Some(Arc::from(k))
+    }
+
+    #[test]
+    fn keys_are_held_back_others_flow_and_nack_keeps_order() {
+        let now = Instant::now();
+        let mut d = Dispatcher::default();
+        d.push(key("a"), "a1", now);
+        d.push(key("a"), "a2", now);
+        d.push(key("b"), "b1", now);
+        d.push(None, "n1", now);
+        let a1 = d.pull(now, WAIT).map(|p| (p.seq, p.token)).expect("a1");
+        assert_eq!(*d.pull(now, WAIT).expect("b1").msg, "b1");
+        assert_eq!(*d.pull(now, WAIT).expect("n1").msg, "n1");
+        assert!(d.pull(now, WAIT).is_err(), "a2 waits");
+        let delay = Duration::from_millis(10);
+        assert!(matches!(
+            d.settle(a1.0, a1.1, AckKind::Nack(Some(delay)), now),
+            Settled::Requeued
+        ));
+        assert_eq!(d.pull(now, WAIT).err(), Some(Some(now + delay)));
+        let again = d.pull(now + delay, WAIT).expect("a1 again");
+        assert_eq!((*again.msg, again.attempt), ("a1", 2));
+        let (seq, token) = (again.seq, again.token);
+        assert!(matches!(
+            d.settle(seq, token, AckKind::Ack, now),
+            Settled::Done("a1")
+        ));
+        assert_eq!(*d.pull(now, WAIT).expect("a2").msg, "a2");
+    }
+
+    #[test]
+    fn ack_deadline_redelivers_and_stale_nacks_are_ignored() {
+        let now = Instant::now();
+        let mut d = Dispatcher::default();
+        d.push(None, 1, now);
+        let first = d.pull(now, WAIT).map(|p| (p.seq, p.token)).expect("first");
+        let later = now + WAIT;
+        let second = d
+            .pull(later, WAIT)
+            .map(|p| (p.seq, p.token, p.attempt))
+            .expect("again");
+        assert_eq!(second.2, 2);
+        assert!(matches!(
+            d.settle(first.0, first.1, AckKind::Nack(None), later),
+            Settled::Stale
+        ));
+        assert!(!d.touch(first.0, first.1, later));
+        assert!(d.touch(second.0, second.1, later + WAIT));
+        assert!(matches!(
+            d.settle(second.0, second.1, AckKind::Term, later),
+            Settled::Done(1)
+        ));
+        assert!(matches!(
+            d.settle(second.0, second.1, AckKind::Ack, later),
+            Settled::Stale
+        ));
+        assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn retain_drops_messages_and_unblocks_their_keys() {
+        let now = Instant::now();
+        let mut d = Dispatcher::default();
+        d.push(key("a"), (0, "a1"), now);
+        d.push(key("a"), (1, "a2"), now);
+        d.push(key("a"), (0, "a3"), now);
+        let _ = d.pull(now, WAIT).expect("a1");
+        // Partition 0 revoked: a1 (in flight) and a3 (held) go, a2 moves up.
+        d.retain(|(partition, _)| *partition != 0, now);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.pull(now, WAIT).expect("a2").msg.1, "a2");
+        assert!(d.pull(now, WAIT).is_err());
+    }
+}

@@ -1,0 +1,327 @@
+//! The Kafka adapter, on rdkafka (librdkafka).
+//!
+//! [`KafkaBroker`] is both the [`Publisher`] and the [`Subscriber`]:
+//!
+//! - **Publishing** encodes events with the CloudEvents Kafka protocol binding
+//!   ([`Binding::KAFKA`](crate::binding::Binding::KAFKA)): binary mode by
+//!   default (`ce_` headers, `content-type`, the data as the value), or
+//!   structured mode; the record key is the event's `partitionkey`, so one
+//!   key stays on one partition. The producer is idempotent with `acks=all`,
+//!   and `publish` returns once every in-sync replica has the record.
+//!   [`publish_batch`](Publisher::publish_batch) enqueues the whole batch and
+//!   then awaits the acknowledgements, in order.
+//! - **Consuming** joins the Kafka consumer group named by
+//!   [`SubscribeOptions::group`]; [`subscribe`](Subscriber::subscribe) returns
+//!   once the member has its partitions. Offsets are committed only up to the
+//!   oldest event not yet acked or terminated, every
+//!   [`commit_interval`](KafkaConfig::commit_interval), before partitions are
+//!   revoked, and on close. Kafka cannot nack one record, so the subscription
+//!   does it itself: a nacked event is held in memory and delivered again
+//!   after its delay, and so is one left unsettled past its ack deadline;
+//!   later events of the same key wait for it while other keys go on.
+//!   Dropping a subscription, or a crash, leaves the unsettled part
+//!   uncommitted, so the group delivers it again.
+//! - **Bad input**: a received record that is not a CloudEvent, or is larger
+//!   than [`max_event_bytes`](KafkaConfig::max_event_bytes), is copied
+//!   unchanged to the dead-letter topic (`<topic>.dlq`) with `dlq-reason`,
+//!   `dlq-topic`, `dlq-partition` and `dlq-offset` headers before its offset
+//!   is committed: never lost, never blocking the partition.
+//!
+//! ```no_run
+//! # async fn demo() -> broker_adapters::Result<()> {
+//! use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
+//! use broker_adapters::prelude::*;
+//!
+//! let broker = KafkaBroker::connect(KafkaConfig::from_env()?).await?;
+//! let orders = Topic::from_static("orders");
+//! broker.create_topic(&orders, 6).await?;
+//! broker.publish_json(&orders, "com.example.order.placed", "/orders", &"o-1").await?;
+//! let subscription = broker.subscribe(&orders, SubscribeOptions::new("billing")?).await?;
+//! # drop(subscription);
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+mod error;
+mod subscriber;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudevents::Event;
+use futures_util::future::try_join_all;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+pub use self::config::{KafkaConfig, Sasl, SecurityProtocol};
+use self::error::{SYSTEM, map};
+use crate::binding::{Binding, Message};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::validate_for_publish;
+use crate::publisher::Publisher;
+use crate::subscriber::{SubscribeOptions, Subscriber, Subscription};
+use crate::topic::Topic;
+
+/// The Kafka adapter. Cheap to clone; clones share one producer.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// Validates `config`, creates the producer and checks that the cluster
+    /// answers.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for an invalid configuration;
+    /// [`ErrorKind::Connection`] if no broker answers within the delivery timeout.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let mut client = client_config(&config);
+        client
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "delivery.timeout.ms",
+                config.delivery_timeout.as_millis().to_string(),
+            )
+            .set(
+                "message.max.bytes",
+                (config.max_event_bytes.get() + 64 * 1024).to_string(),
+            );
+        if !config.options.contains_key("linger.ms") {
+            client.set("linger.ms", "2");
+        }
+        let producer: FutureProducer = client.create().map_err(|e| map(e, "create producer"))?;
+        let probe = producer.clone();
+        let wait = config.delivery_timeout.min(Duration::from_secs(10));
+        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, wait))
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?
+            .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// Creates `topic` with `partitions` partitions (replication factor: the
+    /// broker's default) unless it exists already.
+    ///
+    /// # Errors
+    ///
+    /// The cluster refused to create it.
+    pub async fn create_topic(&self, topic: &Topic, partitions: u16) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            client_config(&self.inner.config)
+                .create()
+                .map_err(|e| map(e, "create admin client"))?;
+        let new = NewTopic::new(
+            topic.as_str(),
+            i32::from(partitions.max(1)),
+            TopicReplication::Fixed(-1),
+        );
+        let results = admin
+            .create_topics([&new], &AdminOptions::new())
+            .await
+            .map_err(|e| map(e, "create topic"))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(map(KafkaError::AdminOp(code), "create topic")),
+            }
+        }
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Error::closed("kafka broker"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn encode(&self, event: &Event) -> Result<Message> {
+        validate_for_publish(event, self.inner.config.max_event_bytes.get())?;
+        Binding::KAFKA.encode(event, self.inner.config.mode)
+    }
+
+    /// Hands one message to librdkafka, waiting while its queue is full.
+    async fn enqueue(&self, topic: &Topic, message: &Message) -> Result<DeliveryFuture> {
+        let headers = message.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(message.headers.len()),
+            |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                })
+            },
+        );
+        enqueue_record(
+            &self.inner.producer,
+            topic.as_str(),
+            message.key.as_deref(),
+            headers,
+            &message.payload,
+            self.inner.config.delivery_timeout,
+        )
+        .await
+    }
+}
+
+/// Enqueues a record, retrying while librdkafka's queue is full, for at most
+/// `patience`.
+pub(crate) async fn enqueue_record(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&str>,
+    headers: OwnedHeaders,
+    payload: &[u8],
+    patience: Duration,
+) -> Result<DeliveryFuture> {
+    let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    let give_up = tokio::time::Instant::now() + patience;
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if tokio::time::Instant::now() < give_up =>
+            {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(map(e, "publish")),
+        }
+    }
+}
+
+/// Waits for the broker's acknowledgement of an enqueued record.
+pub(crate) async fn acknowledged(delivery: DeliveryFuture) -> Result<()> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(map(e, "publish")),
+        Err(canceled) => Err(Error::with_source(
+            ErrorKind::Broker {
+                system: SYSTEM,
+                operation: "publish",
+                retryable: true,
+            },
+            canceled,
+        )),
+    }
+}
+
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in config.client_options() {
+        client.set(key, value);
+    }
+    client
+}
+
+#[async_trait]
+impl Publisher for KafkaBroker {
+    async fn publish(&self, topic: &Topic, event: Event) -> Result<()> {
+        self.check_open()?;
+        let message = self.encode(&event)?;
+        let delivery = self.enqueue(topic, &message).await?;
+        acknowledged(delivery).await
+    }
+
+    /// Validates every event first, enqueues them all in order, then awaits
+    /// every acknowledgement: one round trip for the batch, not one per event.
+    async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
+        self.check_open()?;
+        let messages = events
+            .iter()
+            .map(|event| self.encode(event))
+            .collect::<Result<Vec<_>>>()?;
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for message in &messages {
+            deliveries.push(acknowledged(self.enqueue(topic, message).await?));
+        }
+        try_join_all(deliveries).await.map(|_| ())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.config.delivery_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Closed {
+                        what: "kafka producer",
+                    },
+                    e,
+                )
+            })?
+            .map_err(|e| map(e, "flush"))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        Publisher::flush(self).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBroker {
+    /// Also creates the topic's dead-letter topic (`<topic>.dlq`) if it does
+    /// not exist, so undecodable records always have a place to go.
+    async fn subscribe(&self, topic: &Topic, options: SubscribeOptions) -> Result<Subscription> {
+        self.check_open()?;
+        let dead_letter =
+            Topic::try_from(format!("{topic}{}", self.inner.config.dead_letter_suffix))?;
+        self.create_topic(&dead_letter, 1).await?;
+        subscriber::subscribe(
+            &self.inner.config,
+            client_config(&self.inner.config),
+            self.inner.producer.clone(),
+            topic,
+            options,
+        )
+        .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        Publisher::close(self).await
+    }
+}
