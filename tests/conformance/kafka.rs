@@ -58,3 +58,200 @@ impl Target for Kafka {
 }
 
 broker_adapters::conformance_suite!(target());
+
+mod kafka_specific {
+    use std::time::Duration;
+
+    use broker_adapters::binding::Mode;
+    use broker_adapters::cloudevents::AttributesReader;
+    use broker_adapters::kafka::KafkaBroker;
+    use broker_adapters::prelude::*;
+    use futures_util::StreamExt;
+    use rdkafka::ClientConfig;
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    use super::{config, target};
+    use broker_adapters::conformance::Target;
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    fn raw_producer() -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
+            .create()
+            .expect("raw producer")
+    }
+
+    async fn next(sub: &mut Subscription) -> Delivery {
+        tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("a delivery in time")
+            .expect("subscription open")
+            .expect("delivery")
+    }
+
+    /// Records that are not CloudEvents, or too large, go to `<topic>.dlq`
+    /// unchanged with the reason; the partition keeps flowing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecodable_and_oversized_records_are_dead_lettered_not_lost() {
+        let t = target().await;
+        let topic = t
+            .topic(&e2e::unique_name("conformance-dlq"))
+            .await
+            .expect("topic");
+        let broker = KafkaBroker::connect(
+            config().max_event_bytes(std::num::NonZeroUsize::new(4096).expect("positive")),
+        )
+        .await
+        .expect("connect");
+        let mut sub = broker
+            .subscribe(&topic, SubscribeOptions::new("dlq-test").expect("group"))
+            .await
+            .expect("subscribe");
+
+        let raw = raw_producer();
+        let garbage: &[u8] = b"\xff\x00 definitely not a cloudevent";
+        raw.send(
+            FutureRecord::to(topic.as_str())
+                .key("k")
+                .payload(garbage)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "trace",
+                    value: Some("keep-me"),
+                })),
+            WAIT,
+        )
+        .await
+        .expect("garbage produced");
+        let half_event = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_specversion",
+                value: Some("1.0"),
+            })
+            .insert(Header {
+                key: "ce_id",
+                value: Some("x"),
+            });
+        raw.send(
+            FutureRecord::to(topic.as_str())
+                .key("k")
+                .payload("{}")
+                .headers(half_event),
+            WAIT,
+        )
+        .await
+        .expect("event without type/source produced");
+        let oversized = CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .binary_data("application/octet-stream", vec![1u8; 8192])
+            .build()
+            .expect("event");
+        t.publisher
+            .publish(&topic, oversized)
+            .await
+            .expect("the publisher's limit is larger");
+        let valid = CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .json_data(&1)
+            .build()
+            .expect("event");
+        broker.publish(&topic, valid.clone()).await.expect("valid");
+
+        let mut d = next(&mut sub).await;
+        assert_eq!(
+            d.event().id(),
+            valid.id(),
+            "bad records do not block the partition"
+        );
+        d.ack().await.expect("ack");
+
+        let dlq: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
+            .set("group.id", e2e::unique_name("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("dlq consumer");
+        dlq.subscribe(&[&format!("{topic}.dlq")])
+            .expect("subscribe dlq");
+        let mut reasons = Vec::new();
+        for expected_payload_len in [garbage.len(), 2, 0] {
+            let m = tokio::time::timeout(WAIT, dlq.recv())
+                .await
+                .expect("dead letter in time")
+                .expect("dead letter");
+            let headers = m.headers().expect("headers");
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            assert_eq!(header("dlq-topic").as_deref(), Some(topic.as_str()));
+            assert!(header("dlq-offset").is_some());
+            reasons.push(header("dlq-reason").expect("reason"));
+            if expected_payload_len == garbage.len() {
+                assert_eq!(m.payload(), Some(garbage), "kept unchanged");
+                assert_eq!(header("trace").as_deref(), Some("keep-me"));
+            }
+            assert_eq!(m.key(), Some(&b"k"[..]));
+        }
+        assert!(reasons[0].contains("could not decode"), "{reasons:?}");
+        assert!(
+            reasons[1].contains("type") || reasons[1].contains("source"),
+            "{reasons:?}"
+        );
+        assert!(reasons[2].contains("exceeds the limit"), "{reasons:?}");
+    }
+
+    /// Structured mode carries the whole event as JSON; both modes are read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn structured_mode_round_trips_and_both_modes_are_read() {
+        let t = target().await;
+        let topic = t
+            .topic(&e2e::unique_name("conformance-structured"))
+            .await
+            .expect("topic");
+        let structured = KafkaBroker::connect(config().mode(Mode::Structured))
+            .await
+            .expect("connect");
+        let mut sub = structured
+            .subscribe(&topic, SubscribeOptions::new("structured").expect("group"))
+            .await
+            .expect("subscribe");
+        let a = CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .subject("structured")
+            .json_data(&serde_json::json!({"n": 1}))
+            .build()
+            .expect("event");
+        let b = CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .subject("binary")
+            .json_data(&serde_json::json!({"n": 2}))
+            .build()
+            .expect("event");
+        structured
+            .publish(&topic, a.clone())
+            .await
+            .expect("structured");
+        t.publisher
+            .publish(&topic, b.clone())
+            .await
+            .expect("binary");
+        for sent in [a, b] {
+            let mut d = next(&mut sub).await;
+            assert_eq!(d.event().id(), sent.id());
+            assert_eq!(d.event().subject(), sent.subject());
+            assert_eq!(
+                d.event().data_as::<serde_json::Value>().expect("json"),
+                sent.data_as::<serde_json::Value>().expect("json")
+            );
+            d.ack().await.expect("ack");
+        }
+    }
+}
