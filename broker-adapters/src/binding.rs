@@ -16,7 +16,7 @@
 //! Header values are UTF-8. Kafka carries them as they are; NATS headers
 //! cannot hold line breaks, so the NATS binding percent-encodes values as the
 //! HTTP binding does. Extension values travel as strings in binary mode, as
-//! the specification prescribes; [`EventExt`](crate::EventExt) accessors read
+//! the specification prescribes; [`EventExt`] accessors read
 //! both forms.
 //!
 //! ```

@@ -1,7 +1,7 @@
 //! The behavioural suite every adapter passes against its real server.
 //!
 //! An adapter's test file implements [`Target`] (how to get a publisher, a
-//! subscriber and a fresh topic) and expands [`conformance_suite!`], which
+//! subscriber and a fresh topic) and expands [`conformance_suite!`](crate::conformance_suite), which
 //! generates one `#[tokio::test]` per scenario in [`scenarios`]:
 //!
 //! ```

@@ -34,7 +34,7 @@ const RESERVED_KEYS: [&str; 7] = [
 ///
 /// | setting | default | environment variable |
 /// | --- | --- | --- |
-/// | [`bootstrap_servers`](Self::bootstrap_servers) | — (required) | `KAFKA_BOOTSTRAP_SERVERS` |
+/// | bootstrap servers (`builder`) | — (required) | `KAFKA_BOOTSTRAP_SERVERS` |
 /// | [`security_protocol`](Self::security_protocol) | required unless every server is on loopback | `KAFKA_SECURITY_PROTOCOL` |
 /// | [`sasl`](Self::sasl) | none | `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD` |
 /// | [`mode`](Self::mode) | binary | `KAFKA_CLOUDEVENTS_MODE` (`binary` / `structured`) |
