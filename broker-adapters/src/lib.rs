@@ -58,9 +58,11 @@ pub mod binding;
 mod dispatch;
 pub mod error;
 pub mod event;
+pub mod metrics;
 pub mod publisher;
 pub mod router;
 pub mod subscriber;
+pub mod telemetry;
 pub mod topic;
 
 #[cfg(feature = "memory")]
@@ -70,6 +72,8 @@ pub mod memory;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
+
+pub mod middleware;
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]

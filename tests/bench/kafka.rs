@@ -1,0 +1,148 @@
+//! The Kafka adapter beside raw rdkafka with the same settings.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
+use broker_adapters::prelude::*;
+use futures_util::StreamExt;
+use futures_util::future::try_join_all;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+
+use crate::{Figure, best};
+
+const PARTITIONS: u16 = 4;
+
+fn config() -> KafkaConfig {
+    KafkaConfig::builder(e2e::kafka_bootstrap_servers().split(','))
+        .session_timeout(Duration::from_secs(6))
+}
+
+fn raw_client() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", e2e::kafka_bootstrap_servers());
+    c
+}
+
+fn events(n: usize, size: usize) -> anyhow::Result<Vec<Event>> {
+    (0..n)
+        .map(|i| {
+            CloudEventBuilder::new("com.example.order.placed", "/bench")
+                .partition_key(format!("k{}", i % 64))
+                .json_data(&crate::payload(size))
+                .build()
+                .map_err(Into::into)
+        })
+        .collect()
+}
+
+pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    e2e::require(e2e::Server::Kafka)?;
+    let broker = KafkaBroker::connect(config()).await?;
+    let raw: FutureProducer = raw_client()
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "2")
+        .create()?;
+    let body = serde_json::to_vec(&crate::payload(size))?;
+
+    let (mut pub_ours, mut pub_raw, mut con_ours, mut con_raw) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let topic =
+            Topic::try_from(e2e::unique_name(&format!("bench-kafka-{round}")).replace('_', "-"))?;
+        broker.create_topic(&topic, PARTITIONS).await?;
+        let raw_topic = format!("{topic}-raw");
+        broker
+            .create_topic(&Topic::try_from(raw_topic.as_str())?, PARTITIONS)
+            .await?;
+
+        // Publish: the whole batch pipelined, every event acknowledged.
+        let batch = events(n, size)?;
+        let start = Instant::now();
+        broker.publish_batch(&topic, batch).await?;
+        pub_ours.push(start.elapsed());
+
+        let start = Instant::now();
+        let mut acks = Vec::with_capacity(n);
+        for i in 0..n {
+            let key = format!("k{}", i % 64);
+            let mut record = FutureRecord::to(&raw_topic).key(&key).payload(&body);
+            loop {
+                match raw.send_result(record) {
+                    Ok(ack) => break acks.push(ack),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        for ack in try_join_all(acks).await? {
+            ack.map_err(|(e, _)| e)?;
+        }
+        pub_raw.push(start.elapsed());
+
+        // Consume what our publisher wrote: ours decodes and acks each event;
+        // raw reads the same records and commits offsets as it goes.
+        let mut sub = broker
+            .subscribe(
+                &topic,
+                SubscribeOptions::new(&format!("bench-ours-{round}"))?,
+            )
+            .await?;
+        let first = sub.next().await.context("subscription ended")??;
+        let start = Instant::now();
+        let mut first = first;
+        first.ack().await?;
+        for _ in 1..n {
+            let mut d = sub.next().await.context("subscription ended")??;
+            d.ack().await?;
+        }
+        con_ours.push(start.elapsed());
+        sub.close().await?;
+
+        let consumer: StreamConsumer = raw_client()
+            .set(
+                "group.id",
+                format!("bench-raw-{round}-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .create()?;
+        consumer.subscribe(&[topic.as_str()])?;
+        let mut positions = TopicPartitionList::new();
+        let mut last_commit = Instant::now();
+        let first = consumer.recv().await?;
+        let start = Instant::now();
+        positions.set_partition_offset(
+            first.topic(),
+            first.partition(),
+            Offset::Offset(first.offset() + 1),
+        )?;
+        drop(first);
+        for _ in 1..n {
+            let m = consumer.recv().await?;
+            positions.set_partition_offset(
+                m.topic(),
+                m.partition(),
+                Offset::Offset(m.offset() + 1),
+            )?;
+            if last_commit.elapsed() >= Duration::from_millis(100) {
+                consumer.commit(&positions, CommitMode::Async)?;
+                last_commit = Instant::now();
+            }
+        }
+        consumer.commit(&positions, CommitMode::Sync)?;
+        con_raw.push(start.elapsed());
+        eprintln!("kafka round {round}: done");
+    }
+    Ok(vec![
+        Figure::rate("kafka.publish", n, best(pub_ours), best(pub_raw)),
+        Figure::rate("kafka.consume", n, best(con_ours), best(con_raw)),
+    ])
+}

@@ -1,0 +1,148 @@
+//! Benchmarks: our adapters beside the raw clients, measured in the same run.
+//!
+//! ```sh
+//! source tests/harness/up.sh
+//! cargo run --release -p e2e --bin bench              # everything
+//! cargo run --release -p e2e --bin bench -- --only kafka --events 200000
+//! ```
+//!
+//! Every figure is printed as one JSON line at the end:
+//! `{"bench":…,"ours":…,"baseline":…,"ratio":…,"unit":…}` where `ratio` is
+//! ours / baseline. For rates (`events/s`) higher is better, so a ratio of
+//! 0.9 means 90 % of the raw client's throughput; for costs (`ns/event`)
+//! lower is better.
+//!
+//! - publish: 1 KiB events, acknowledged by the broker (Kafka `acks=all` +
+//!   idempotence; JetStream publish acks), pipelined by both sides.
+//! - consume: the same events read back by a fresh consumer group and acked
+//!   (offsets committed / JetStream acks); timed from the first event to the
+//!   last, so the group join is not counted.
+//! - codec: encode + decode of one 1 KiB event in the CloudEvents Kafka
+//!   binary binding, against the SDK's structured JSON round trip.
+
+mod codec;
+mod kafka;
+mod memory;
+mod nats;
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+#[command(about = "Throughput of the adapters beside the raw clients")]
+struct Args {
+    /// Which benchmarks to run (all by default).
+    #[arg(long, value_enum)]
+    only: Vec<Which>,
+    /// Events per broker benchmark.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Bytes of data per event.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Rounds per figure; the best round is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Codec,
+    Memory,
+    Kafka,
+    Nats,
+}
+
+/// One measured figure.
+#[derive(Debug)]
+struct Figure {
+    bench: String,
+    ours: f64,
+    baseline: f64,
+    unit: &'static str,
+}
+
+impl Figure {
+    fn rate(bench: impl Into<String>, events: usize, ours: Duration, baseline: Duration) -> Self {
+        Self {
+            bench: bench.into(),
+            ours: events as f64 / ours.as_secs_f64(),
+            baseline: events as f64 / baseline.as_secs_f64(),
+            unit: "events/s",
+        }
+    }
+
+    fn print(&self) {
+        let ratio = self.ours / self.baseline;
+        println!(
+            "{}",
+            json!({
+                "bench": self.bench,
+                "ours": round(self.ours),
+                "baseline": round(self.baseline),
+                "ratio": (ratio * 1000.0).round() / 1000.0,
+                "unit": self.unit,
+            })
+        );
+    }
+}
+
+fn round(x: f64) -> f64 {
+    if x >= 100.0 {
+        x.round()
+    } else {
+        (x * 100.0).round() / 100.0
+    }
+}
+
+/// The best (shortest) of `rounds` timings.
+fn best(durations: impl IntoIterator<Item = Duration>) -> Duration {
+    durations.into_iter().min().unwrap_or(Duration::MAX)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let run = |w: Which| args.only.is_empty() || args.only.contains(&w);
+    let rounds = args.rounds.max(1);
+    let mut figures = Vec::new();
+    if run(Which::Codec) {
+        figures.extend(codec::run(args.size));
+    }
+    if run(Which::Memory) {
+        figures.extend(memory::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Kafka) {
+        figures.extend(kafka::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Nats) {
+        figures.extend(nats::run(args.events, args.size, rounds).await?);
+    }
+    eprintln!();
+    eprintln!(
+        "{:<28} {:>14} {:>14} {:>7}  unit",
+        "bench", "ours", "baseline", "ratio"
+    );
+    for f in &figures {
+        eprintln!(
+            "{:<28} {:>14.0} {:>14.0} {:>7.3}  {}",
+            f.bench,
+            f.ours,
+            f.baseline,
+            f.ours / f.baseline,
+            f.unit
+        );
+    }
+    for f in &figures {
+        f.print();
+    }
+    Ok(())
+}
+
+/// A 1 KiB-ish JSON document of `size` bytes.
+fn payload(size: usize) -> serde_json::Value {
+    json!({ "order": "o-1", "blob": "x".repeat(size.saturating_sub(30)) })
+}
