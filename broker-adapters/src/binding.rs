@@ -14,10 +14,10 @@
 //! | message key | `partitionkey` | `partitionkey` |
 //!
 //! Header values are UTF-8. Kafka carries them as they are; NATS headers
-//! cannot hold line breaks, so the NATS binding percent-encodes values as the
-//! HTTP binding does. Extension values travel as strings in binary mode, as
-//! the specification prescribes; [`EventExt`] accessors read
-//! both forms.
+//! cannot hold line breaks and trim surrounding spaces, so the NATS binding
+//! percent-encodes values as the HTTP binding does, spaces included.
+//! Extension values travel as strings in binary mode, as the specification
+//! prescribes; [`EventExt`] accessors read both forms.
 //!
 //! ```
 //! use broker_adapters::binding::{Binding, Mode};
@@ -41,7 +41,7 @@
 use std::borrow::Cow;
 
 use cloudevents::Event;
-use cloudevents::event::SpecVersion;
+use cloudevents::event::{AttributeValue, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
 };
@@ -77,6 +77,14 @@ pub struct Message {
     pub headers: Vec<(String, String)>,
     /// The payload.
     pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// The bytes the message occupies: key, header names and values, payload.
+    pub fn encoded_len(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.key.as_ref().map_or(0, String::len) + headers + self.payload.len()
+    }
 }
 
 /// One protocol binding: the header prefix and how values are escaped.
@@ -125,11 +133,14 @@ impl Binding {
             Mode::Binary => {
                 let mut headers = Vec::with_capacity(12);
                 for (name, value) in event.iter() {
-                    let value = value.to_string();
+                    let value = match value {
+                        AttributeValue::String(s) => Cow::Borrowed(s),
+                        other => Cow::Owned(other.to_string()),
+                    };
                     let header = if name == "datacontenttype" {
                         CONTENT_TYPE.to_owned()
                     } else {
-                        format!("{}{name}", self.prefix)
+                        [self.prefix, name].concat()
                     };
                     headers.push((header, self.escape(&value).into_owned()));
                 }
@@ -161,11 +172,10 @@ impl Binding {
         let mut spec_version = None;
         let mut attributes = Vec::new();
         for (name, raw) in headers {
-            let lower = name.to_ascii_lowercase();
-            let attr = if lower == CONTENT_TYPE {
+            let attr = if name.eq_ignore_ascii_case(CONTENT_TYPE) {
                 "datacontenttype".to_owned()
-            } else if let Some(attr) = lower.strip_prefix(self.prefix) {
-                attr.to_owned()
+            } else if let Some(attr) = strip_prefix_ignore_case(name, self.prefix) {
+                attr.to_ascii_lowercase()
             } else {
                 continue;
             };
@@ -219,13 +229,13 @@ impl Binding {
         if !self.percent_encode
             || value
                 .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'%' && b != b'"')
+                .all(|b| (0x21..0x7f).contains(&b) && b != b'%' && b != b'"')
         {
             return Cow::Borrowed(value);
         }
         let mut out = String::with_capacity(value.len() + 8);
         for b in value.bytes() {
-            if (0x20..0x7f).contains(&b) && b != b'%' && b != b'"' {
+            if (0x21..0x7f).contains(&b) && b != b'%' && b != b'"' {
                 out.push(char::from(b));
             } else {
                 out.push_str(&format!("%{b:02X}"));
@@ -263,6 +273,17 @@ impl Binding {
             }
         }
         String::from_utf8(out).map_err(|e| decode_error("a header value", e))
+    }
+}
+
+/// `name` without `prefix`, compared case-insensitively.
+fn strip_prefix_ignore_case<'n>(name: &'n str, prefix: &str) -> Option<&'n str> {
+    let n = prefix.len();
+    let head = name.as_bytes().get(..n)?;
+    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+        name.get(n..)
+    } else {
+        None
     }
 }
 
@@ -370,10 +391,25 @@ mod tests {
         let m = Binding::NATS
             .encode(&full_event(), Mode::Binary)
             .expect("encodes");
-        assert_eq!(header(&m, "ce-subject"), Some("order%0A42 %C3%BC"));
+        assert_eq!(header(&m, "ce-subject"), Some("order%0A42%20%C3%BC"));
         assert!(m.headers.iter().all(|(_, v)| !v.contains('\n')));
         let back = decode(Binding::NATS, &m).expect("decodes");
         assert_eq!(back.subject(), Some("order\n42 ü"));
+    }
+
+    #[test]
+    fn nats_keeps_leading_and_trailing_spaces_which_headers_would_trim() {
+        let event = CloudEventBuilder::new("t", "/s")
+            .subject("  padded  ")
+            .correlation_id(" lead")
+            .build()
+            .expect("valid");
+        let m = Binding::NATS.encode(&event, Mode::Binary).expect("encodes");
+        assert_eq!(header(&m, "ce-subject"), Some("%20%20padded%20%20"));
+        assert!(m.headers.iter().all(|(_, v)| !v.starts_with(' ') && !v.ends_with(' ')));
+        let back = decode(Binding::NATS, &m).expect("decodes");
+        assert_eq!(back.subject(), Some("  padded  "));
+        assert_eq!(back.correlation_id(), Some(" lead"));
     }
 
     #[test]

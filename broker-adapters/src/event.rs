@@ -330,6 +330,25 @@ fn check_traceparent(value: &str) -> std::result::Result<(), &'static str> {
 /// [`ErrorKind::InvalidEvent`] naming the empty attribute, or
 /// [`ErrorKind::EventTooLarge`].
 pub fn validate_for_publish(event: &Event, max_bytes: usize) -> Result<()> {
+    validate_attributes(event)?;
+    let size = event.encoded_size();
+    if size > max_bytes {
+        return Err(Error::new(ErrorKind::EventTooLarge {
+            size,
+            limit: max_bytes,
+        }));
+    }
+    Ok(())
+}
+
+/// Checks that `id`, `type` and `source` are not empty. Adapters that
+/// measure the encoded message themselves call this instead of
+/// [`validate_for_publish`].
+///
+/// # Errors
+///
+/// [`ErrorKind::InvalidEvent`] naming the empty attribute.
+pub fn validate_attributes(event: &Event) -> Result<()> {
     for (name, value) in [
         ("id", event.id()),
         ("type", event.ty()),
@@ -340,13 +359,6 @@ pub fn validate_for_publish(event: &Event, max_bytes: usize) -> Result<()> {
                 "the `{name}` attribute is empty"
             )));
         }
-    }
-    let size = event.encoded_size();
-    if size > max_bytes {
-        return Err(Error::new(ErrorKind::EventTooLarge {
-            size,
-            limit: max_bytes,
-        }));
     }
     Ok(())
 }
@@ -472,7 +484,34 @@ impl EventExt for Event {
             .iter()
             .map(|(name, value)| name.len() + attribute_len(&value))
             .sum();
-        attributes + self.data_bytes().map_or(0, |d| d.len())
+        let data = match self.data() {
+            None => 0,
+            Some(Data::Binary(bytes)) => bytes.len(),
+            Some(Data::String(s)) => s.len(),
+            Some(Data::Json(value)) => {
+                // Count the serialized bytes without allocating them.
+                let mut counter = ByteCounter(0);
+                match serde_json::to_writer(&mut counter, value) {
+                    Ok(()) => counter.0,
+                    Err(_) => usize::MAX,
+                }
+            }
+        };
+        attributes.saturating_add(data)
+    }
+}
+
+/// A writer that only counts.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -12,6 +12,8 @@
 #   NATS + JS    NATS_URL=nats://127.0.0.1:4222
 #   Kafka proto  KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092   (Tansu, in memory)
 #   and          BROKER_TEST_REQUIRE=1                    (tests fail, never skip, without servers)
+# Also installs the Python packages the interop tests (tests/interop) run, when missing:
+#   python3 -m pip install -q -r tests/interop/requirements.txt
 #
 # A server is only installed/started here when its address is the local default
 # (loopback, default port). Anything pointed elsewhere is only checked for readiness.
@@ -437,6 +439,47 @@ _harness_kafka() {
 	_harness_log "Kafka (Tansu) ready on $host:$port (metadata: brokers $_HARNESS_KAFKA_BROKERS)"
 }
 
+# ------------------------------------------------------- interop Python peer
+
+_harness_interop_importable() {
+	python3 -c 'import cloudevents.core.bindings.kafka, confluent_kafka, nats' >/dev/null 2>&1
+}
+
+# _harness_interop ROOT: the interop tests (tests/interop) run the Python CloudEvents
+# SDK as the other implementation; install its pinned packages when they are missing.
+_harness_interop() {
+	local req=$1/tests/interop/requirements.txt
+	local pkgs='cloudevents==2.2.0 confluent-kafka==2.16.1 nats-py==2.16.0' log
+	if command -v python3 >/dev/null 2>&1 && _harness_interop_importable; then
+		return 0
+	fi
+	if ! command -v python3 >/dev/null 2>&1; then
+		_harness_apt_install python3 python3-pip || {
+			_harness_err "interop: python3 is missing and could not be installed; the interop tests need it with the Python packages $pkgs"
+			return 1
+		}
+	elif ! python3 -m pip --version >/dev/null 2>&1; then
+		_harness_apt_install python3-pip || {
+			_harness_err "interop: pip for python3 is missing and could not be installed; the interop tests need the Python packages $pkgs"
+			return 1
+		}
+	fi
+	log=$HARNESS_DIR/pip-interop.log
+	_harness_log "interop: installing the Python packages $pkgs (python3 -m pip install -q -r $req; log $log)"
+	if ! python3 -m pip install -q -r "$req" >"$log" 2>&1; then
+		# Debian's own python3 refuses pip installs (PEP 668) unless told otherwise.
+		if grep -q externally-managed-environment "$log"; then
+			_harness_log "interop: python3 is externally managed; retrying with --break-system-packages"
+			python3 -m pip install -q --break-system-packages -r "$req" >>"$log" 2>&1
+		fi
+	fi
+	if ! _harness_interop_importable; then
+		_harness_err "interop: installing the Python packages $pkgs (python3 -m pip install -r tests/interop/requirements.txt) failed; the interop tests need them; see $log"
+		return 1
+	fi
+	_harness_log "interop: Python packages ready ($pkgs)"
+}
+
 # -------------------------------------------------------------------- main
 
 harness_up() {
@@ -458,8 +501,9 @@ harness_up() {
 	_harness_postgres || rc=1
 	_harness_nats || rc=1
 	_harness_kafka || rc=1
+	_harness_interop "$root" || rc=1
 	if ((rc)); then
-		_harness_err "some servers are not ready (see above); logs in $HARNESS_DIR"
+		_harness_err "some servers or test tools are not ready (see above); logs in $HARNESS_DIR"
 		return 1
 	fi
 	_harness_log "all servers ready in $((SECONDS - t0))s: DATABASE_URL=$(_harness_redact "$DATABASE_URL") NATS_URL=$(_harness_redact "$NATS_URL") KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"

@@ -65,7 +65,7 @@ pub use self::config::{KafkaConfig, Sasl, SecurityProtocol};
 use self::error::{SYSTEM, map};
 use crate::binding::{Binding, Message};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::validate_for_publish;
+use crate::event::validate_attributes;
 use crate::publisher::Publisher;
 use crate::subscriber::{SubscribeOptions, Subscriber, Subscription};
 use crate::topic::Topic;
@@ -173,9 +173,18 @@ impl KafkaBroker {
         }
     }
 
+    /// Validates and encodes; the size limit applies to the encoded record.
     fn encode(&self, event: &Event) -> Result<Message> {
-        validate_for_publish(event, self.inner.config.max_event_bytes.get())?;
-        Binding::KAFKA.encode(event, self.inner.config.mode)
+        validate_attributes(event)?;
+        let message = Binding::KAFKA.encode(event, self.inner.config.mode)?;
+        let (size, limit) = (
+            message.encoded_len(),
+            self.inner.config.max_event_bytes.get(),
+        );
+        if size > limit {
+            return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
+        }
+        Ok(message)
     }
 
     /// Hands one message to librdkafka, waiting while its queue is full.
@@ -267,10 +276,13 @@ impl Publisher for KafkaBroker {
     /// every acknowledgement: one round trip for the batch, not one per event.
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
+        // Every event is checked before any is sent, so a bad event fails
+        // the whole batch rather than a suffix of it.
         let messages = events
             .iter()
             .map(|event| self.encode(event))
             .collect::<Result<Vec<_>>>()?;
+        drop(events);
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in &messages {
             deliveries.push(acknowledged(self.enqueue(topic, message).await?));

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudevents::Event;
-use futures_util::stream;
+use futures_util::{FutureExt as _, stream};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -37,6 +37,9 @@ use crate::subscriber::{
     AckKind, Acker, Delivery, DeliveryInfo, StartFrom, SubscribeOptions, Subscription,
 };
 use crate::topic::Topic;
+
+/// How many already-fetched records the pump takes in one go.
+const RECV_BATCH: usize = 512;
 
 /// A decoded record waiting in the dispatcher.
 #[derive(Debug)]
@@ -316,6 +319,17 @@ impl Pump {
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
                         self.accept(&message).await;
+                        drop(message);
+                        // Take what librdkafka already fetched without
+                        // waiting, then wake the subscription once per batch
+                        // rather than once per record.
+                        for _ in 1..RECV_BATCH {
+                            match self.consumer.recv().now_or_never() {
+                                Some(Ok(message)) => self.accept(&message).await,
+                                _ => break,
+                            }
+                        }
+                        self.shared.changed.notify_waiters();
                         paused = self.flow_control(paused);
                     }
                     Err(e) if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal) => {
@@ -405,8 +419,6 @@ impl Pump {
             },
             Instant::now(),
         );
-        drop(state);
-        self.shared.changed.notify_waiters();
     }
 
     /// Copies a record that cannot be delivered to the dead-letter topic,
