@@ -406,7 +406,11 @@ mod tests {
             .expect("valid");
         let m = Binding::NATS.encode(&event, Mode::Binary).expect("encodes");
         assert_eq!(header(&m, "ce-subject"), Some("%20%20padded%20%20"));
-        assert!(m.headers.iter().all(|(_, v)| !v.starts_with(' ') && !v.ends_with(' ')));
+        assert!(
+            m.headers
+                .iter()
+                .all(|(_, v)| !v.starts_with(' ') && !v.ends_with(' '))
+        );
         let back = decode(Binding::NATS, &m).expect("decodes");
         assert_eq!(back.subject(), Some("  padded  "));
         assert_eq!(back.correlation_id(), Some(" lead"));
