@@ -49,7 +49,11 @@ pub(crate) struct Pulled<'a, M> {
 /// The buffered messages of one subscription, in arrival order.
 #[derive(Debug)]
 pub(crate) struct Dispatcher<M> {
-    entries: BTreeMap<u64, Entry<M>>,
+    /// Buffered messages by sequence number: `entries[seq - base]`, `None`
+    /// once settled. Sequence numbers only grow, so this is a queue.
+    entries: VecDeque<Option<Entry<M>>>,
+    base: u64,
+    len: usize,
     ready: BTreeMap<u64, Ready>,
     in_flight: HashMap<u64, InFlight>,
     /// A key is present while one of its messages is ready or in flight; the
@@ -62,7 +66,9 @@ pub(crate) struct Dispatcher<M> {
 impl<M> Default for Dispatcher<M> {
     fn default() -> Self {
         Self {
-            entries: BTreeMap::new(),
+            entries: VecDeque::new(),
+            base: 0,
+            len: 0,
             ready: BTreeMap::new(),
             in_flight: HashMap::new(),
             held: HashMap::new(),
@@ -101,13 +107,25 @@ impl<M> Dispatcher<M> {
                 );
             }
         }
-        self.entries.insert(seq, Entry { key, msg });
+        self.entries.push_back(Some(Entry { key, msg }));
+        self.len += 1;
         seq
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Entry<M>> {
+        let index = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        let entry = self.entries.get_mut(index)?.take()?;
+        self.len -= 1;
+        while matches!(self.entries.front(), Some(None)) {
+            self.entries.pop_front();
+            self.base += 1;
+        }
+        Some(entry)
     }
 
     /// How many messages are buffered, in flight included.
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// Hands out the oldest deliverable message, or says when to look again
@@ -138,7 +156,11 @@ impl<M> Dispatcher<M> {
                 deadline: now + ack_wait,
             },
         );
-        match self.entries.get(&seq) {
+        let index = seq
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+            .unwrap_or(usize::MAX);
+        match self.entries.get(index).and_then(Option::as_ref) {
             Some(entry) => Ok(Pulled {
                 seq,
                 token,
@@ -185,7 +207,7 @@ impl<M> Dispatcher<M> {
                 if !pending {
                     return Settled::Stale;
                 }
-                match self.entries.remove(&seq) {
+                match self.remove(seq) {
                     Some(entry) => {
                         self.release(entry.key.as_ref(), now);
                         Settled::Done(entry.msg)
@@ -213,13 +235,13 @@ impl<M> Dispatcher<M> {
         let dropped: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| !keep(&e.msg))
-            .map(|(seq, _)| *seq)
+            .zip(self.base..)
+            .filter_map(|(e, seq)| e.as_ref().filter(|e| !keep(&e.msg)).map(|_| seq))
             .collect();
         for seq in dropped {
             let was_head =
                 self.in_flight.remove(&seq).is_some() || self.ready.remove(&seq).is_some();
-            let Some(entry) = self.entries.remove(&seq) else {
+            let Some(entry) = self.remove(seq) else {
                 continue;
             };
             if was_head {

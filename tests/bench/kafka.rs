@@ -114,6 +114,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             )
             .await?;
         let first = sub.next().await.context("subscription ended")??;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         let mut first = first;
         first.ack().await?;
@@ -122,6 +123,10 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             d.ack().await?;
         }
         con_ours.push(start.elapsed());
+        eprintln!(
+            "kafka consume (ours): {:.2} µs CPU per event in this process",
+            (crate::cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64
+        );
         sub.close().await?;
 
         let consumer: StreamConsumer = raw_client()
@@ -146,6 +151,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         };
         let mut last_commit = Instant::now();
         let first = consumer.recv().await?;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         positions.insert(first.partition(), first.offset() + 1);
         drop(first);
@@ -159,6 +165,10 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         }
         commit(&positions, CommitMode::Sync)?;
         con_raw.push(start.elapsed());
+        eprintln!(
+            "kafka consume (raw): {:.2} µs CPU per event in this process",
+            (crate::cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64
+        );
         eprintln!("kafka round {round}: done");
     }
     Ok(vec![

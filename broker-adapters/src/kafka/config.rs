@@ -253,8 +253,9 @@ impl KafkaConfig {
     }
 
     /// How many received events a subscription holds (waiting behind an
-    /// earlier event of their key, nacked, or in flight) before it pauses
-    /// fetching (default 10,000).
+    /// earlier event of their key, nacked, or in flight) before it stops
+    /// taking more from librdkafka, whose own fetch queue is bounded by
+    /// `queued.max.messages.kbytes` (default 10,000).
     #[must_use]
     pub fn max_buffered(mut self, limit: NonZeroUsize) -> Self {
         self.max_buffered = limit;

@@ -65,7 +65,7 @@ pub use self::config::{KafkaConfig, Sasl, SecurityProtocol};
 use self::error::{SYSTEM, map};
 use crate::binding::{Binding, Message};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::validate_attributes;
+use crate::event::{validate_attributes, validate_for_publish};
 use crate::publisher::Publisher;
 use crate::subscriber::{SubscribeOptions, Subscriber, Subscription};
 use crate::topic::Topic;
@@ -277,15 +277,16 @@ impl Publisher for KafkaBroker {
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
         // Every event is checked before any is sent, so a bad event fails
-        // the whole batch rather than a suffix of it.
-        let messages = events
-            .iter()
-            .map(|event| self.encode(event))
-            .collect::<Result<Vec<_>>>()?;
-        drop(events);
-        let mut deliveries = Vec::with_capacity(messages.len());
-        for message in &messages {
-            deliveries.push(acknowledged(self.enqueue(topic, message).await?));
+        // the whole batch; then each is encoded and enqueued in turn, so
+        // encoding overlaps librdkafka sending what is already queued.
+        let limit = self.inner.config.max_event_bytes.get();
+        for event in &events {
+            validate_for_publish(event, limit)?;
+        }
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in &events {
+            let message = self.encode(event)?;
+            deliveries.push(acknowledged(self.enqueue(topic, &message).await?));
         }
         try_join_all(deliveries).await.map(|_| ())
     }

@@ -1,7 +1,7 @@
 //! Kafka consumer-group subscriptions.
 //!
 //! One task (the pump) owns the rdkafka consumer: it receives records,
-//! decodes them into the subscription's [`Dispatcher`], pauses fetching when
+//! decodes them into the subscription's [`Dispatcher`], stops taking records when
 //! the buffer is full, and commits settled offsets. Deliveries are pulled
 //! from the dispatcher, so per-key order, nack delays and ack deadlines work
 //! as on the other brokers. Rebalance callbacks commit what was settled on
@@ -40,6 +40,16 @@ use crate::topic::Topic;
 
 /// How many already-fetched records the pump takes in one go.
 const RECV_BATCH: usize = 512;
+
+/// How many records are handed to the dispatcher per lock.
+const HANDOFF_CHUNK: usize = 16;
+
+/// A decoded record on its way to the dispatcher.
+#[derive(Debug)]
+struct Accepted {
+    key: Option<Arc<str>>,
+    record: Record,
+}
 
 /// A decoded record waiting in the dispatcher.
 #[derive(Debug)]
@@ -307,30 +317,36 @@ impl Pump {
     async fn run(self, stop: CancellationToken) -> Result<()> {
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut paused = false;
+        let mut full = false;
+        let mut batch = Vec::with_capacity(RECV_BATCH);
         loop {
+            let drained = self.shared.changed.notified();
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {
                     self.commit(CommitMode::Async);
-                    paused = self.flow_control(paused);
+                    full = self.is_full(full);
                 }
-                received = self.consumer.recv() => match received {
+                // While the buffer is full, librdkafka's own bounded queue
+                // holds what was fetched; settlements wake the pump.
+                () = drained, if full => full = self.is_full(full),
+                received = self.consumer.recv(), if !full => match received {
                     Ok(message) => {
-                        self.accept(&message).await;
+                        self.accept(&message, &mut batch).await;
                         drop(message);
                         // Take what librdkafka already fetched without
-                        // waiting, then wake the subscription once per batch
-                        // rather than once per record.
+                        // waiting; decode outside the lock, then hand the
+                        // batch over and wake the subscription once.
                         for _ in 1..RECV_BATCH {
                             match self.consumer.recv().now_or_never() {
-                                Some(Ok(message)) => self.accept(&message).await,
+                                Some(Ok(message)) => self.accept(&message, &mut batch).await,
                                 _ => break,
                             }
                         }
+                        self.flush(&mut batch);
                         self.shared.changed.notify_waiters();
-                        paused = self.flow_control(paused);
+                        full = self.is_full(full);
                     }
                     Err(e) if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal) => {
                         tracing::error!(error = %e, topic = %self.topic, "fatal consumer error");
@@ -370,8 +386,8 @@ impl Pump {
         })
     }
 
-    /// Decodes one record into the dispatcher, or dead-letters it.
-    async fn accept(&self, message: &BorrowedMessage<'_>) {
+    /// Decodes one record into `batch`, or dead-letters it.
+    async fn accept(&self, message: &BorrowedMessage<'_>, batch: &mut Vec<Accepted>) {
         let (partition, offset) = (message.partition(), message.offset());
         let payload = message.payload().unwrap_or_default();
         let decoded = if payload.len() > self.max_event_bytes {
@@ -386,39 +402,60 @@ impl Pump {
                 .flat_map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())));
             Binding::KAFKA.decode(headers, payload)
         };
-        let event = match decoded {
-            Ok(event) => event,
+        match decoded {
+            Ok(event) => {
+                let key = message
+                    .key()
+                    .map(|k| Arc::from(String::from_utf8_lossy(k).as_ref()))
+                    .or_else(|| event.partition_key().map(Arc::from));
+                batch.push(Accepted {
+                    key,
+                    record: Record {
+                        partition,
+                        offset,
+                        event,
+                    },
+                });
+            }
             Err(reason) => {
+                // Keep arrival order: what was decoded before goes first.
+                self.flush(batch);
                 self.dead_letter(message, &reason).await;
                 // The bad record is kept on the dead-letter topic: settled.
                 let mut state = self.shared.lock();
                 if let Some(p) = state.partitions.get_mut(&partition) {
                     p.high = Some(p.high.map_or(offset + 1, |h| h.max(offset + 1)));
                 }
-                return;
             }
-        };
-        let key = message
-            .key()
-            .map(|k| Arc::from(String::from_utf8_lossy(k).as_ref()))
-            .or_else(|| event.partition_key().map(Arc::from));
-        let mut state = self.shared.lock();
-        let Some(p) = state.partitions.get_mut(&partition) else {
-            // Revoked while this record was in the fetch queue: its next
-            // owner reads it again.
-            return;
-        };
-        p.pending.insert(offset);
-        p.high = Some(p.high.map_or(offset + 1, |h| h.max(offset + 1)));
-        state.dispatcher.push(
-            key,
-            Record {
-                partition,
-                offset,
-                event,
-            },
-            Instant::now(),
-        );
+        }
+    }
+
+    /// Hands decoded records to the dispatcher under one lock.
+    fn flush(&self, batch: &mut Vec<Accepted>) {
+        let now = Instant::now();
+        // Short critical sections, so the subscription can pull in between.
+        let mut records = batch.drain(..).peekable();
+        while records.peek().is_some() {
+            let mut state = self.shared.lock();
+            let State {
+                dispatcher,
+                partitions,
+                ..
+            } = &mut *state;
+            for Accepted { key, record } in records.by_ref().take(HANDOFF_CHUNK) {
+                let Some(p) = partitions.get_mut(&record.partition) else {
+                    // Revoked while this record was in the fetch queue: its
+                    // next owner reads it again.
+                    continue;
+                };
+                p.pending.insert(record.offset);
+                p.high = Some(
+                    p.high
+                        .map_or(record.offset + 1, |h| h.max(record.offset + 1)),
+                );
+                dispatcher.push(key, record, now);
+            }
+        }
     }
 
     /// Copies a record that cannot be delivered to the dead-letter topic,
@@ -494,28 +531,15 @@ impl Pump {
         }
     }
 
-    /// Pauses fetching while the buffer is full; resumes at half.
-    fn flow_control(&self, paused: bool) -> bool {
+    /// Whether to stop taking records: from `max_buffered` buffered events
+    /// until the buffer has drained to half.
+    fn is_full(&self, was_full: bool) -> bool {
         let buffered = self.shared.lock().dispatcher.len();
-        let (pause, resume) = (
-            !paused && buffered >= self.max_buffered,
-            paused && buffered <= self.max_buffered / 2,
-        );
-        if pause || resume {
-            if let Ok(assignment) = self.consumer.assignment() {
-                let result = if pause {
-                    self.consumer.pause(&assignment)
-                } else {
-                    self.consumer.resume(&assignment)
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, topic = %self.topic, "pause/resume failed");
-                    return paused;
-                }
-            }
-            return pause;
+        if was_full {
+            buffered > self.max_buffered / 2
+        } else {
+            buffered >= self.max_buffered
         }
-        paused
     }
 }
 
@@ -530,40 +554,17 @@ struct Member {
 
 impl Member {
     async fn next_delivery(&self) -> Option<Result<Delivery>> {
+        // The common case, something buffered, needs no waiter registration.
+        if let Ok(found) = self.try_next() {
+            return found;
+        }
         loop {
             let changed = self.shared.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let wake_at = {
-                let mut state = self.shared.lock();
-                if let Some(e) = state.failure.take() {
-                    return Some(Err(e));
-                }
-                if state.done {
-                    return None;
-                }
-                match state
-                    .dispatcher
-                    .pull(Instant::now(), self.options.ack_deadline())
-                {
-                    Ok(pulled) => {
-                        let info = DeliveryInfo {
-                            topic: self.topic.clone(),
-                            group: self.options.group().clone(),
-                            attempt: NonZeroU32::new(pulled.attempt).unwrap_or(NonZeroU32::MIN),
-                        };
-                        let event = pulled.msg.event.clone();
-                        let acker = KafkaAcker {
-                            shared: Arc::clone(&self.shared),
-                            seq: pulled.seq,
-                            token: pulled.token,
-                            ack_wait: self.options.ack_deadline(),
-                            settled: false,
-                        };
-                        return Some(Ok(Delivery::new(event, info, Box::new(acker))));
-                    }
-                    Err(wake_at) => wake_at,
-                }
+            let wake_at = match self.try_next() {
+                Ok(found) => return found,
+                Err(wake_at) => wake_at,
             };
             match wake_at {
                 Some(at) => {
@@ -576,7 +577,39 @@ impl Member {
             }
         }
     }
+
+    /// The next delivery or the end of the stream (`Ok`), or when to look
+    /// again (`Err`, `None` meaning after the next change).
+    fn try_next(&self) -> std::result::Result<Next, Option<Instant>> {
+        let mut state = self.shared.lock();
+        if let Some(e) = state.failure.take() {
+            return Ok(Some(Err(e)));
+        }
+        if state.done {
+            return Ok(None);
+        }
+        let pulled = state
+            .dispatcher
+            .pull(Instant::now(), self.options.ack_deadline())?;
+        let info = DeliveryInfo {
+            topic: self.topic.clone(),
+            group: self.options.group().clone(),
+            attempt: NonZeroU32::new(pulled.attempt).unwrap_or(NonZeroU32::MIN),
+        };
+        let event = pulled.msg.event.clone();
+        let acker = KafkaAcker {
+            shared: Arc::clone(&self.shared),
+            seq: pulled.seq,
+            token: pulled.token,
+            ack_wait: self.options.ack_deadline(),
+            settled: false,
+        };
+        Ok(Some(Ok(Delivery::new(event, info, Box::new(acker)))))
+    }
 }
+
+/// What the subscription stream yields next: a delivery, an error, or its end.
+type Next = Option<Result<Delivery>>;
 
 #[derive(Debug)]
 struct KafkaAcker {
