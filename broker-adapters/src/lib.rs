@@ -49,6 +49,7 @@
 //! | --- | --- |
 //! | `memory` (default) | [`MemoryBroker`], the in-process broker |
 //! | `kafka` | the Kafka adapter, on rdkafka (builds librdkafka from source) |
+//! | `nats` | the NATS JetStream adapter, on async-nats |
 //! | `conformance` | [`conformance`], the behavioural suite every adapter runs against its real server |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(rustdoc::broken_intra_doc_links)]
@@ -72,6 +73,10 @@ pub mod memory;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
 
 pub mod middleware;
 

@@ -1,0 +1,412 @@
+//! Per-key ordering within one subscription, without I/O: messages fetched
+//! from JetStream wait here until no earlier event with the same
+//! `partitionkey` is in flight, nacked and due back, or still waiting itself.
+//!
+//! JetStream hands a pull consumer the next messages whatever their key, and
+//! redelivers a nacked message later while the messages after it flow on. The
+//! gate restores per-key order for one member of a consumer group: it yields
+//! at most one event per key at a time, in stream order, and after a nack it
+//! holds the key until the nacked message comes back.
+//!
+//! Callers pass `now`, so the logic is tested deterministically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The shortest interval between progress acks of a held message.
+const MIN_REFRESH: Duration = Duration::from_millis(100);
+
+/// How long past its nack delay and ack deadline a key waits for a nacked
+/// message before giving up on it (it went to another member).
+const GRACE: Duration = Duration::from_secs(1);
+
+/// Messages fetched but not yet handed out, per key.
+#[derive(Debug)]
+pub(crate) struct Gate<T> {
+    keys: HashMap<Arc<str>, KeyState<T>>,
+    /// Messages without a partition key: nothing holds them back.
+    free: BTreeMap<u64, Held<T>>,
+    len: usize,
+    next_token: u64,
+    refresh_every: Duration,
+    give_up_after: Duration,
+}
+
+#[derive(Debug)]
+struct Held<T> {
+    item: T,
+    /// When the broker must next hear that the message is still wanted.
+    refresh_at: Instant,
+}
+
+#[derive(Debug)]
+struct KeyState<T> {
+    /// Fetched messages with this key, by stream sequence.
+    held: BTreeMap<u64, Held<T>>,
+    /// The message of this key handed out and not yet settled: (sequence, token).
+    in_flight: Option<(u64, u64)>,
+    /// Nacked messages expected back, with when to stop waiting for them.
+    awaiting: BTreeMap<u64, Instant>,
+}
+
+impl<T> Default for KeyState<T> {
+    fn default() -> Self {
+        Self {
+            held: BTreeMap::new(),
+            in_flight: None,
+            awaiting: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> KeyState<T> {
+    fn is_idle(&self) -> bool {
+        self.held.is_empty() && self.in_flight.is_none() && self.awaiting.is_empty()
+    }
+
+    /// The sequence this key may hand out now, if any.
+    fn deliverable(&self) -> Option<u64> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let head = *self.held.first_key_value()?.0;
+        match self.awaiting.first_key_value() {
+            Some((&nacked, _)) if nacked < head => None,
+            _ => Some(head),
+        }
+    }
+}
+
+/// A message handed out by [`Gate::pop`].
+#[derive(Debug)]
+pub(crate) struct Popped<T> {
+    /// Its stream sequence.
+    pub(crate) seq: u64,
+    /// Identifies this hand-out, so a stale settlement is ignored.
+    pub(crate) token: u64,
+    /// Its partition key.
+    pub(crate) key: Option<Arc<str>>,
+    /// The message.
+    pub(crate) item: T,
+}
+
+/// How a handed-out message was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Acked or terminated: the key moves on.
+    Done,
+    /// Nacked (or dropped): the broker redelivers it after `delay`, and the
+    /// key waits for it.
+    Redeliver {
+        /// The nack delay.
+        delay: Duration,
+    },
+}
+
+impl<T> Gate<T> {
+    /// A gate for a consumer whose unsettled messages are redelivered after `ack_wait`.
+    pub(crate) fn new(ack_wait: Duration) -> Self {
+        Self {
+            keys: HashMap::new(),
+            free: BTreeMap::new(),
+            len: 0,
+            next_token: 0,
+            refresh_every: (ack_wait / 2).max(MIN_REFRESH),
+            give_up_after: ack_wait.saturating_add(GRACE),
+        }
+    }
+
+    /// How many messages wait in the gate.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds a fetched message. A message already held with the same
+    /// sequence (the broker redelivered it) is replaced by the newer copy.
+    pub(crate) fn insert(&mut self, key: Option<Arc<str>>, seq: u64, item: T, now: Instant) {
+        let held = Held {
+            item,
+            refresh_at: now + self.refresh_every,
+        };
+        let replaced = match key {
+            None => self.free.insert(seq, held),
+            Some(key) => {
+                let state = self.keys.entry(key).or_default();
+                state.awaiting.remove(&seq);
+                if state.in_flight.is_some_and(|(s, _)| s == seq) {
+                    // The broker redelivered the message in flight: its ack
+                    // deadline passed. The new copy replaces the old hand-out,
+                    // whose settlement is now stale.
+                    state.in_flight = None;
+                }
+                state.held.insert(seq, held)
+            }
+        };
+        if replaced.is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// Hands out the deliverable message with the lowest stream sequence:
+    /// one without a key, or the first of a key with nothing in flight and no
+    /// earlier message due back.
+    pub(crate) fn pop(&mut self, now: Instant) -> Option<Popped<T>> {
+        self.expire(now);
+        let mut best: Option<(u64, Option<&Arc<str>>)> =
+            self.free.first_key_value().map(|(&seq, _)| (seq, None));
+        for (key, state) in &self.keys {
+            if let Some(seq) = state.deliverable()
+                && best.is_none_or(|(b, _)| seq < b)
+            {
+                best = Some((seq, Some(key)));
+            }
+        }
+        let (seq, key) = best?;
+        let key = key.cloned();
+        let token = self.next_token;
+        self.next_token += 1;
+        let held = match &key {
+            None => self.free.remove(&seq)?,
+            Some(key) => {
+                let state = self.keys.get_mut(key)?;
+                let held = state.held.remove(&seq)?;
+                state.in_flight = Some((seq, token));
+                held
+            }
+        };
+        self.len -= 1;
+        Some(Popped {
+            seq,
+            token,
+            key,
+            item: held.item,
+        })
+    }
+
+    /// Records how hand-out `token` of message `seq` was settled. Returns
+    /// whether that may let another message through; a stale token (the
+    /// message was redelivered since) changes nothing.
+    pub(crate) fn settle(
+        &mut self,
+        key: Option<&Arc<str>>,
+        seq: u64,
+        token: u64,
+        settled: Settled,
+        now: Instant,
+    ) -> bool {
+        let Some(key) = key else { return false };
+        let Some(state) = self.keys.get_mut(key) else {
+            return false;
+        };
+        if state.in_flight != Some((seq, token)) {
+            return false;
+        }
+        state.in_flight = None;
+        if let Settled::Redeliver { delay } = settled {
+            state
+                .awaiting
+                .insert(seq, now + delay.saturating_add(self.give_up_after));
+        }
+        if state.is_idle() {
+            self.keys.remove(key);
+        }
+        true
+    }
+
+    /// When [`pop`](Self::pop) may next find something without a new message
+    /// or settlement: when a key stops waiting for a nacked message.
+    pub(crate) fn wake_at(&self) -> Option<Instant> {
+        self.keys
+            .values()
+            .filter_map(|s| s.awaiting.values().min().copied())
+            .min()
+    }
+
+    /// When the next held message needs a progress ack.
+    pub(crate) fn next_refresh(&self) -> Option<Instant> {
+        self.held().map(|h| h.refresh_at).min()
+    }
+
+    /// Calls `f` on every held message due for a progress ack, and schedules
+    /// its next one.
+    pub(crate) fn refresh_due(&mut self, now: Instant, mut f: impl FnMut(&T)) {
+        let next = now + self.refresh_every;
+        let held = self
+            .free
+            .values_mut()
+            .chain(self.keys.values_mut().flat_map(|s| s.held.values_mut()));
+        for h in held.filter(|h| h.refresh_at <= now) {
+            f(&h.item);
+            h.refresh_at = next;
+        }
+    }
+
+    /// Removes and returns every held message, by stream sequence.
+    pub(crate) fn drain(&mut self) -> Vec<(u64, T)> {
+        let mut all: Vec<(u64, T)> = std::mem::take(&mut self.free)
+            .into_iter()
+            .map(|(seq, h)| (seq, h.item))
+            .collect();
+        for state in self.keys.values_mut() {
+            all.extend(
+                std::mem::take(&mut state.held)
+                    .into_iter()
+                    .map(|(seq, h)| (seq, h.item)),
+            );
+        }
+        self.keys.retain(|_, s| !s.is_idle());
+        self.len = 0;
+        all.sort_by_key(|(seq, _)| *seq);
+        all
+    }
+
+    fn held(&self) -> impl Iterator<Item = &Held<T>> {
+        self.free
+            .values()
+            .chain(self.keys.values().flat_map(|s| s.held.values()))
+    }
+
+    /// Stops waiting for nacked messages that did not come back in time:
+    /// another member of the group got them.
+    fn expire(&mut self, now: Instant) {
+        self.keys.retain(|key, state| {
+            state.awaiting.retain(|seq, until| {
+                let keep = *until > now;
+                if !keep {
+                    tracing::warn!(
+                        partition.key = %key,
+                        stream.sequence = seq,
+                        "a nacked event was not redelivered to this subscription in time; \
+                         later events of its key are released"
+                    );
+                }
+                keep
+            });
+            !state.is_idle()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    fn key(k: &str) -> Option<Arc<str>> {
+        Some(Arc::from(k))
+    }
+
+    fn seqs(gate: &mut Gate<&'static str>, now: Instant) -> Vec<u64> {
+        std::iter::from_fn(|| gate.pop(now))
+            .map(|p| p.seq)
+            .collect()
+    }
+
+    #[test]
+    fn one_event_per_key_in_flight_in_stream_order() {
+        let now = Instant::now();
+        let mut gate = Gate::new(WAIT);
+        gate.insert(key("a"), 1, "a1", now);
+        gate.insert(key("a"), 2, "a2", now);
+        gate.insert(key("b"), 3, "b3", now);
+        gate.insert(None, 4, "free", now);
+        assert_eq!(gate.len(), 4);
+        let a1 = gate.pop(now).expect("a1");
+        assert_eq!((a1.seq, a1.item), (1, "a1"));
+        assert_eq!(seqs(&mut gate, now), vec![3, 4], "a2 waits for a1");
+        assert!(gate.settle(a1.key.as_ref(), 1, a1.token, Settled::Done, now));
+        assert_eq!(seqs(&mut gate, now), vec![2]);
+        assert_eq!(gate.len(), 0);
+    }
+
+    #[test]
+    fn a_nacked_event_comes_back_before_later_ones_of_its_key() {
+        let now = Instant::now();
+        let mut gate = Gate::new(WAIT);
+        for seq in 1..=3 {
+            gate.insert(key("k"), seq, "k", now);
+        }
+        let first = gate.pop(now).expect("1");
+        let delay = Duration::from_millis(300);
+        gate.settle(
+            first.key.as_ref(),
+            1,
+            first.token,
+            Settled::Redeliver { delay },
+            now,
+        );
+        assert!(gate.pop(now).is_none(), "2 and 3 wait for 1");
+        assert!(gate.wake_at().is_some_and(|t| t > now + delay));
+        gate.insert(key("k"), 1, "again", now + delay);
+        let again = gate.pop(now + delay).expect("1 again");
+        assert_eq!((again.seq, again.item), (1, "again"));
+        gate.settle(again.key.as_ref(), 1, again.token, Settled::Done, now);
+        assert_eq!(gate.pop(now).expect("2").seq, 2);
+    }
+
+    #[test]
+    fn a_key_stops_waiting_for_a_nacked_event_another_member_took() {
+        let now = Instant::now();
+        let mut gate = Gate::new(WAIT);
+        gate.insert(key("k"), 1, "1", now);
+        gate.insert(key("k"), 2, "2", now);
+        let first = gate.pop(now).expect("1");
+        gate.settle(
+            first.key.as_ref(),
+            1,
+            first.token,
+            Settled::Redeliver {
+                delay: Duration::ZERO,
+            },
+            now,
+        );
+        assert!(gate.pop(now + WAIT).is_none());
+        let later = gate.wake_at().expect("a deadline");
+        assert_eq!(gate.pop(later).expect("given up on 1").seq, 2);
+    }
+
+    #[test]
+    fn redelivery_after_the_ack_deadline_replaces_the_stale_hand_out() {
+        let now = Instant::now();
+        let mut gate = Gate::new(WAIT);
+        gate.insert(key("k"), 1, "old", now);
+        gate.insert(key("k"), 2, "2", now);
+        let stale = gate.pop(now).expect("1");
+        gate.insert(key("k"), 1, "new", now + WAIT);
+        let fresh = gate.pop(now + WAIT).expect("1 redelivered");
+        assert_eq!(fresh.item, "new");
+        assert!(
+            !gate.settle(stale.key.as_ref(), 1, stale.token, Settled::Done, now),
+            "the stale hand-out settles nothing"
+        );
+        assert!(
+            gate.pop(now + WAIT).is_none(),
+            "2 still waits for the fresh 1"
+        );
+        assert!(gate.settle(fresh.key.as_ref(), 1, fresh.token, Settled::Done, now));
+        assert_eq!(gate.pop(now + WAIT).expect("2").seq, 2);
+    }
+
+    #[test]
+    fn duplicates_replace_and_held_messages_are_refreshed_and_drained_in_order() {
+        let now = Instant::now();
+        let mut gate = Gate::new(Duration::from_secs(2));
+        gate.insert(key("k"), 5, "5", now);
+        gate.insert(None, 3, "3", now);
+        gate.insert(key("k"), 5, "5 again", now);
+        assert_eq!(gate.len(), 2);
+        assert_eq!(gate.next_refresh(), Some(now + Duration::from_secs(1)));
+        let mut refreshed = Vec::new();
+        gate.refresh_due(now + Duration::from_secs(1), |item| refreshed.push(*item));
+        refreshed.sort_unstable();
+        assert_eq!(refreshed, vec!["3", "5 again"]);
+        assert_eq!(gate.next_refresh(), Some(now + Duration::from_secs(2)));
+        assert_eq!(gate.drain(), vec![(3, "3"), (5, "5 again")]);
+        assert_eq!(gate.len(), 0);
+        assert!(gate.pop(now).is_none());
+    }
+}

@@ -1,0 +1,476 @@
+//! The NATS JetStream adapter: [`NatsBroker`] is both the [`Publisher`] and
+//! the [`Subscriber`], on [async-nats](https://docs.rs/async-nats).
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> broker_adapters::Result<()> {
+//! use broker_adapters::nats::{NatsBroker, NatsConfig};
+//! use broker_adapters::prelude::*;
+//! use futures_util::StreamExt;
+//!
+//! // NATS_URL, NATS_CREDS, ... (see `NatsConfig`); defaults to nats://127.0.0.1:4222.
+//! let broker = NatsBroker::connect(NatsConfig::from_env()?).await?;
+//! let orders = Topic::from_static("orders.created");
+//!
+//! // Stream `CE_orders_created` and the durable consumer `billing` are
+//! // created on first use.
+//! let mut billing = broker.subscribe(&orders, SubscribeOptions::new("billing")?).await?;
+//! broker.publish_json(&orders, "com.example.order.created", "/orders", &42).await?;
+//!
+//! let mut delivery = billing.next().await.expect("subscribed")?;
+//! assert_eq!(delivery.event().data_as::<u32>()?, 42);
+//! delivery.ack().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Topics and streams
+//!
+//! A topic is the NATS subject of the same name. Before the first publish or
+//! subscription on a topic, the adapter looks for a stream that already
+//! stores the subject (one an operator made, say `ORDERS` on `orders.>`) and
+//! uses it; otherwise it creates one stream per topic, named after the topic
+//! with `.` replaced by `_` and [`NatsConfig::stream_prefix`] in front: topic
+//! `orders.created` is stream `CE_orders_created` on subject
+//! `orders.created`. Creation is idempotent, so any number of processes may
+//! race to do it. The stream settings come from [`NatsConfig`] (retention,
+//! storage, replicas, max age). [`NatsBroker::provision`] does this ahead of
+//! time.
+//!
+//! # Publishing
+//!
+//! Events are checked first ([`ErrorKind::InvalidEvent`],
+//! [`ErrorKind::EventTooLarge`] against [`NatsConfig::max_event_bytes`],
+//! which defaults to the server's `max_payload`), encoded with the
+//! [CloudEvents NATS binding](crate::binding) (binary mode by default: `ce-`
+//! headers and the data as the payload), and published with the event id as
+//! `Nats-Msg-Id`, so JetStream stores an event published twice within its
+//! duplicate window (2 minutes by default) once. `publish` returns after
+//! JetStream's publish acknowledgement: the event is stored. `publish_batch`
+//! sends the whole batch before waiting for the acknowledgements, which it
+//! then checks in order; events of one batch are stored in batch order.
+//!
+//! # Subscribing
+//!
+//! A consumer group is a durable JetStream pull consumer named after the
+//! group, filtered on the topic's subject, with explicit acks, `ack_wait` from
+//! [`SubscribeOptions::ack_deadline`], and `deliver_policy` `all`
+//! ([`StartFrom::Earliest`]) or `new` ([`StartFrom::Latest`]) when it is
+//! created. Every subscription of a group pulls from the same consumer, so
+//! the members share the work; each fetches up to [`NatsConfig::prefetch`]
+//! messages ahead. The ack deadline belongs to the consumer, so it is the
+//! same for every member: a subscription with another ack deadline updates
+//! the consumer's `ack_wait` for the whole group.
+//!
+//! Settling maps onto JetStream acks, each confirmed by the server before it
+//! returns: [`ack`](crate::Delivery::ack) is `+ACK`,
+//! [`term`](crate::Delivery::term) `+TERM`, [`nack`](crate::Delivery::nack)
+//! `-NAK` with the delay, and [`in_progress`](crate::Delivery::in_progress)
+//! `+WPI`, which resets the ack deadline. A delivery dropped unsettled is
+//! nacked without delay. [`DeliveryInfo::attempt`](crate::DeliveryInfo::attempt) is
+//! JetStream's delivery count. If a member crashes, what it held is
+//! redelivered once its ack deadline passes; a subscription that is dropped
+//! or [closed](crate::Subscription::close) nacks what it fetched and had not
+//! handed out, so the group's other members get it at once.
+//!
+//! # Ordering
+//!
+//! JetStream hands the next messages of a consumer to whichever member asks,
+//! and redelivers a nacked message while later ones flow on, so by itself it
+//! keeps no per-key order once handlers run concurrently. Each subscription
+//! therefore holds back what it fetched: it hands out at most one event per
+//! `partitionkey` at a time, in stream order, and after a nack it holds the
+//! key until the nacked event comes back (or, if another member got it, until
+//! its nack delay plus the ack deadline have passed). Messages waiting behind
+//! their key are kept alive with progress acks, so they are not redelivered
+//! elsewhere meanwhile. Events without a key are not held back.
+//!
+//! **The guarantee is per subscription.** Within one member, events of a key
+//! are handled in publish order, however many handlers run at once. Across
+//! the members of a group, consecutive events of one key can go to different
+//! members and be handled at the same time or out of order. To keep per-key
+//! order across members, run one member per group, or set
+//! [`NatsConfig::max_ack_pending`] to 1: JetStream then hands out one event
+//! of the group at a time, in order, to whichever member (no concurrency).
+//!
+//! # Undecodable messages
+//!
+//! A message on the topic that is not a CloudEvent (published by a non-CloudEvents
+//! client, say) never reaches handlers and never stalls the subscription:
+//! it is logged at error level, copied unchanged (payload and headers, except
+//! JetStream's own `Nats-*` headers) to the dead-letter subject
+//! `<topic>.dlq` (stored in the stream for that subject, created like any
+//! topic's), with the reason in [`DLQ_REASON_HEADER`], and then terminated.
+//! If the copy cannot be stored, the message is nacked and tried again after
+//! a few seconds rather than dropped. With [`NatsConfig::dead_letter`] off it
+//! is only logged and terminated; with limits retention it then stays in the
+//! topic's stream until `max_age`.
+//!
+//! # Server versions
+//!
+//! The adapter needs nats-server 2.9 or later (message headers, nack delays,
+//! pull-request heartbeats) and is tested against 2.9.10. nats-server 2.9
+//! drops a redelivery (nack or expired ack deadline) from its queue when it
+//! comes due while the only pull requests waiting on the consumer belong to
+//! members that are gone; the message then returns only after one more ack
+//! deadline. A closing or dropped subscription makes the server forget its
+//! own pull request before it nacks what it held, so this only happens after
+//! a member crashed, for as long as its last pull request lives (30 s at
+//! most).
+//!
+//! # Errors
+//!
+//! Connection losses and timeouts are retryable; rejected credentials
+//! ([`ErrorKind::Config`]), invalid events and requests JetStream refuses as
+//! invalid are not. The async-nats error is kept as the source.
+//!
+//! [`Publisher`]: crate::Publisher
+//! [`Subscriber`]: crate::Subscriber
+//! [`ErrorKind::InvalidEvent`]: crate::ErrorKind::InvalidEvent
+//! [`ErrorKind::EventTooLarge`]: crate::ErrorKind::EventTooLarge
+//! [`ErrorKind::Config`]: crate::ErrorKind::Config
+//! [`SubscribeOptions::ack_deadline`]: crate::SubscribeOptions::ack_deadline
+//! [`StartFrom::Earliest`]: crate::StartFrom::Earliest
+//! [`StartFrom::Latest`]: crate::StartFrom::Latest
+
+mod config;
+mod error;
+mod gate;
+mod publisher;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use cloudevents::Event;
+use tokio_util::sync::CancellationToken;
+
+pub use self::config::{DEFAULT_STREAM_PREFIX, DEFAULT_URL, NatsConfig, Retention, Storage};
+use self::error::Class;
+use crate::error::{Error, ErrorKind, Result};
+use crate::publisher::Publisher;
+use crate::subscriber::{SubscribeOptions, Subscriber, Subscription};
+use crate::topic::Topic;
+
+/// The suffix of a topic's dead-letter subject: `orders.created.dlq`.
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// The header of a dead-lettered message that says why it was dead-lettered.
+pub const DLQ_REASON_HEADER: &str = "Backbone-Dlq-Reason";
+
+/// The header of a dead-lettered message naming the topic it came from.
+pub const DLQ_TOPIC_HEADER: &str = "Backbone-Dlq-Topic";
+
+/// The header of a dead-lettered message naming the consumer group that found it.
+pub const DLQ_GROUP_HEADER: &str = "Backbone-Dlq-Group";
+
+/// The header of a dead-lettered message holding its sequence in the topic's stream.
+pub const DLQ_SEQUENCE_HEADER: &str = "Backbone-Dlq-Stream-Sequence";
+
+/// How many JetStream publish acknowledgements one connection awaits at most.
+pub(crate) const MAX_PENDING_ACKS: usize = 4096;
+
+/// The NATS JetStream broker: one connection, shared by clones.
+///
+/// Implements [`Publisher`] and [`Subscriber`]; see the [module docs](self)
+/// for how topics, consumer groups, ordering and dead letters map onto
+/// JetStream.
+#[derive(Clone)]
+pub struct NatsBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: NatsConfig,
+    max_event_bytes: usize,
+    /// Topic → the stream that stores it, once provisioned.
+    streams: Mutex<HashMap<Topic, String>>,
+    /// Cancelled by `close`: every subscription's pull loop stops.
+    shutdown: CancellationToken,
+    closed: AtomicBool,
+}
+
+impl NatsBroker {
+    /// Connects to the server in `config` and checks that JetStream is enabled.
+    ///
+    /// # Errors
+    ///
+    /// - [`ErrorKind::Config`]: an invalid setting, an unreadable credentials
+    ///   file, or credentials the server rejected (not retryable);
+    /// - [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]: the server
+    ///   cannot be reached (retryable);
+    /// - [`ErrorKind::Broker`]: JetStream is not enabled on the server.
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        config.validate()?;
+        let connect_timeout = config.connect_timeout_value();
+        let request_timeout = config.request_timeout_value();
+        let options = config.connect_options().await?;
+        // The connect future is large: keep it off the stack.
+        let client = Box::pin(options.connect(config.server_url()))
+            .await
+            .map_err(|e| error::connect(e, connect_timeout))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(request_timeout)
+            .max_ack_inflight(MAX_PENDING_ACKS)
+            .backpressure_on_inflight(false)
+            .build(client.clone());
+        check_jetstream(&js, request_timeout).await?;
+        let server_max = client.server_info().max_payload;
+        let max_event_bytes = match config.event_limit() {
+            Some(limit) if server_max > 0 => limit.min(server_max),
+            Some(limit) => limit,
+            None => server_max,
+        };
+        tracing::debug!(
+            server = %config::redact_url(config.server_url()),
+            max_event_bytes,
+            "connected to NATS"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                max_event_bytes,
+                streams: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The largest event [`publish`](Publisher::publish) accepts, in bytes
+    /// as measured by [`EventExt::encoded_size`](crate::EventExt::encoded_size):
+    /// [`NatsConfig::max_event_bytes`], capped at the server's `max_payload`.
+    pub fn max_event_bytes(&self) -> usize {
+        self.inner.max_event_bytes
+    }
+
+    /// The name of the stream the adapter creates for `topic`:
+    /// [`NatsConfig::stream_prefix`] and the topic with `.` replaced by `_`.
+    pub fn stream_name(&self, topic: &Topic) -> String {
+        stream_name(self.inner.config.prefix(), topic)
+    }
+
+    /// Makes sure a stream stores `topic` and returns its name: an existing
+    /// stream on the topic's subject, or one created as the [module
+    /// docs](self#topics-and-streams) describe. Publishing and subscribing do
+    /// this on first use; call it to fail early or to create topics ahead of
+    /// time.
+    ///
+    /// # Errors
+    ///
+    /// The broker is closed, JetStream refused to create the stream, or a
+    /// stream with the derived name exists for other subjects
+    /// ([`ErrorKind::Config`]).
+    pub async fn provision(&self, topic: &Topic) -> Result<String> {
+        self.inner.check_open()?;
+        self.inner.ensure_stream(topic).await
+    }
+}
+
+impl fmt::Debug for NatsBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBroker")
+            .field("config", &self.inner.config)
+            .field("max_event_bytes", &self.inner.max_event_bytes)
+            .field("closed", &self.inner.closed.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fails unless JetStream answers for the account.
+async fn check_jetstream(js: &jetstream::Context, timeout: Duration) -> Result<()> {
+    const OPERATION: &str = "JetStream account check (is JetStream enabled?)";
+    let response: serde_json::Value =
+        js.request("INFO", &serde_json::json!({}))
+            .await
+            .map_err(|e| {
+                let class = match e.kind() {
+                    jetstream::context::RequestErrorKind::TimedOut => Class::Timeout,
+                    jetstream::context::RequestErrorKind::NoResponders => Class::Permanent,
+                    _ => Class::Connection,
+                };
+                error::classify(OPERATION, class, timeout, e)
+            })?;
+    match response.get("error") {
+        None => Ok(()),
+        Some(api) => {
+            let text = api.to_string();
+            let class = match serde_json::from_value::<jetstream::Error>(api.clone()) {
+                Ok(api) => Class::Api(api),
+                Err(_) => Class::Permanent,
+            };
+            Err(error::classify(OPERATION, class, timeout, text))
+        }
+    }
+}
+
+/// The stream name derived from `topic`.
+fn stream_name(prefix: &str, topic: &Topic) -> String {
+    format!("{prefix}{}", topic.as_str().replace('.', "_"))
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::closed("NATS broker"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.config.request_timeout_value()
+    }
+
+    fn cached_stream(&self, topic: &Topic) -> Option<String> {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .cloned()
+    }
+
+    /// Forgets the stream of `topic`, e.g. after it was deleted.
+    fn forget_stream(&self, topic: &Topic) {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(topic);
+    }
+
+    /// The stream storing `topic`, found or created once per broker.
+    async fn ensure_stream(&self, topic: &Topic) -> Result<String> {
+        if let Some(name) = self.cached_stream(topic) {
+            return Ok(name);
+        }
+        let name = match self.js.stream_by_subject(topic.as_str()).await {
+            Ok(existing) => existing,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::GetStreamByNameErrorKind::NotFound
+                ) =>
+            {
+                self.create_stream(topic).await?
+            }
+            Err(e) => return Err(error::lookup_stream(e, self.timeout())),
+        };
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(topic.clone(), name.clone());
+        Ok(name)
+    }
+
+    async fn create_stream(&self, topic: &Topic) -> Result<String> {
+        let name = stream_name(self.config.prefix(), topic);
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![topic.to_string()],
+            retention: match self.config.stream_retention() {
+                Retention::Limits => stream::RetentionPolicy::Limits,
+                Retention::Interest => stream::RetentionPolicy::Interest,
+                Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+            },
+            storage: match self.config.stream_storage() {
+                Storage::File => stream::StorageType::File,
+                Storage::Memory => stream::StorageType::Memory,
+            },
+            num_replicas: self.config.stream_replicas(),
+            max_age: self.config.stream_max_age().unwrap_or_default(),
+            ..stream::Config::default()
+        };
+        let stream = self
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| error::create_stream(e, self.timeout()))?;
+        let subjects = &stream.cached_info().config.subjects;
+        if !subjects.iter().any(|s| s == topic.as_str()) {
+            return Err(Error::new(ErrorKind::Config {
+                key: "stream_prefix".into(),
+                reason: format!(
+                    "stream `{name}` exists for subjects {subjects:?}, not for topic `{topic}`; \
+                     another topic maps to the same stream name"
+                ),
+            }));
+        }
+        tracing::info!(stream = %name, topic = %topic, "created JetStream stream");
+        Ok(name)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.shutdown.cancel();
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| error::classify("flush", Class::Connection, self.timeout(), e))
+    }
+}
+
+#[async_trait]
+impl Publisher for NatsBroker {
+    async fn publish(&self, topic: &Topic, event: Event) -> Result<()> {
+        self.inner.publish(topic, vec![event]).await
+    }
+
+    /// Sends every event before awaiting the acknowledgements, then checks
+    /// them in order. Every event is validated before anything is sent.
+    async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
+        self.inner.publish(topic, events).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    /// Closes the broker for every clone: publishing and subscribing fail,
+    /// open subscriptions end after nacking what they had fetched but not
+    /// handed out, and outstanding messages are flushed. Deliveries already
+    /// handed out can still be settled.
+    async fn close(&self) -> Result<()> {
+        Subscriber::close(self).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for NatsBroker {
+    async fn subscribe(&self, topic: &Topic, options: SubscribeOptions) -> Result<Subscription> {
+        subscriber::subscribe(&self.inner, topic, options).await
+    }
+
+    /// As [`Publisher::close`].
+    async fn close(&self) -> Result<()> {
+        self.inner.close();
+        self.inner.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_follow_the_topic() {
+        let topic = Topic::from_static("orders.created");
+        assert_eq!(stream_name("CE_", &topic), "CE_orders_created");
+        assert_eq!(
+            stream_name("", &Topic::from_static("a-b_c")),
+            "a-b_c",
+            "'-' and '_' are valid in stream names"
+        );
+    }
+}

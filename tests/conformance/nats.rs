@@ -1,0 +1,350 @@
+//! The NATS JetStream adapter against the shared conformance suite, on the
+//! real nats-server the harness runs, plus NATS-specific tests: messages
+//! that are not CloudEvents (dead-lettered, never stalling), de-duplication
+//! by event id, per-key holding within a subscription, and an unreachable
+//! server.
+//!
+//! `source tests/harness/up.sh && cargo test -p e2e --test conformance_nats`
+//!
+//! Test streams are named `E2E_CE_*`, kept in memory, and hold messages for
+//! ten minutes; the first test of a run deletes the test streams older than
+//! that, so the server does not fill up across runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use broker_adapters::cloudevents::AttributesReader;
+use broker_adapters::conformance::{Capabilities, Target};
+use broker_adapters::nats::{DLQ_REASON_HEADER, DLQ_SUFFIX, NatsBroker, NatsConfig, Storage};
+use broker_adapters::{
+    CloudEventBuilder, Delivery, EventExt, Publisher, Result, SubscribeOptions, Subscriber,
+    Subscription, Topic,
+};
+use e2e::Server;
+use futures_util::{StreamExt, TryStreamExt};
+
+/// The stream-name prefix of every stream these tests create.
+const PREFIX: &str = "E2E_CE_";
+
+/// How long test streams keep messages, and the age past which a later run
+/// deletes them.
+const TEST_STREAM_AGE: Duration = Duration::from_secs(600);
+
+/// The wait for an expected delivery.
+const RECEIVE: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Nats {
+    publisher: NatsBroker,
+}
+
+fn config(url: &str) -> NatsConfig {
+    NatsConfig::builder()
+        .url(url)
+        .stream_prefix(PREFIX)
+        .storage(Storage::Memory)
+        .max_age(TEST_STREAM_AGE)
+}
+
+/// Connects, failing (never skipping) with the harness hint when the server is missing.
+async fn connect() -> (String, NatsBroker) {
+    let url = e2e::require(Server::Nats).unwrap_or_else(|e| panic!("{e:#}"));
+    let broker = NatsBroker::connect(config(&url))
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    (url, broker)
+}
+
+async fn target() -> Nats {
+    let (url, publisher) = connect().await;
+    sweep_old_test_streams(&url).await;
+    Nats { publisher }
+}
+
+/// Deletes test streams older than [`TEST_STREAM_AGE`], once per test run.
+async fn sweep_old_test_streams(url: &str) {
+    static SWEPT: AtomicBool = AtomicBool::new(false);
+    if SWEPT.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = jetstream::new(client);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let cutoff = i64::try_from(now.saturating_sub(TEST_STREAM_AGE.as_secs())).unwrap_or(0);
+    let old: Vec<String> = match js.streams().try_collect::<Vec<_>>().await {
+        Ok(infos) => infos
+            .into_iter()
+            .filter(|info| {
+                info.config.name.starts_with(PREFIX) && info.created.unix_timestamp() < cutoff
+            })
+            .map(|info| info.config.name)
+            .collect(),
+        Err(_) => return,
+    };
+    for name in old {
+        // Best effort: another run may be deleting it too.
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
+#[async_trait]
+impl Target for Nats {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+            .ack_deadline(true)
+            .max_event_bytes(self.publisher.max_event_bytes())
+            .receive_timeout(RECEIVE)
+    }
+
+    async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
+        Ok(Arc::new(self.publisher.clone()))
+    }
+
+    async fn subscriber(&self) -> Result<Arc<dyn Subscriber>> {
+        // A connection of its own, so dropping it behaves like a crashed process.
+        let url = e2e::nats_url();
+        Ok(Arc::new(NatsBroker::connect(config(&url)).await?))
+    }
+
+    async fn topic(&self, name: &str) -> Result<Topic> {
+        let topic = Topic::try_from(name)?;
+        self.publisher.provision(&topic).await?;
+        Ok(topic)
+    }
+}
+
+broker_adapters::conformance_suite!(target());
+
+async fn recv(sub: &mut Subscription, what: &str) -> Delivery {
+    match tokio::time::timeout(RECEIVE, sub.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        Ok(Some(Err(e))) => panic!("the subscription failed while waiting for {what}: {e}"),
+        Ok(None) => panic!("the subscription ended while waiting for {what}"),
+        Err(_) => panic!("{what} was not delivered within {RECEIVE:?}"),
+    }
+}
+
+fn topic(prefix: &str) -> Topic {
+    Topic::try_from(e2e::unique_name(prefix)).expect("a valid topic name")
+}
+
+/// Messages on the topic that are not CloudEvents (no `ce-` headers and a
+/// garbage payload, an unknown spec version, broken structured JSON) neither
+/// panic nor stall the subscription: the next valid event is delivered, and
+/// each bad message is copied unchanged to `<topic>.dlq`, with the reason,
+/// and terminated, never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_garbage");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let group = "g";
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
+        .await
+        .expect("subscribed");
+
+    let raw = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let garbage: Vec<u8> = b"not a cloudevent \x00\xff\xfe".to_vec();
+    raw.publish(topic.to_string(), garbage.clone().into())
+        .await
+        .expect("raw publish");
+    let mut unknown_version = async_nats::HeaderMap::new();
+    unknown_version.insert("ce-specversion", "9.9");
+    unknown_version.insert("ce-id", "x");
+    unknown_version.insert("X-Custom", "kept");
+    raw.publish_with_headers(topic.to_string(), unknown_version, "{}".into())
+        .await
+        .expect("raw publish");
+    let mut structured = async_nats::HeaderMap::new();
+    structured.insert("content-type", "application/cloudevents+json");
+    raw.publish_with_headers(topic.to_string(), structured, "{\"broken".into())
+        .await
+        .expect("raw publish");
+    raw.flush().await.expect("flushed");
+
+    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key("k")
+        .json_data(&1)
+        .build()
+        .expect("valid");
+    broker
+        .publish(&topic, valid.clone())
+        .await
+        .expect("published");
+
+    let mut delivery = recv(&mut sub, "the valid event after the bad messages").await;
+    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
+    delivery.ack().await.expect("acked");
+    let extra = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+    assert!(extra.is_err(), "nothing else is delivered: {extra:?}");
+
+    // The bad messages were copied unchanged to the dead-letter subject.
+    let js = jetstream::new(raw);
+    let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
+    let dlq_stream = js
+        .get_stream(broker.stream_name(&dlq))
+        .await
+        .expect("the dead-letter stream exists");
+    let mut payloads = Vec::new();
+    for seq in 1..=3 {
+        let copy = dlq_stream
+            .get_raw_message(seq)
+            .await
+            .unwrap_or_else(|e| panic!("dead letter {seq}: {e}"));
+        assert_eq!(copy.subject.as_str(), dlq.as_str());
+        let reason = copy
+            .headers
+            .get(DLQ_REASON_HEADER)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        assert!(reason.contains("could not decode"), "reason: {reason}");
+        payloads.push(copy.payload.to_vec());
+    }
+    assert_eq!(
+        payloads,
+        vec![garbage, b"{}".to_vec(), b"{\"broken".to_vec()],
+        "payloads unchanged, in order"
+    );
+    let second = dlq_stream.get_raw_message(2).await.expect("dead letter 2");
+    assert_eq!(
+        second.headers.get("X-Custom").map(|v| v.as_str()),
+        Some("kept"),
+        "headers are kept"
+    );
+
+    // The originals were terminated: nothing is pending for the group.
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(group, &stream)
+        .await
+        .expect("the group's consumer");
+    let deadline = tokio::time::Instant::now() + RECEIVE;
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bad messages were not settled: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sub.close().await.expect("closed");
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(broker.stream_name(&dlq)).await;
+}
+
+/// An event published twice (a retry after a lost acknowledgement, say) is
+/// stored once, thanks to `Nats-Msg-Id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_twice_is_stored_once() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_dedup");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let event = CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .json_data(&"once")
+        .build()
+        .expect("valid");
+    broker
+        .publish(&topic, event.clone())
+        .await
+        .expect("published");
+    broker
+        .publish_batch(&topic, vec![event.clone(), event.clone()])
+        .await
+        .expect("published again");
+
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(client);
+    let mut info = js.get_stream(&stream).await.expect("stream");
+    assert_eq!(info.info().await.expect("info").state.messages, 1);
+
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g").expect("valid"))
+        .await
+        .expect("subscribed");
+    let mut d = recv(&mut sub, "the event").await;
+    assert_eq!(d.event().id(), event.id());
+    assert_eq!(d.event().data_as::<String>().expect("data"), "once");
+    d.ack().await.expect("acked");
+    sub.close().await.expect("closed");
+    let _ = js.delete_stream(&stream).await;
+}
+
+/// A server that is not there is a retryable connection error, not a panic.
+#[tokio::test]
+async fn an_unreachable_server_is_a_retryable_error() {
+    let err = NatsBroker::connect(
+        NatsConfig::builder()
+            .url("nats://127.0.0.1:1")
+            .connect_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
+}
+
+/// Within a subscription, a later event of a key waits until the earlier one
+/// is settled, while events of other keys flow past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_does_not_block_other_keys() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_keys");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let events = ["a", "a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(n, key)| {
+            CloudEventBuilder::new("dev.backbone.test", "/nats")
+                .partition_key(*key)
+                .json_data(&n)
+                .build()
+                .expect("valid")
+        })
+        .collect();
+    broker
+        .publish_batch(&topic, events)
+        .await
+        .expect("published");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g").expect("valid"))
+        .await
+        .expect("subscribed");
+    let mut a0 = recv(&mut sub, "a0").await;
+    assert_eq!(a0.event().data_as::<usize>().expect("n"), 0);
+    a0.in_progress()
+        .await
+        .expect("the server confirms a progress ack");
+    let mut b2 = recv(&mut sub, "b2, while a1 waits for a0").await;
+    assert_eq!(b2.event().partition_key(), Some("b"));
+    b2.ack().await.expect("acked");
+    let early = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(early.is_err(), "a1 must wait for a0: {early:?}");
+    a0.ack().await.expect("acked");
+    let mut a1 = recv(&mut sub, "a1").await;
+    assert_eq!(a1.event().data_as::<usize>().expect("n"), 1);
+    a1.ack().await.expect("acked");
+    sub.close().await.expect("closed");
+
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let _ = jetstream::new(client).delete_stream(&stream).await;
+}
