@@ -14,6 +14,9 @@
 //! These tests never skip: a test that cannot reach its server fails, with a message
 //! that names the server and says how to start it (see [`require`]).
 
+pub mod process;
+pub mod restart;
+
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::{TcpStream, ToSocketAddrs};

@@ -1,0 +1,173 @@
+//! The broker-restart scenario, for any adapter: the broker is stopped and
+//! started again while events are published and consumed, and no event whose
+//! publish returned `Ok` may be lost.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use broker_adapters::cloudevents::{AttributesReader, Event};
+use broker_adapters::{CloudEventBuilder, Publisher, SubscribeOptions, Subscriber, Topic};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::ServerProcess;
+
+/// What the scenario observed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestartReport {
+    /// Events whose publish returned `Ok`.
+    pub published: usize,
+    /// Publishes refused while the broker was down (retried afterwards).
+    pub refused_while_down: usize,
+    /// Distinct events delivered.
+    pub delivered: usize,
+    /// Deliveries of an event already delivered (allowed: at least once).
+    pub redelivered: usize,
+    /// Times the consumer had to subscribe again.
+    pub resubscribed: usize,
+}
+
+fn event(n: usize) -> anyhow::Result<Event> {
+    Ok(
+        CloudEventBuilder::new("dev.backbone.restart", "/e2e/restart")
+            .partition_key(format!("k{}", n % 8))
+            .subject(n.to_string())
+            .json_data(&n)
+            .build()?,
+    )
+}
+
+/// Publishes until the broker acknowledges, retrying errors that say a retry
+/// can help; a non-retryable error fails the scenario.
+async fn publish_until_acked(
+    publisher: &dyn Publisher,
+    topic: &Topic,
+    event: &Event,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match publisher.publish(topic, event.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => bail!("publishing {} failed for good: {e}", event.id()),
+        }
+    }
+}
+
+/// Runs the scenario with `events` events: a third before the stop, one
+/// attempt while the broker is down, the rest after it is back.
+///
+/// # Errors
+///
+/// The broker process could not be controlled, a publish failed for good,
+/// or an acknowledged event was not delivered within two minutes.
+pub async fn acked_events_survive_a_broker_restart(
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+    topic: &Topic,
+    group: &str,
+    broker: &mut ServerProcess,
+    events: usize,
+) -> anyhow::Result<RestartReport> {
+    let seen = Arc::new(Mutex::new((HashSet::<String>::new(), 0usize, 0usize)));
+    let stop = CancellationToken::new();
+    let consumer = {
+        let (seen, stop, subscriber) = (Arc::clone(&seen), stop.clone(), Arc::clone(&subscriber));
+        let (topic, group) = (topic.clone(), group.to_owned());
+        tokio::spawn(async move {
+            // A consumer as a service would run it: subscribe again whenever
+            // the subscription fails or ends.
+            while !stop.is_cancelled() {
+                let options = SubscribeOptions::new(&group)?.ack_wait(Duration::from_secs(5));
+                let mut sub = match subscriber.subscribe(&topic, options).await {
+                    Ok(sub) => sub,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => return anyhow::Ok(()),
+                        next = sub.next() => next,
+                    };
+                    let Some(Ok(mut delivery)) = next else { break };
+                    let id = delivery.event().id().to_owned();
+                    if delivery.ack().await.is_ok() {
+                        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+                        if !seen.0.insert(id) {
+                            seen.1 += 1;
+                        }
+                    }
+                }
+                seen.lock().unwrap_or_else(PoisonError::into_inner).2 += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let all: Vec<Event> = (0..events).map(event).collect::<anyhow::Result<_>>()?;
+    let mut report = RestartReport::default();
+    let third = events / 3;
+    for e in &all[..third] {
+        publish_until_acked(&*publisher, topic, e, deadline).await?;
+    }
+    // Let the consumer get going, so the restart happens mid-stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    broker.stop().await?;
+    // While the broker is down a publish must fail, and say a retry helps.
+    let down = tokio::time::timeout(
+        Duration::from_secs(60),
+        publisher.publish(topic, all[third].clone()),
+    )
+    .await;
+    match down {
+        Ok(Err(e)) if e.is_retryable() => report.refused_while_down += 1,
+        Ok(Err(e)) => {
+            bail!("a publish while the broker is down failed without saying a retry helps: {e}")
+        }
+        Ok(Ok(())) => bail!("a publish while the broker was down returned Ok"),
+        Err(_) => bail!("a publish while the broker was down hung for 60 s"),
+    }
+    broker.start().await?;
+
+    for e in &all[third..] {
+        publish_until_acked(&*publisher, topic, e, deadline).await?;
+    }
+    report.published = events;
+
+    let expected: HashSet<String> = all.iter().map(|e| e.id().to_owned()).collect();
+    loop {
+        let missing = {
+            let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            expected.difference(&seen.0).count()
+        };
+        if missing == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            stop.cancel();
+            bail!(
+                "{missing} of {events} acknowledged events were never delivered after the restart (broker log: {})",
+                broker.log().display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    consumer.await.context("consumer task")??;
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    report.delivered = seen.0.len();
+    report.redelivered = seen.1;
+    report.resubscribed = seen.2;
+    Ok(report)
+}
