@@ -1,7 +1,160 @@
-//! The NATS JetStream adapter beside raw async-nats (added with the adapter).
+//! The NATS JetStream adapter beside raw async-nats with the same ack mode:
+//! publishes wait for the JetStream ack, consumer acks are confirmed by the
+//! server (double ack), and both sides keep many acks in flight.
 
-use crate::Figure;
+use std::time::{Duration, Instant};
 
-pub(crate) async fn run(_n: usize, _size: usize, _rounds: usize) -> anyhow::Result<Vec<Figure>> {
-    Ok(Vec::new())
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::pull};
+use broker_adapters::binding::{Binding, Mode};
+use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
+use broker_adapters::prelude::*;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::{Figure, best};
+
+/// Acks and publish acks kept in flight by both sides.
+const WINDOW: usize = 256;
+
+fn events(n: usize, size: usize) -> anyhow::Result<Vec<Event>> {
+    (0..n)
+        .map(|i| {
+            CloudEventBuilder::new("com.example.order.placed", "/bench")
+                .partition_key(format!("k{}", i % 64))
+                .json_data(&crate::payload(size))
+                .build()
+                .map_err(Into::into)
+        })
+        .collect()
+}
+
+pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    e2e::require(e2e::Server::Nats)?;
+    let config = || {
+        NatsConfig::builder()
+            .url(e2e::nats_url())
+            .stream_prefix("BENCH_")
+            .storage(Storage::File)
+            .max_age(Duration::from_secs(600))
+    };
+    let broker = NatsBroker::connect(config()).await?;
+    let client = async_nats::connect(e2e::nats_url()).await?;
+    let js = jetstream::new(client);
+
+    let (mut pub_ours, mut pub_raw, mut con_ours, mut con_raw) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let topic = Topic::try_from(format!("bench.nats.r{round}.p{}", std::process::id()))?;
+        let raw_subject = format!("{topic}.raw");
+        let raw_topic = Topic::try_from(raw_subject.as_str())?;
+        let stream = broker.provision(&topic).await?;
+        let raw_stream = broker.provision(&raw_topic).await?;
+
+        // Publish: ours pipelines the batch; raw sends the same messages
+        // (encoded before the clock starts) with WINDOW acks in flight.
+        let batch = events(n, size)?;
+        let start = Instant::now();
+        broker.publish_batch(&topic, batch).await?;
+        pub_ours.push(start.elapsed());
+
+        let messages: Vec<(HeaderMap, Vec<u8>)> = events(n, size)?
+            .iter()
+            .map(|e| {
+                let m = Binding::NATS.encode(e, Mode::Binary)?;
+                let mut headers = HeaderMap::new();
+                for (k, v) in &m.headers {
+                    headers.insert(k.as_str(), v.as_str());
+                }
+                headers.insert("Nats-Msg-Id", e.id());
+                Ok((headers, m.payload))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let start = Instant::now();
+        let mut acks = FuturesUnordered::new();
+        for (headers, payload) in messages {
+            if acks.len() >= WINDOW {
+                acks.try_next().await?;
+            }
+            let ack = js
+                .publish_with_headers(raw_subject.clone(), headers, payload.into())
+                .await?;
+            acks.push(ack.into_future());
+        }
+        while acks.try_next().await?.is_some() {}
+        pub_raw.push(start.elapsed());
+
+        // Consume: a fresh durable consumer each, every event acked and the
+        // ack confirmed by the server.
+        let mut sub = broker
+            .subscribe(
+                &topic,
+                SubscribeOptions::new(&format!("bench-ours-{round}"))?,
+            )
+            .await?;
+        // Acks run on their own tasks, so they progress while we wait for
+        // the next delivery.
+        let mut pending = tokio::task::JoinSet::new();
+        let first = sub.next().await.context("subscription ended")??;
+        let start = Instant::now();
+        pending.spawn(ack(first));
+        for _ in 1..n {
+            if pending.len() >= WINDOW {
+                pending.join_next().await.context("ack task")???;
+            }
+            let d = sub.next().await.context("subscription ended")??;
+            pending.spawn(ack(d));
+        }
+        while let Some(done) = pending.join_next().await {
+            done??;
+        }
+        con_ours.push(start.elapsed());
+        sub.close().await?;
+
+        let consumer = js
+            .get_stream(&raw_stream)
+            .await?
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("bench-raw-{round}")),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let mut pending = tokio::task::JoinSet::new();
+        let first = messages.next().await.context("raw stream ended")??;
+        let start = Instant::now();
+        pending.spawn(raw_ack(first));
+        for _ in 1..n {
+            if pending.len() >= WINDOW {
+                pending.join_next().await.context("ack task")???;
+            }
+            let m = messages.next().await.context("raw stream ended")??;
+            pending.spawn(raw_ack(m));
+        }
+        while let Some(done) = pending.join_next().await {
+            done??;
+        }
+        con_raw.push(start.elapsed());
+        drop(messages);
+        for s in [&stream, &raw_stream] {
+            let _ = js.delete_stream(s).await;
+        }
+        eprintln!("nats round {round}: done");
+    }
+    Ok(vec![
+        Figure::rate("nats.publish", n, best(pub_ours), best(pub_raw)),
+        Figure::rate("nats.consume", n, best(con_ours), best(con_raw)),
+    ])
+}
+
+async fn ack(mut delivery: Delivery) -> broker_adapters::Result<()> {
+    delivery.ack().await.map(|_| ())
+}
+
+async fn raw_ack(message: jetstream::Message) -> anyhow::Result<()> {
+    message
+        .double_ack()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
