@@ -41,6 +41,7 @@ pub struct ServerProcess {
     args: Vec<String>,
     port: u16,
     log: PathBuf,
+    dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -59,8 +60,16 @@ impl ServerProcess {
             args,
             port,
             log: log.into(),
+            dir: None,
             child: None,
         }
+    }
+
+    /// Runs it in `dir` (for servers that resolve paths against it).
+    #[must_use]
+    pub fn in_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
+        self
     }
 
     /// The loopback port it listens on.
@@ -87,7 +96,11 @@ impl ServerProcess {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -3,7 +3,8 @@
 #   formatting, clippy (-D warnings), docs (-D warnings), unit tests, the
 #   conformance suite, the real-server tests, and the examples.
 #
-#   bash tests/run.sh
+#   bash tests/run.sh          # everything CI runs
+#   bash tests/run.sh --slow   # and the slow tests (Kafka broker restart)
 #
 # The real servers (PostgreSQL, NATS JetStream, Kafka-protocol Tansu) are made
 # ready first by tests/harness/up.sh, which installs and starts what is
@@ -37,6 +38,13 @@ cargo test --workspace --all-features --locked 2>&1 | tee "$log"
 passed=$(grep -Eo '^test result: [a-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 rm -f "$log"
+
+if [[ ${1:-} == --slow ]]; then
+	step "slow tests"
+	TANSU_SQLITE=$(bash tests/harness/install-tansu-sqlite.sh)
+	export TANSU_SQLITE
+	cargo test -p e2e --locked --test restart_kafka
+fi
 
 step "examples"
 out=$(cargo run -q --locked -p examples --example memory_pubsub)
