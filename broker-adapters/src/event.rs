@@ -461,7 +461,7 @@ impl EventExt for Event {
             Data::Binary(bytes) => Cow::Borrowed(bytes.as_slice()),
             Data::String(s) => Cow::Borrowed(s.as_bytes()),
             // Serializing a `serde_json::Value` cannot fail.
-            Data::Json(value) => Cow::Owned(value.to_string().into_bytes()),
+            Data::Json(value) => Cow::Owned(serde_json::to_vec(value).unwrap_or_default()),
         })
     }
 

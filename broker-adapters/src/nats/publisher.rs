@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -27,7 +28,7 @@ const BATCH_WINDOW: usize = 256;
 /// One encoded event, ready to send.
 struct Outgoing {
     headers: HeaderMap,
-    payload: Vec<u8>,
+    payload: Bytes,
 }
 
 impl Outgoing {
@@ -46,10 +47,10 @@ impl Outgoing {
         self.payload.len() + headers
     }
 
-    fn message(&self) -> PublishMessage {
+    fn into_message(self) -> PublishMessage {
         PublishMessage::build()
-            .payload(self.payload.clone().into())
-            .headers(self.headers.clone())
+            .payload(self.payload)
+            .headers(self.headers)
     }
 }
 
@@ -76,16 +77,14 @@ impl Inner {
         for event in &events {
             validate_for_publish(event, self.max_event_bytes)?;
         }
-        let outgoing = events
-            .iter()
-            .map(|event| self.encode(event))
-            .collect::<Result<Vec<_>>>()?;
         self.ensure_stream(topic).await?;
 
+        // Each event is encoded just before it is sent, so a large batch
+        // does not hold a second, encoded copy of itself in memory.
         let mut pending: VecDeque<(PublishAckFuture, usize)> = VecDeque::new();
-        for message in &outgoing {
-            let ack = self.send(topic, message, &mut pending).await?;
-            pending.push_back((ack, message.size()));
+        for event in &events {
+            let (ack, size) = self.send(topic, event, &mut pending).await?;
+            pending.push_back((ack, size));
             if pending.len() >= BATCH_WINDOW {
                 self.confirm_oldest(topic, &mut pending).await?;
             }
@@ -126,27 +125,31 @@ impl Inner {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         Ok(Outgoing {
             headers,
-            payload: message.payload,
+            payload: Bytes::from(message.payload),
         })
     }
 
-    /// Sends one message. When too many acknowledgements are outstanding on
-    /// the connection, first waits for the oldest of this batch, or briefly
-    /// for other publishers' to clear.
+    /// Encodes and sends one event; returns its acknowledgement and size.
+    /// When too many acknowledgements are outstanding on the connection,
+    /// first waits for the oldest of this batch, or briefly for other
+    /// publishers' to clear, and encodes the event again (the refused send
+    /// consumed the message; this is the rare path).
     async fn send(
         &self,
         topic: &Topic,
-        message: &Outgoing,
+        event: &Event,
         pending: &mut VecDeque<(PublishAckFuture, usize)>,
-    ) -> Result<PublishAckFuture> {
+    ) -> Result<(PublishAckFuture, usize)> {
         let give_up = Instant::now() + self.timeout();
         loop {
+            let message = self.encode(event)?;
+            let size = message.size();
             match self
                 .js
-                .send_publish(topic.to_string(), message.message())
+                .send_publish(topic.to_string(), message.into_message())
                 .await
             {
-                Ok(ack) => return Ok(ack),
+                Ok(ack) => return Ok((ack, size)),
                 Err(e) if e.kind() == PublishErrorKind::MaxAckPending => {
                     if !pending.is_empty() {
                         self.confirm_oldest(topic, pending).await?;
@@ -162,7 +165,7 @@ impl Inner {
                         ));
                     }
                 }
-                Err(e) => return Err(self.publish_error(topic, e, message.size())),
+                Err(e) => return Err(self.publish_error(topic, e, size)),
             }
         }
     }
