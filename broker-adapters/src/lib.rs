@@ -50,12 +50,14 @@
 //! | `memory` (default) | [`MemoryBroker`], the in-process broker |
 //! | `kafka` | the Kafka adapter, on rdkafka (builds librdkafka from source) |
 //! | `nats` | the NATS JetStream adapter, on async-nats |
+//! | `postgres` | [`sql::SqlBroker`] on PostgreSQL: a durable broker with only a database |
+//! | `sqlite` | [`sql::SqlBroker`] on SQLite (WAL): a durable broker in a single binary |
 //! | `conformance` | [`conformance`], the behavioural suite every adapter runs against its real server |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod binding;
-#[cfg(feature = "kafka")]
+#[cfg(any(feature = "kafka", feature = "postgres", feature = "sqlite"))]
 mod dispatch;
 pub mod error;
 pub mod event;
@@ -77,6 +79,10 @@ pub mod kafka;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub mod sql;
 
 pub mod middleware;
 
