@@ -53,9 +53,10 @@
 //!   keep their cursor as that pair. A transaction still running when a
 //!   reader reads has an id at or above the snapshot's `xmin`, so its rows
 //!   sort after the reader's cursor whenever it commits. The cost: a
-//!   long-running transaction anywhere in the database (that has written
-//!   something) delays delivery of rows written after it started until it
-//!   ends. Publishers send `NOTIFY` in the inserting transaction, and
+//!   long-running transaction anywhere in the PostgreSQL cluster (one that
+//!   has written something, so holds a transaction id) delays delivery of
+//!   rows written after it started until it ends; rows are never lost or
+//!   reordered by it. Publishers send `NOTIFY` in the inserting transaction, and
 //!   subscriptions `LISTEN`, so delivery does not wait for the poll.
 //! - **SQLite**: writers take the write lock up front (`BEGIN IMMEDIATE`),
 //!   so one transaction writes at a time and row id order is commit order.
@@ -442,8 +443,13 @@ impl Subscriber for SqlBroker {
     async fn subscribe(&self, topic: &Topic, options: SubscribeOptions) -> Result<Subscription> {
         self.check_open()?;
         let partitions = self.partitions(topic).await?;
-        let dead_letter = Self::dead_letter_topic(topic)?;
-        let dead_letter_partitions = self.partitions(&dead_letter).await?;
+        // Not a `Topic`: a topic name of maximal length still has one.
+        let dead_letter = format!("{topic}{DLQ_SUFFIX}");
+        let dead_letter_partitions = self
+            .inner
+            .store
+            .topic_partitions(&dead_letter, self.inner.config.partitions)
+            .await?;
         subscriber::subscribe(
             Arc::clone(&self.inner.store),
             &self.inner.config,

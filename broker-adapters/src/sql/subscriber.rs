@@ -116,10 +116,19 @@ struct State {
 }
 
 impl State {
-    fn drop_partition(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+    /// Forgets the partition and its buffered events; returns its commit point.
+    fn take_partition(&mut self, partition: i32) -> Option<(Pos, String)> {
+        let point = self
+            .partitions
+            .remove(&partition)
+            .map(|mut p| p.commit_point());
         self.dispatcher
             .retain(|r| r.partition != partition, Instant::now());
+        point
+    }
+
+    fn drop_partition(&mut self, partition: i32) {
+        let _ = self.take_partition(partition);
     }
 }
 
@@ -141,7 +150,7 @@ pub(super) async fn subscribe(
     config: &SqlConfig,
     topic: &Topic,
     partitions: u32,
-    dead_letter: Topic,
+    dead_letter: String,
     dead_letter_partitions: u32,
     options: SubscribeOptions,
 ) -> Result<Subscription> {
@@ -172,7 +181,6 @@ pub(super) async fn subscribe(
         commit_interval: config.commit_interval,
         max_buffered: config.max_buffered,
         fetch_batch: config.fetch_batch,
-        max_event_bytes: config.max_event_bytes,
     };
     let pump = tokio::spawn(pump.run(stop.clone()));
 
@@ -247,7 +255,7 @@ struct Pump {
     group: String,
     member: String,
     partitions: i32,
-    dead_letter: Topic,
+    dead_letter: String,
     dead_letter_partitions: u32,
     wake: Wake,
     lease: Duration,
@@ -256,7 +264,6 @@ struct Pump {
     commit_interval: Duration,
     max_buffered: usize,
     fetch_batch: u32,
-    max_event_bytes: usize,
 }
 
 /// A row read: its position and, unless a previous owner already settled
@@ -360,14 +367,30 @@ impl Pump {
 
     /// Commits everything settled, gives up every partition, leaves the group.
     async fn leave(&self) -> Result<()> {
-        let committed = self.commit_all().await;
-        let left = self.store.leave(self.who()).await;
-        let mut state = self.shared.lock();
-        let owned: Vec<i32> = state.partitions.keys().copied().collect();
-        for partition in owned {
-            state.drop_partition(partition);
+        // Settlements from here on fail instead of being lost.
+        let points: Vec<(i32, Option<(Pos, String)>)> = {
+            let mut state = self.shared.lock();
+            let owned: Vec<i32> = state.partitions.keys().copied().collect();
+            owned
+                .into_iter()
+                .map(|p| (p, state.take_partition(p)))
+                .collect()
+        };
+        let mut committed = Ok(());
+        for (partition, point) in points {
+            let Some((cursor, settled)) = point else {
+                continue;
+            };
+            if let Err(e) = self
+                .store
+                .commit(self.who(), partition, cursor, &settled, true)
+                .await
+            {
+                committed = Err(e);
+                break;
+            }
         }
-        drop(state);
+        let left = self.store.leave(self.who()).await;
         if let Err(e) = &committed {
             tracing::warn!(error = %e, topic = %self.topic, group = %self.group, "final commit failed; settled events may be delivered again");
         }
@@ -425,18 +448,14 @@ impl Pump {
                 .collect()
         };
         for partition in revoked {
-            let point = self
-                .shared
-                .lock()
-                .partitions
-                .get_mut(&partition)
-                .map(Partition::commit_point);
+            // Stop taking settlements first, so that none is acknowledged
+            // to a handler and then missed by the final commit.
+            let point = self.shared.lock().take_partition(partition);
             if let Some((cursor, settled)) = point {
                 self.store
                     .commit(who, partition, cursor, &settled, true)
                     .await?;
             }
-            self.shared.lock().drop_partition(partition);
             tracing::debug!(topic = %self.topic, group = %self.group, partition, "partition handed over");
         }
 
@@ -574,12 +593,7 @@ impl Pump {
 
     /// Hands decoded rows of `partition` to the dispatcher, if the partition
     /// is still ours and was not read meanwhile by a newer claim.
-    fn accept(
-        &self,
-        partition: i32,
-        after: Pos,
-        batch: &mut Vec<ReadRow>,
-    ) {
+    fn accept(&self, partition: i32, after: Pos, batch: &mut Vec<ReadRow>) {
         let now = Instant::now();
         let mut state = self.shared.lock();
         let State {
@@ -619,12 +633,6 @@ impl Pump {
     }
 
     fn decode(&self, row: &StoredRow) -> Result<Event> {
-        if row.payload.len() > self.max_event_bytes.saturating_mul(2) {
-            return Err(Error::new(ErrorKind::EventTooLarge {
-                size: row.payload.len(),
-                limit: self.max_event_bytes,
-            }));
-        }
         serde_json::from_slice::<Event>(&row.payload).map_err(|e| {
             Error::with_source(
                 ErrorKind::Decode {
@@ -661,7 +669,7 @@ impl Pump {
             |k| i64::from(partition_of(k, self.dead_letter_partitions)),
         );
         let letter = || DeadLetter {
-            topic: self.dead_letter.as_str(),
+            topic: &self.dead_letter,
             partition: i32::try_from(partition).unwrap_or(0),
             origin_topic: self.topic.as_str(),
             reason: &reason,
