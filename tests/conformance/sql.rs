@@ -737,3 +737,74 @@ async fn postgres_concurrent_publishers_lose_nothing() {
 async fn sqlite_concurrent_publishers_lose_nothing() {
     concurrent_publishers_lose_nothing(Db::sqlite()).await;
 }
+
+/// Subscriptions share the broker's one `LISTEN` connection: more
+/// subscriptions than pooled connections all get their events promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_many_subscriptions_share_one_listen_connection() {
+    let db = Db::postgres().await;
+    let broker = db.broker(db.config().max_connections(2)).await;
+    let mut subs = Vec::new();
+    for n in 0..5 {
+        let topic = topic(&format!("sql_many_{n}"));
+        let sub = broker
+            .subscribe(&topic, options("g"))
+            .await
+            .expect("subscribed");
+        subs.push((topic, sub));
+    }
+    for (n, (topic, _)) in subs.iter().enumerate() {
+        broker.publish(topic, event(n)).await.expect("published");
+    }
+    for (n, (_, sub)) in subs.iter_mut().enumerate() {
+        let mut d = recv(sub, "each topic's event").await;
+        assert_eq!(d.event().data_as::<usize>().expect("n"), n);
+        d.ack().await.expect("acked");
+    }
+    for (_, sub) in subs {
+        sub.close().await.expect("closed");
+    }
+}
+
+async fn closing_the_broker_ends_its_subscriptions(db: Db) {
+    let broker = db.broker(db.config()).await;
+    let topic = topic("sql_close");
+    let mut sub = broker
+        .subscribe(&topic, options("g"))
+        .await
+        .expect("subscribed");
+    Subscriber::close(&broker).await.expect("closed");
+    let err = broker
+        .publish(&topic, event(0))
+        .await
+        .expect_err("publishing after close fails");
+    assert!(
+        matches!(err.kind(), broker_adapters::ErrorKind::Closed { .. }),
+        "{err}"
+    );
+    let deadline = tokio::time::Instant::now() + RECEIVE;
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(None) => break,
+            Ok(Some(Err(e))) => assert!(
+                matches!(e.kind(), broker_adapters::ErrorKind::Closed { .. }),
+                "{e}"
+            ),
+            Ok(Some(Ok(d))) => panic!("a delivery after close: {:?}", d.event().id()),
+            Err(_) => panic!("the subscription did not end after the broker closed"),
+        }
+    }
+}
+
+/// Closing the broker fails later publishes and ends open subscriptions
+/// (PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_closing_the_broker_ends_its_subscriptions() {
+    closing_the_broker_ends_its_subscriptions(Db::postgres().await).await;
+}
+
+/// As above, on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_closing_the_broker_ends_its_subscriptions() {
+    closing_the_broker_ends_its_subscriptions(Db::sqlite()).await;
+}

@@ -204,8 +204,8 @@ impl SqlConfig {
         self
     }
 
-    /// The size of the connection pool (default 5). Every subscription also
-    /// holds one connection for `LISTEN` on PostgreSQL.
+    /// The size of the connection pool (default 5). On PostgreSQL, one of
+    /// them stays busy with `LISTEN` once the broker has a subscription.
     #[must_use]
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n;

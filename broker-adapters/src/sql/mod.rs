@@ -89,7 +89,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudevents::Event;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 pub use self::config::{
     Backend, DEFAULT_MAX_EVENT_BYTES, DEFAULT_PARTITIONS, DLQ_SUFFIX, SqlConfig,
@@ -169,20 +168,12 @@ pub(crate) struct Membership<'a> {
     pub(crate) member: &'a str,
 }
 
-/// Wakes subscriptions when rows may have arrived.
+/// Wakes a subscription when rows may have arrived.
 #[derive(Debug)]
 pub(crate) struct Wake {
+    /// Signalled with `notify_one` (PostgreSQL, one per subscription) or
+    /// `notify_waiters` (SQLite, one per database file).
     pub(crate) notify: Arc<Notify>,
-    /// The `LISTEN` task on PostgreSQL, stopped with the subscription.
-    pub(crate) task: Option<JoinHandle<()>>,
-}
-
-impl Drop for Wake {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
 }
 
 /// What each backend does in SQL; the broker logic is shared.

@@ -4,14 +4,16 @@
 //! transactions (`xid < pg_snapshot_xmin(pg_current_snapshot())`) in
 //! `(xid, seq)` order. Leases use the database clock (`clock_timestamp()`).
 
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Executor as _, QueryBuilder, Row as _};
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use super::config::{SqlConfig, config_error, redact_url};
 use super::{Claimed, DeadLetter, Membership, NewRow, Pos, Store, StoredRow, Wake, db_error};
@@ -36,6 +38,52 @@ const XID: &str = "pg_current_xact_id()::text::bigint";
 pub(super) struct PgStore {
     pool: PgPool,
     channel: String,
+    hub: Arc<Hub>,
+    /// The one `LISTEN` connection of this pool, started by the first
+    /// subscription.
+    listener: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(task) = self.listener.get_mut().take() {
+            task.abort();
+        }
+    }
+}
+
+/// Routes notifications to the subscriptions of their topic.
+#[derive(Debug, Default)]
+struct Hub {
+    topics: Mutex<HashMap<String, Vec<Weak<Notify>>>>,
+}
+
+impl Hub {
+    fn register(&self, topic: &str) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        self.lock()
+            .entry(topic.to_owned())
+            .or_default()
+            .push(Arc::downgrade(&notify));
+        notify
+    }
+
+    fn wake(&self, topic: Option<&str>) {
+        let mut topics = self.lock();
+        topics.retain(|name, waiters| {
+            waiters.retain(|w| w.strong_count() > 0);
+            if topic.is_none_or(|t| t == name) {
+                for waiter in waiters.iter().filter_map(Weak::upgrade) {
+                    waiter.notify_one();
+                }
+            }
+            !waiters.is_empty()
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Weak<Notify>>>> {
+        self.topics.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> crate::Error {
@@ -98,7 +146,12 @@ impl PgStore {
             config.schema.as_deref().unwrap_or("public")
         );
         channel.truncate(63);
-        Ok(Self { pool, channel })
+        Ok(Self {
+            pool,
+            channel,
+            hub: Arc::default(),
+            listener: tokio::sync::Mutex::new(None),
+        })
     }
 }
 
@@ -383,35 +436,34 @@ impl Store for PgStore {
     }
 
     async fn wake(&self, topic: &str) -> Result<Wake> {
-        let mut listener = PgListener::connect_with(&self.pool)
-            .await
-            .map_err(err("listen"))?;
-        listener
-            .listen(&self.channel)
-            .await
-            .map_err(err("listen"))?;
-        let notify = Arc::new(Notify::new());
-        let wake = Arc::clone(&notify);
-        let topic = topic.to_owned();
-        let task = tokio::spawn(async move {
-            loop {
-                match listener.recv().await {
-                    Ok(n) if n.payload() == topic => wake.notify_one(),
-                    Ok(_) => {}
-                    Err(sqlx::Error::PoolClosed) => break,
-                    Err(e) => {
-                        // The listener reconnects on the next call; polling
-                        // covers what was missed meanwhile.
-                        tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
-                        wake.notify_one();
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut task = self.listener.lock().await;
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+            let mut listener = PgListener::connect_with(&self.pool)
+                .await
+                .map_err(err("listen"))?;
+            listener
+                .listen(&self.channel)
+                .await
+                .map_err(err("listen"))?;
+            let hub = Arc::clone(&self.hub);
+            *task = Some(tokio::spawn(async move {
+                loop {
+                    match listener.recv().await {
+                        Ok(n) => hub.wake(Some(n.payload())),
+                        Err(sqlx::Error::PoolClosed) => break,
+                        Err(e) => {
+                            // The listener reconnects on the next call;
+                            // polling covers what was missed meanwhile.
+                            tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
+                            hub.wake(None);
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
                     }
                 }
-            }
-        });
+            }));
+        }
         Ok(Wake {
-            notify,
-            task: Some(task),
+            notify: self.hub.register(topic),
         })
     }
 

@@ -400,7 +400,6 @@ impl Store for SqliteStore {
     async fn wake(&self, _topic: &str) -> Result<Wake> {
         Ok(Wake {
             notify: Arc::clone(&self.notify),
-            task: None,
         })
     }
 

@@ -290,6 +290,8 @@ impl Pump {
     async fn run(self, stop: CancellationToken) -> Result<()> {
         let mut next_heartbeat = Instant::now();
         let mut next_commit = Instant::now() + self.commit_interval;
+        let mut next_poll = Instant::now();
+        let mut fetch_due = true;
         let mut failures = 0u32;
         loop {
             if stop.is_cancelled() {
@@ -305,7 +307,10 @@ impl Pump {
             let now = Instant::now();
             let mut step = Ok(false);
             if now >= next_heartbeat {
-                step = self.rebalance().await.map(|()| false);
+                step = self.rebalance().await.map(|claimed| {
+                    fetch_due |= claimed;
+                    false
+                });
                 let joined = self.shared.lock().joined;
                 // While joining, look again soon: the partitions' previous
                 // owner gives them up at its next heartbeat.
@@ -320,8 +325,10 @@ impl Pump {
                 step = self.commit_all().await.map(|()| false);
                 next_commit = Instant::now() + self.commit_interval;
             }
-            if step.is_ok() {
+            if step.is_ok() && (fetch_due || Instant::now() >= next_poll) {
                 step = self.fetch_all(&stop).await;
+                fetch_due = false;
+                next_poll = Instant::now() + self.poll_interval;
             }
             let more = match step {
                 Ok(more) => {
@@ -340,16 +347,24 @@ impl Pump {
                 }
             };
             if more && failures == 0 {
+                fetch_due = true;
                 continue;
             }
-            let backoff = Duration::from_millis(100 * u64::from(failures.min(50)));
-            let wait = self.poll_interval.max(backoff);
-            let until = (Instant::now() + wait).min(next_heartbeat).min(next_commit);
+            let until = if failures == 0 {
+                next_poll
+            } else {
+                let backoff = Duration::from_millis(100 * u64::from(failures.min(50)));
+                let retry = Instant::now() + self.poll_interval.max(backoff);
+                next_poll = retry;
+                retry
+            };
+            let until = until.min(next_heartbeat).min(next_commit);
+            let full = self.is_full();
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = tokio::time::sleep_until(until) => {}
-                () = &mut woken, if failures == 0 => {}
-                () = &mut drained, if failures == 0 && self.is_full() => {}
+                () = &mut woken, if failures == 0 => fetch_due = true,
+                () = &mut drained, if failures == 0 && full => fetch_due = true,
             }
         }
         let result = self.leave().await;
@@ -401,8 +416,9 @@ impl Pump {
     }
 
     /// Renews the membership and leases, gives up partitions that belong to
-    /// another member now, and claims the member's own.
-    async fn rebalance(&self) -> Result<()> {
+    /// another member now, and claims the member's own; `true` if it claimed
+    /// one.
+    async fn rebalance(&self) -> Result<bool> {
         let who = self.who();
         let members = self.store.heartbeat(who, self.lease).await?;
         let still_owned: BTreeSet<i32> = self
@@ -429,7 +445,7 @@ impl Pump {
         }
         let Some(index) = members.iter().position(|m| *m == self.member) else {
             // Expired between the two statements: try again next heartbeat.
-            return Ok(());
+            return Ok(false);
         };
         let count = i32::try_from(members.len()).unwrap_or(i32::MAX).max(1);
         let index = i32::try_from(index).unwrap_or(0);
@@ -469,9 +485,11 @@ impl Pump {
                 .collect()
         };
         let mut all_owned = true;
+        let mut claimed_any = false;
         for partition in missing {
             match self.store.claim(who, partition, self.lease).await? {
                 Some(claimed) => {
+                    claimed_any = true;
                     self.shared.lock().partitions.insert(
                         partition,
                         Partition::claimed(claimed.cursor, &claimed.settled),
@@ -487,7 +505,7 @@ impl Pump {
             drop(state);
             self.shared.changed.notify_waiters();
         }
-        Ok(())
+        Ok(claimed_any)
     }
 
     /// Commits the partitions whose commit point moved.
