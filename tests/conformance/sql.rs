@@ -808,3 +808,18 @@ async fn postgres_closing_the_broker_ends_its_subscriptions() {
 async fn sqlite_closing_the_broker_ends_its_subscriptions() {
     closing_the_broker_ends_its_subscriptions(Db::sqlite()).await;
 }
+
+/// Brokers opening one new SQLite file at once all come up: the migration
+/// race has one winner and the others find the tables in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_brokers_opening_a_new_file_at_once_all_connect() {
+    let db = Db::sqlite();
+    let config = db.config();
+    let brokers =
+        futures_util::future::join_all((0..4).map(|_| SqlBroker::connect(config.clone()))).await;
+    for broker in brokers {
+        let broker = broker.expect("connected and migrated");
+        let topic = topic("sql_race");
+        broker.publish(&topic, event(0)).await.expect("published");
+    }
+}

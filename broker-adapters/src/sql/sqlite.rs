@@ -87,23 +87,51 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.busy_timeout)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(config.max_connections)
-            .min_connections(0)
-            .acquire_timeout(config.connect_timeout)
-            .connect_with(options)
-            .await
-            .map_err(err("connect"))?;
-        super::migrator(MIGRATIONS).run(&pool).await.map_err(|e| {
-            crate::Error::with_source(
-                crate::ErrorKind::Broker {
-                    system: SYSTEM,
-                    operation: "migrate",
-                    retryable: false,
-                },
-                e,
-            )
-        })?;
+        // Switching a new file to WAL needs it to itself for a moment, and
+        // that step does not wait for the busy timeout: retry briefly.
+        let mut attempt = 0;
+        let pool = loop {
+            let connected = SqlitePoolOptions::new()
+                .max_connections(config.max_connections)
+                .min_connections(0)
+                .acquire_timeout(config.connect_timeout)
+                .connect_with(options.clone())
+                .await
+                .map_err(err("connect"));
+            match connected {
+                Ok(pool) => break pool,
+                Err(e) if e.is_retryable() && attempt < 10 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "SQLite busy while connecting; retrying");
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // Processes opening a new file at once race to record the first
+        // migration; the loser finds it applied on the next try.
+        let migrator = super::migrator(MIGRATIONS);
+        let mut attempt = 0;
+        loop {
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "SQLite migration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => {
+                    return Err(crate::Error::with_source(
+                        crate::ErrorKind::Broker {
+                            system: SYSTEM,
+                            operation: "migrate",
+                            retryable: false,
+                        },
+                        e,
+                    ));
+                }
+            }
+        }
         let key = std::fs::canonicalize(&path).unwrap_or(path);
         Ok(Self {
             pool,
