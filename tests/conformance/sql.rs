@@ -823,3 +823,62 @@ async fn sqlite_brokers_opening_a_new_file_at_once_all_connect() {
         broker.publish(&topic, event(0)).await.expect("published");
     }
 }
+
+async fn prune_keeps_what_a_group_still_needs(db: Db) {
+    let broker = db.broker(db.config().partitions(1)).await;
+    let topic = topic("sql_prune");
+    let mut fast = broker
+        .subscribe(&topic, options("fast"))
+        .await
+        .expect("subscribed");
+    let mut slow = broker
+        .subscribe(&topic, options("slow"))
+        .await
+        .expect("subscribed");
+    let events: Vec<Event> = (0..4).map(event).collect();
+    broker
+        .publish_batch(&topic, events)
+        .await
+        .expect("published");
+    for _ in 0..4 {
+        let mut d = recv(&mut fast, "the fast group's events").await;
+        d.ack().await.expect("acked");
+    }
+    fast.close().await.expect("closed");
+    for n in 0..2 {
+        let mut d = recv(&mut slow, "the slow group's first events").await;
+        assert_eq!(d.event().data_as::<usize>().expect("n"), n);
+        d.ack().await.expect("acked");
+    }
+    // Let the slow group commit its two acks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pruned = broker.prune(Duration::ZERO).await.expect("pruned");
+    assert_eq!(pruned, 2, "only what both groups consumed is deleted");
+    for n in 2..4 {
+        let mut d = recv(&mut slow, "the slow group's remaining events").await;
+        assert_eq!(d.event().data_as::<usize>().expect("n"), n);
+        d.ack().await.expect("acked");
+    }
+    slow.close().await.expect("closed");
+    assert_eq!(broker.prune(Duration::ZERO).await.expect("pruned"), 2);
+    assert_eq!(
+        broker
+            .prune(Duration::from_secs(3600))
+            .await
+            .expect("pruned"),
+        0,
+        "nothing is an hour old"
+    );
+}
+
+/// Pruning deletes only events every group has committed past (PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_prune_keeps_what_a_group_still_needs() {
+    prune_keeps_what_a_group_still_needs(Db::postgres().await).await;
+}
+
+/// As above, on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_prune_keeps_what_a_group_still_needs() {
+    prune_keeps_what_a_group_still_needs(Db::sqlite()).await;
+}

@@ -70,8 +70,8 @@
 //! prefixed `broker_` so they can live beside an application's tables:
 //! [`EVENTS_TABLE`] (the log; dead letters carry `dlq_reason`,
 //! `origin_topic` and `origin_seq`), `broker_topics`, `broker_members` and
-//! `broker_partitions`. Nothing deletes old events yet: prune
-//! `broker_events` by `published_at` once every group has passed them.
+//! `broker_partitions`. [`SqlBroker::prune`] deletes old events every group
+//! has consumed; run it periodically.
 
 mod config;
 #[cfg(feature = "postgres")]
@@ -242,6 +242,10 @@ pub(crate) trait Store: Debug + Send + Sync + 'static {
     /// What wakes a subscription on `topic`.
     async fn wake(&self, topic: &str) -> Result<Wake>;
 
+    /// Deletes events published more than `older_than` ago that every
+    /// consumer group of their topic has committed past.
+    async fn prune(&self, older_than: Duration) -> Result<u64>;
+
     /// Closes the connections.
     async fn close(&self);
 }
@@ -348,6 +352,23 @@ impl SqlBroker {
             .await?;
         self.lock_partitions().insert(topic.clone(), n);
         Ok(n)
+    }
+
+    /// Deletes events published more than `older_than` ago that every
+    /// consumer group of their topic has committed past; returns how many.
+    ///
+    /// Run it periodically to bound the table. An event no group has
+    /// subscribed to yet counts as consumed, so a group created later with
+    /// [`StartFrom::Earliest`] starts at the oldest event still kept — the
+    /// retention semantics of other brokers. Dead letters (rows with a
+    /// `dlq_reason`) are never pruned: inspect and delete them by hand.
+    ///
+    /// # Errors
+    ///
+    /// The database failed, or the broker is closed.
+    pub async fn prune(&self, older_than: Duration) -> Result<u64> {
+        self.check_open()?;
+        self.inner.store.prune(older_than).await
     }
 
     /// The dead-letter topic of `topic`: `<topic>.dlq`.

@@ -467,6 +467,23 @@ impl Store for PgStore {
         })
     }
 
+    async fn prune(&self, older_than: Duration) -> Result<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM broker_events e \
+             WHERE e.published_at < now() - make_interval(secs => $1) \
+               AND e.dlq_reason IS NULL \
+               AND NOT EXISTS ( \
+                   SELECT 1 FROM broker_partitions p \
+                   WHERE p.topic = e.topic AND p.partition = e.partition \
+                     AND (p.cursor_xid, p.cursor_seq) < (e.xid, e.seq))",
+        )
+        .bind(secs(older_than))
+        .execute(&self.pool)
+        .await
+        .map_err(err("prune"))?;
+        Ok(deleted.rows_affected())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

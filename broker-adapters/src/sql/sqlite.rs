@@ -431,6 +431,25 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn prune(&self, older_than: Duration) -> Result<u64> {
+        let mut tx = self.begin("prune").await?;
+        let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM broker_events AS e \
+             WHERE e.published_at < {NOW} - ?1 \
+               AND e.dlq_reason IS NULL \
+               AND NOT EXISTS ( \
+                   SELECT 1 FROM broker_partitions p \
+                   WHERE p.topic = e.topic AND p.partition = e.partition \
+                     AND (p.cursor_xid, p.cursor_seq) < (e.xid, e.seq))"
+        )))
+        .bind(older_than.as_secs_f64())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("prune"))?;
+        tx.commit().await.map_err(err("prune"))?;
+        Ok(deleted.rows_affected())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }
