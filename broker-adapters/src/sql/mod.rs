@@ -35,9 +35,14 @@
 //!   `p mod n`-th live member. Members hold partitions by leases timed with
 //!   the database clock, renew them every heartbeat, and take over the
 //!   partitions of a member whose lease expired.
+//!   `subscribe` returns once the new member holds its share; when a member
+//!   vanished without leaving, that waits for its leases to expire.
+//! - [`DeliveryInfo::attempt`](crate::DeliveryInfo) counts the deliveries by
+//!   the current member; a takeover starts again at 1.
 //! - Rows that cannot be decoded are copied, unchanged and with the reason,
-//!   to the topic `<topic>.dlq` in the same table, and never stall the
-//!   partition.
+//!   to the topic `<topic>.dlq` in the same table (once, whichever groups
+//!   meet them), and never stall the partition. Being undecodable, they are
+//!   meant to be inspected with SQL, not consumed.
 //!
 //! # Commit order, not insert order
 //!
