@@ -60,8 +60,13 @@ impl Db {
     }
 
     fn sqlite() -> Self {
-        let path = std::env::temp_dir().join(format!("{}.db", e2e::unique_name("sqlb")));
-        Self::Sqlite { path }
+        // A directory of its own: removing it also keeps connections that
+        // close after the test from creating the file again.
+        let dir = std::env::temp_dir().join(e2e::unique_name("sqlb"));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Self::Sqlite {
+            path: dir.join("broker.db"),
+        }
     }
 
     fn config(&self) -> SqlConfig {
@@ -104,12 +109,10 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        if let Self::Sqlite { path } = self {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut file = path.clone().into_os_string();
-                file.push(suffix);
-                let _ = std::fs::remove_file(file);
-            }
+        if let Self::Sqlite { path } = self
+            && let Some(dir) = path.parent()
+        {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
