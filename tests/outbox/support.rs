@@ -383,7 +383,7 @@ impl Db {
         })
     }
 
-    pub(crate) async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(&self) -> anyhow::Result<()> {
         match self {
             Db::Pg { pool, schema, .. } => {
                 pool.close().await;
