@@ -72,6 +72,12 @@ pub enum ErrorKind {
         /// Whether the broker said a retry can help.
         retryable: bool,
     },
+    /// A relay's task ended abnormally (it panicked or was aborted).
+    #[error("the relay `{relay}` task did not finish normally")]
+    RelayTask {
+        /// The relay id.
+        relay: String,
+    },
     /// An inbox handler returned an error; its effects were rolled back.
     #[error("the `{consumer}` handler failed for event `{event_id}`")]
     Handler {

@@ -312,15 +312,10 @@ impl RelayHandle {
     /// The relay failed for good, or its task panicked.
     pub async fn shutdown(self) -> Result<RelayReport> {
         self.token.cancel();
-        self.task.await.map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "relay",
-                    reason: "the relay task panicked or was aborted".to_owned(),
-                },
-                e,
-            )
-        })?
+        let relay = self.id;
+        self.task
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::RelayTask { relay }, e))?
     }
 
     /// Stops the relay's task at once, like a crash: no lease is released.

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail, ensure};
 use broker_adapters::cloudevents::AttributesReader;
 use broker_adapters::{EventExt, MemoryBroker, Publisher, Topic};
 use orchestrator::{ErrorKind, OutboxConfig, Processed, RelayConfig, Retention, partition_of};
-use support::{Backend, Db, FlakyPublisher, Sink, check_order, event};
+use support::{Backend, Db, FlakyPublisher, GatedPublisher, Sink, check_order, event};
 
 macro_rules! both {
     ($($scenario:ident),* $(,)?) => {
@@ -48,6 +48,9 @@ both!(
     long_open_transaction_does_not_block_other_partitions,
     published_rows_are_kept_then_purged,
     inbox_skips_a_duplicate_delivery,
+    relay_crash_between_ack_and_mark_republishes_the_same_ids,
+    graceful_shutdown_finishes_the_in_flight_batch,
+    graceful_shutdown_abandons_a_hung_batch_after_the_grace_time,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -346,7 +349,7 @@ async fn long_open_transaction_does_not_block_other_partitions(
     }
     let mut expected = others.clone();
     expected.push(slow.clone());
-    check_order(&expected, &sink.events(), true)?;
+    check_order(&expected, &sink.wait_for(expected.len(), WAIT).await?, true)?;
     relay.shutdown().await?;
     ensure!(db.pending().await? == 0);
     db.close().await
@@ -424,4 +427,133 @@ async fn inbox_skips_a_duplicate_delivery(backend: Backend) -> anyhow::Result<()
 #[allow(dead_code)]
 fn _assert_publisher_is_object_safe(p: Arc<dyn Publisher>) -> Arc<dyn Publisher> {
     p
+}
+
+async fn relay_crash_between_ack_and_mark_republishes_the_same_ids(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    // The broker acknowledges the batch, then the relay stalls before
+    // marking the rows: it is killed in that window.
+    let gated = Arc::new(GatedPublisher::new(
+        broker.clone(),
+        Duration::ZERO,
+        Duration::from_secs(60),
+    ));
+    let all = (0..5)
+        .map(|n| event("k", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let acked = gated.acked.notified();
+    let first = db
+        .relay(
+            gated.clone(),
+            fast_relay("r1").publish_timeout(Duration::from_millis(700)),
+        )?
+        .spawn();
+    db.enqueue(&topic, &all, true).await?;
+    tokio::time::timeout(WAIT, acked)
+        .await
+        .context("the first batch was never acknowledged")?;
+    first.abort();
+    ensure!(sink.wait_for(5, WAIT).await?.len() == 5);
+    ensure!(db.pending().await? == 5, "acknowledged but never marked");
+
+    // Another relay takes the partition over once the dead relay's lease
+    // expires, and publishes the same events again, with the same ids.
+    let second = db.relay(broker.clone(), fast_relay("r2"))?.spawn();
+    let got = sink.wait_for(10, WAIT).await?;
+    check_order(&all, &got[..5], true)?;
+    check_order(&all, &got[5..], true)?;
+    ensure!(db.pending().await? == 0);
+    second.shutdown().await?;
+
+    // Through the inbox, the redelivered events have no second effect.
+    let mut duplicates = 0;
+    for e in &got {
+        if db.handle("billing", e, false).await?.is_duplicate() {
+            duplicates += 1;
+        }
+    }
+    ensure!(duplicates == 5 && db.effects("billing").await? == 5);
+    db.close().await
+}
+
+async fn graceful_shutdown_finishes_the_in_flight_batch(backend: Backend) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let gated = Arc::new(GatedPublisher::new(
+        broker.clone(),
+        Duration::from_millis(300),
+        Duration::ZERO,
+    ));
+    let started = gated.started.notified();
+    let relay = db
+        .relay(
+            gated.clone(),
+            fast_relay("r1").shutdown_grace(Duration::from_secs(5)),
+        )?
+        .spawn();
+    let all = (0..5)
+        .map(|n| event("k", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    db.enqueue(&topic, &all, true).await?;
+    tokio::time::timeout(WAIT, started)
+        .await
+        .context("no batch started")?;
+    let report = relay.shutdown().await?;
+    ensure!(
+        report.published == 5,
+        "the in-flight batch finished: {report:?}"
+    );
+    ensure!(db.pending().await? == 0);
+    ensure!(db.owned("r1").await? == 0, "leases released");
+    check_order(&all, &sink.wait_for(5, WAIT).await?, true)?;
+    db.close().await
+}
+
+async fn graceful_shutdown_abandons_a_hung_batch_after_the_grace_time(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let gated = Arc::new(GatedPublisher::new(
+        broker.clone(),
+        Duration::from_secs(600),
+        Duration::ZERO,
+    ));
+    let started = gated.started.notified();
+    let config = fast_relay("r1")
+        .lease_ttl(Duration::from_secs(60))
+        .publish_timeout(Duration::from_secs(30))
+        .shutdown_grace(Duration::from_millis(200));
+    let relay = db.relay(gated.clone(), config)?.spawn();
+    let all = (0..5)
+        .map(|n| event("k", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    db.enqueue(&topic, &all, true).await?;
+    tokio::time::timeout(WAIT, started)
+        .await
+        .context("no batch started")?;
+    let asked = tokio::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(10), relay.shutdown())
+        .await
+        .context("shutdown hung")??;
+    ensure!(
+        asked.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    ensure!(report.published == 0, "{report:?}");
+    ensure!(
+        db.pending().await? == 5,
+        "abandoned rows stay for the next relay"
+    );
+    ensure!(db.owned("r1").await? == 0, "leases released");
+    db.close().await
 }

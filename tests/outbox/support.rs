@@ -580,3 +580,46 @@ impl Publisher for FlakyPublisher {
         self.inner.publish_batch(topic, events).await
     }
 }
+
+/// The in-memory broker with a pause before each batch is sent and after it
+/// is acknowledged; `started` and `acked` are notified at those points.
+#[derive(Debug)]
+pub(crate) struct GatedPublisher {
+    inner: Arc<MemoryBroker>,
+    before: Duration,
+    after: Duration,
+    pub(crate) started: tokio::sync::Notify,
+    pub(crate) acked: tokio::sync::Notify,
+}
+
+impl GatedPublisher {
+    pub(crate) fn new(inner: Arc<MemoryBroker>, before: Duration, after: Duration) -> Self {
+        Self {
+            inner,
+            before,
+            after,
+            started: tokio::sync::Notify::new(),
+            acked: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for GatedPublisher {
+    async fn publish(&self, topic: &Topic, event: Event) -> broker_adapters::Result<()> {
+        self.publish_batch(topic, vec![event]).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+    ) -> broker_adapters::Result<()> {
+        self.started.notify_one();
+        tokio::time::sleep(self.before).await;
+        self.inner.publish_batch(topic, events).await?;
+        self.acked.notify_one();
+        tokio::time::sleep(self.after).await;
+        Ok(())
+    }
+}
