@@ -236,6 +236,37 @@ async fn provision(url: &str) -> anyhow::Result<Topic> {
     Ok(topic)
 }
 
+/// Reads how many messages the topic's JetStream stream holds.
+struct StreamProbe {
+    js: async_nats::jetstream::Context,
+    name: String,
+}
+
+impl StreamProbe {
+    async fn new(url: &str, topic: &Topic) -> anyhow::Result<Self> {
+        let broker = NatsBroker::connect(NatsConfig::builder().url(url)).await?;
+        let name = broker.stream_name(topic);
+        let client = async_nats::connect(url).await?;
+        Ok(Self {
+            js: async_nats::jetstream::new(client),
+            name,
+        })
+    }
+
+    async fn messages(&self) -> anyhow::Result<u64> {
+        let mut stream = self
+            .js
+            .get_stream(&self.name)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.name))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {} info: {e}", self.name))?;
+        Ok(info.state.messages)
+    }
+}
+
 fn events(from: usize, to: usize, keys: usize) -> anyhow::Result<Vec<Event>> {
     (from..to)
         .map(|n| event(&format!("k{}", n % keys), n))
@@ -294,19 +325,53 @@ async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyh
     let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
 
     // A pause after each acknowledged batch, before its rows are marked:
-    // the kill lands between the broker's ack and the mark.
-    let mut relay = RelayProc::start(db.url(), &nats, "a", 40)?;
-    wait_effects(&db, 300, &mut [&mut relay]).await?;
-    relay.kill()?;
-    let pending_at_kill = db.pending().await?;
+    // the relay is killed once the stream holds events whose rows are not
+    // marked yet, i.e. between the broker's ack and the mark.
+    let probe = StreamProbe::new(&nats, &topic).await?;
+    let total = all.len() as u64;
+    let mut attempts = 0;
+    let (pending_at_kill, acked_unmarked) = loop {
+        attempts += 1;
+        let mut relay = RelayProc::start(db.url(), &nats, "a", 150)?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            relay.check_alive()?;
+            let marked = total - db.pending().await?;
+            if probe.messages().await? > marked && marked >= 100 * attempts {
+                break;
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "no batch in flight");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        relay.kill()?;
+        let pending = db.pending().await?;
+        let marked = total - pending;
+        let in_stream = probe.messages().await?;
+        ensure!(
+            in_stream >= marked,
+            "{marked} rows marked, {in_stream} in the stream"
+        );
+        // Rows the broker acknowledged but the dead relay never marked: the
+        // restarted relay publishes them again (JetStream drops the copies by
+        // event id; the inbox would skip them otherwise).
+        if in_stream > marked {
+            break (pending, in_stream - marked);
+        }
+        ensure!(attempts < 5, "the kill never landed between ack and mark");
+    };
     ensure!(pending_at_kill > 0, "killed before the end of the stream");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
     wait_effects(&db, 1200, &mut [&mut relay]).await?;
     let stats = consumer.stop().await?;
     check_effects(&db, &all).await?;
+    let in_stream = probe.messages().await?;
+    ensure!(
+        in_stream == 1200,
+        "{in_stream} messages: republished copies de-duplicated by id"
+    );
     println!(
-        "{backend:?}: killed with {pending_at_kill} rows pending; deliveries {}, duplicates skipped {}",
+        "{backend:?}: killed with {pending_at_kill} rows pending, {acked_unmarked} of them acknowledged but unmarked; deliveries {}, duplicates skipped {}",
         stats.deliveries.load(Ordering::SeqCst),
         stats.duplicates.load(Ordering::SeqCst)
     );
