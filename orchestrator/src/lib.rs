@@ -91,7 +91,8 @@
 //! # Metrics
 //!
 //! `outbox_enqueued_total`, `outbox_published_total`, `outbox_batches_total`,
-//! `outbox_relay_failures_total`, `outbox_purged_total` (counters),
+//! `outbox_relay_failures_total`, `outbox_purged_total`,
+//! `outbox_parked_total` (counters),
 //! `outbox_relay_lag_seconds` (histogram: age of the oldest row of each
 //! batch), `outbox_relay_partitions` (gauge per relay),
 //! `inbox_handled_total` and `inbox_duplicates_total` (per consumer).
@@ -115,4 +116,4 @@ pub use sqlx;
 pub use crate::error::{BoxError, Error, ErrorKind, Result};
 pub use crate::inbox::{Inbox, Processed};
 pub use crate::outbox::{Outbox, OutboxConfig, partition_of};
-pub use crate::relay::{Relay, RelayConfig, RelayHandle, RelayReport, Retention};
+pub use crate::relay::{Poison, Relay, RelayConfig, RelayHandle, RelayReport, Retention};

@@ -21,6 +21,27 @@
 //! the event id unchanged so brokers that de-duplicate by id store it once.
 //! A failing partition backs off exponentially (bounded) without holding
 //! its rows in memory; the other partitions keep flowing.
+//!
+//! # Order
+//!
+//! Rows of one partition key go out in the order of their outbox ids. On
+//! SQLite, ids follow commit order (one writer at a time). On PostgreSQL an
+//! id is taken when the row is inserted, not when its transaction commits:
+//! events of one key enqueued in one transaction, or in transactions that
+//! serialize on the business row (as updates of one aggregate do), go out in
+//! order; events of one key enqueued by two transactions that overlap without
+//! touching a common row have no order between them, and go out in whichever
+//! order the relay sees them committed. A long open transaction never holds
+//! back the rows committed after it, in its partition or any other.
+//!
+//! # Wake-up
+//!
+//! PostgreSQL: `enqueue` calls `pg_notify` in the caller's transaction, so
+//! the relays' `LISTEN` is told exactly when it commits. SQLite: `enqueue`
+//! signals the relays of the same process (before the caller commits, so a
+//! woken relay looks again a few times at short intervals). Both poll every
+//! [`RelayConfig::poll_interval`] as the fallback, which is also how relays
+//! in other processes learn of SQLite rows.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,7 +54,7 @@ use broker_adapters::{Publisher, Topic};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -46,6 +67,22 @@ pub enum Retention {
     /// Keep published rows (marked with the publish time) for this long, then
     /// purge them in bounded batches.
     Keep(Duration),
+}
+
+/// What a relay does with a row the broker refuses for good (a
+/// non-retryable error: an event the broker finds invalid or too large, a
+/// row that cannot be decoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Poison {
+    /// Keep retrying it (with the backoff, up to its maximum): its partition waits, so
+    /// nothing is skipped and the order holds, until the cause is fixed.
+    #[default]
+    Block,
+    /// Park it (marked failed with the error, kept in the table, counted in
+    /// `outbox_parked_total`, logged at error level) and go on with the next
+    /// rows of its partition. `Outbox::requeue_parked` puts parked rows back.
+    Park,
 }
 
 /// How a [`Relay`] works. Validated by `Outbox::relay`.
@@ -62,6 +99,7 @@ pub struct RelayConfig {
     pub(crate) retention: Retention,
     pub(crate) purge_batch: usize,
     pub(crate) purge_interval: Duration,
+    pub(crate) poison: Poison,
 }
 
 impl Default for RelayConfig {
@@ -78,6 +116,7 @@ impl Default for RelayConfig {
             retention: Retention::Delete,
             purge_batch: 1000,
             purge_interval: Duration::from_secs(30),
+            poison: Poison::Block,
         }
     }
 }
@@ -158,6 +197,14 @@ impl RelayConfig {
     pub fn purge(mut self, batch: usize, interval: Duration) -> Self {
         self.purge_batch = batch;
         self.purge_interval = interval;
+        self
+    }
+
+    /// What to do with a row the broker refuses for good (default
+    /// [`Poison::Block`]).
+    #[must_use]
+    pub fn poison(mut self, poison: Poison) -> Self {
+        self.poison = poison;
         self
     }
 
@@ -243,6 +290,8 @@ pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>>;
     /// Marks rows published: deletes them, or stamps them when `keep`.
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()>;
+    /// Parks a row the broker refused for good.
+    async fn park(&self, id: i64, error: &str) -> Result<()>;
     /// Deletes at most `limit` rows published more than `keep_ms` ago.
     async fn purge(&self, keep_ms: i64, limit: i64) -> Result<u64>;
 }
@@ -264,6 +313,8 @@ pub struct RelayReport {
     pub batches: u64,
     /// Batch publishes that failed and were retried later.
     pub failures: u64,
+    /// Rows parked ([`Poison::Park`]).
+    pub parked: u64,
 }
 
 /// Publishes committed outbox rows; created by `Outbox::relay`.
@@ -333,6 +384,14 @@ impl From<Error> for BatchError {
     fn from(e: Error) -> Self {
         Self::Failed(e)
     }
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    /// Rows loaded.
+    rows: usize,
+    published: usize,
+    parked: usize,
 }
 
 struct Backoff {
@@ -418,15 +477,15 @@ impl Relay {
                     continue;
                 }
                 match self.relay_batch(part, batch_limit, shutdown).await {
-                    Ok(0) => {
+                    Ok(progress) => {
                         backoff.remove(&part);
-                    }
-                    Ok(n) => {
-                        backoff.remove(&part);
-                        worked = true;
-                        more |= n >= self.config.batch_size;
-                        report.published += n as u64;
-                        report.batches += 1;
+                        if progress.rows > 0 {
+                            worked = true;
+                            more |= progress.rows >= self.config.batch_size;
+                            report.published += progress.published as u64;
+                            report.parked += progress.parked as u64;
+                            report.batches += 1;
+                        }
                     }
                     Err(BatchError::Abandoned) => break,
                     Err(BatchError::Failed(e)) => {
@@ -494,83 +553,124 @@ impl Relay {
         part: i32,
         limit: i64,
         shutdown: &CancellationToken,
-    ) -> Result<usize, BatchError> {
+    ) -> Result<Progress, BatchError> {
         let rows = self.store.load_batch(&self.id, part, limit).await?;
         let Some(first) = rows.first() else {
-            return Ok(0);
+            return Ok(Progress::default());
         };
         let span = info_span!("outbox_batch", partition = part, rows = rows.len());
         metrics::histogram!("outbox_relay_lag_seconds").record(first.age_ms as f64 / 1000.0);
         async {
-            let keep = matches!(self.config.retention, Retention::Keep(_));
-            let mut done = 0;
+            let mut progress = Progress {
+                rows: rows.len(),
+                ..Progress::default()
+            };
             // Consecutive rows of one topic go out as one batch, in id order.
             let mut rest = &rows[..];
             while let Some(head) = rest.first() {
-                let run = rest
-                    .iter()
-                    .take_while(|r| r.topic == head.topic)
-                    .count();
+                let run = rest.iter().take_while(|r| r.topic == head.topic).count();
                 let (chunk, tail) = rest.split_at(run);
                 rest = tail;
-                let topic = Topic::try_from(head.topic.as_str()).map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Codec {
-                            operation: "read the topic of an outbox row",
-                        },
-                        e,
-                    )
-                })?;
-                let events = chunk
-                    .iter()
-                    .map(|r| {
-                        serde_json::from_str::<Event>(&r.payload).map_err(|e| {
-                            Error::with_source(
-                                ErrorKind::Codec {
-                                    operation: "decode an outbox row",
-                                },
-                                e,
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let publish = tokio::time::timeout(
-                    self.config.effective_publish_timeout(),
-                    self.publisher.publish_batch(&topic, events),
-                );
-                let grace = async {
-                    shutdown.cancelled().await;
-                    tokio::time::sleep(self.config.shutdown_grace).await;
-                };
-                let outcome = tokio::select! {
-                    outcome = publish => outcome,
-                    () = grace => {
-                        warn!("shutdown: in-flight batch abandoned; its rows will be published again");
-                        return Err(BatchError::Abandoned);
+                match self.publish_rows(chunk, shutdown).await {
+                    Ok(()) => self.mark(chunk, &mut progress).await?,
+                    Err(BatchError::Failed(e)) if !e.is_retryable() => {
+                        // Find the row the broker refuses: one at a time, so
+                        // the rows before it go out.
+                        for row in chunk {
+                            let one = std::slice::from_ref(row);
+                            match self.publish_rows(one, shutdown).await {
+                                Ok(()) => self.mark(one, &mut progress).await?,
+                                Err(BatchError::Failed(e))
+                                    if !e.is_retryable() && self.config.poison == Poison::Block =>
+                                {
+                                    return Err(BatchError::Failed(e));
+                                }
+                                Err(BatchError::Failed(e)) if !e.is_retryable() => {
+                                    let reason = format!("{e}");
+                                    self.store.park(row.id, &reason).await?;
+                                    progress.parked += 1;
+                                    metrics::counter!("outbox_parked_total").increment(1);
+                                    error!(row = row.id, error = %reason, "outbox row refused for good; parked");
+                                }
+                                Err(other) => return Err(other),
+                            }
+                        }
                     }
-                };
-                match outcome {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(Error::broker("publish a batch", topic.as_str(), e).into()),
-                    Err(_) => {
-                        return Err(Error::new(ErrorKind::Broker {
-                            operation: "publish a batch in time",
-                            topic: topic.to_string(),
-                            retryable: true,
-                        })
-                        .into());
-                    }
+                    Err(e) => return Err(e),
                 }
-                let ids: Vec<i64> = chunk.iter().map(|r| r.id).collect();
-                self.store.finish(&ids, keep).await?;
-                done += chunk.len();
-                metrics::counter!("outbox_published_total").increment(chunk.len() as u64);
-                metrics::counter!("outbox_batches_total").increment(1);
             }
-            Ok(done)
+            Ok(progress)
         }
         .instrument(span)
         .await
+    }
+
+    /// Publishes `rows` (one topic) as one batch.
+    async fn publish_rows(
+        &self,
+        rows: &[StoredRow],
+        shutdown: &CancellationToken,
+    ) -> Result<(), BatchError> {
+        let Some(head) = rows.first() else {
+            return Ok(());
+        };
+        let topic = Topic::try_from(head.topic.as_str()).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Codec {
+                    operation: "read the topic of an outbox row",
+                },
+                e,
+            )
+        })?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<Event>(&r.payload).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Codec {
+                            operation: "decode an outbox row",
+                        },
+                        e,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let publish = tokio::time::timeout(
+            self.config.effective_publish_timeout(),
+            self.publisher.publish_batch(&topic, events),
+        );
+        let grace = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.config.shutdown_grace).await;
+        };
+        let outcome = tokio::select! {
+            outcome = publish => outcome,
+            () = grace => {
+                warn!("shutdown: in-flight batch abandoned; its rows will be published again");
+                return Err(BatchError::Abandoned);
+            }
+        };
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::broker("publish a batch", topic.as_str(), e).into()),
+            Err(_) => Err(Error::new(ErrorKind::Broker {
+                operation: "publish a batch in time",
+                topic: topic.to_string(),
+                retryable: true,
+            })
+            .into()),
+        }
+    }
+
+    /// Marks published rows (delete or stamp, by the retention policy).
+    async fn mark(&self, rows: &[StoredRow], progress: &mut Progress) -> Result<(), BatchError> {
+        let keep = matches!(self.config.retention, Retention::Keep(_));
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.store.finish(&ids, keep).await?;
+        progress.published += rows.len();
+        metrics::counter!("outbox_published_total").increment(rows.len() as u64);
+        metrics::counter!("outbox_batches_total").increment(1);
+        Ok(())
     }
 
     async fn purge(&self, keep: Duration) {

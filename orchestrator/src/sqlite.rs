@@ -9,6 +9,14 @@
 //! the fallback (and for relays in other processes). The database clock of
 //! the leases is SQLite's `julianday('now')`, the clock of the host the file
 //! lives on.
+//!
+//! SQLite has a single writer: a transaction that has written holds the
+//! write lock until it ends, so a long open transaction makes every other
+//! writer, the relays' marking of published rows included, wait (up to the
+//! busy timeout; past it the relay backs off and publishes that batch again
+//! later, at least once). Keep business transactions short, and start those
+//! that read before they write with `pool.begin_with("BEGIN IMMEDIATE")`, or
+//! their first write can fail with "database is locked".
 
 use std::str::FromStr as _;
 use std::sync::Arc;
@@ -178,14 +186,48 @@ impl Outbox<Sqlite> {
         Ok(())
     }
 
-    /// Rows not yet published (for monitoring and tests).
+    /// Rows the relay parked because the broker refused them for good (see
+    /// [`Poison::Park`](crate::relay::Poison::Park)).
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn parked(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from orchestrator_outbox where failed_ms is not null",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| Error::db("count parked outbox rows", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Puts every parked row back in line (once the cause is fixed); returns
+    /// how many. Each keeps its place: it goes out before the rows of its
+    /// partition enqueued after it that are still pending.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn requeue_parked(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "update orchestrator_outbox set failed_ms = null, last_error = null \
+             where failed_ms is not null",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("requeue parked outbox rows", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Rows not yet published nor parked (for monitoring and tests).
     ///
     /// # Errors
     ///
     /// A database failure.
     pub async fn pending(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
-            "select count(*) from orchestrator_outbox where published_ms is null",
+            "select count(*) from orchestrator_outbox where published_ms is null and failed_ms is null",
         )
         .fetch_one(&self.pool)
         .await
@@ -339,7 +381,7 @@ impl RelayStore for SqliteRelayStore {
             "select o.id, o.topic, o.payload, ",
             now_ms!(),
             " - o.created_ms as age_ms from orchestrator_outbox o \
-             where o.part = ?1 and o.published_ms is null and exists ( \
+             where o.part = ?1 and o.published_ms is null and o.failed_ms is null and exists ( \
              select 1 from orchestrator_outbox_leases l where l.part = ?1 and l.owner = ?2 \
              and l.expires_ms > ",
             now_ms!(),
@@ -381,6 +423,20 @@ impl RelayStore for SqliteRelayStore {
             .execute(&self.pool)
             .await
             .map_err(|e| Error::db("mark outbox rows published", e))?;
+        Ok(())
+    }
+
+    async fn park(&self, id: i64, error: &str) -> Result<()> {
+        sqlx::query(concat!(
+            "update orchestrator_outbox set failed_ms = ",
+            now_ms!(),
+            ", last_error = ?2 where id = ?1"
+        ))
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("park an outbox row", e))?;
         Ok(())
     }
 

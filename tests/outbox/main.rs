@@ -14,8 +14,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use broker_adapters::cloudevents::AttributesReader;
 use broker_adapters::{EventExt, MemoryBroker, Publisher, Topic};
-use orchestrator::{ErrorKind, OutboxConfig, Processed, RelayConfig, Retention, partition_of};
-use support::{Backend, Db, FlakyPublisher, GatedPublisher, Sink, check_order, event};
+use orchestrator::{
+    ErrorKind, OutboxConfig, Poison, Processed, RelayConfig, Retention, partition_of,
+};
+use support::{
+    Backend, Db, FlakyPublisher, GatedPublisher, RefusingPublisher, Sink, check_order, event,
+};
 
 macro_rules! both {
     ($($scenario:ident),* $(,)?) => {
@@ -51,6 +55,7 @@ both!(
     relay_crash_between_ack_and_mark_republishes_the_same_ids,
     graceful_shutdown_finishes_the_in_flight_batch,
     graceful_shutdown_abandons_a_hung_batch_after_the_grace_time,
+    poison_row_blocks_its_partition_by_default_and_is_parked_on_request,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -555,5 +560,72 @@ async fn graceful_shutdown_abandons_a_hung_batch_after_the_grace_time(
         "abandoned rows stay for the next relay"
     );
     ensure!(db.owned("r1").await? == 0, "leases released");
+    db.close().await
+}
+
+async fn poison_row_blocks_its_partition_by_default_and_is_parked_on_request(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let refusing = Arc::new(RefusingPublisher::new(broker.clone()));
+
+    let other = (0..100)
+        .map(|i| format!("other{i}"))
+        .find(|k| partition_of(k, 16) != partition_of("k", 16))
+        .context("a key in another partition")?;
+    let poison = broker_adapters::CloudEventBuilder::new("t.poison", "/test")
+        .partition_key("k")
+        .subject("1")
+        .json_data(&1)
+        .build()?;
+    let batch = vec![
+        event("k", 0)?,
+        poison.clone(),
+        event("k", 2)?,
+        event(&other, 3)?,
+    ];
+    db.enqueue(&topic, &batch, true).await?;
+
+    // Block (the default): the partition waits at the refused row; the
+    // others flow.
+    let relay = db.relay(refusing.clone(), fast_relay("r1"))?.spawn();
+    let got = sink.wait_for(2, WAIT).await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let got_later = sink.events();
+    ensure!(
+        got.len() == 2 && got_later.len() == 2,
+        "{} published",
+        got_later.len()
+    );
+    ensure!(
+        db.pending().await? == 2,
+        "the refused row and the one after it wait"
+    );
+    let report = relay.shutdown().await?;
+    ensure!(report.failures > 0 && report.parked == 0, "{report:?}");
+
+    // Park: the refused row is set aside and its partition goes on.
+    let relay = db
+        .relay(refusing.clone(), fast_relay("r1").poison(Poison::Park))?
+        .spawn();
+    sink.wait_for(3, WAIT).await?;
+    let report = relay.shutdown().await?;
+    ensure!(report.parked == 1, "{report:?}");
+    ensure!(db.pending().await? == 0 && db.parked().await? == 1);
+    let mut expected = batch.clone();
+    expected.retain(|e| e.id() != poison.id());
+    check_order(&expected, &sink.events(), true)?;
+
+    // Once the cause is fixed, the parked row is put back and goes out.
+    refusing.refusing.store(false, Ordering::SeqCst);
+    ensure!(db.requeue_parked().await? == 1);
+    let relay = db.relay(refusing.clone(), fast_relay("r1"))?.spawn();
+    let got = sink.wait_for(4, WAIT).await?;
+    ensure!(got[3].id() == poison.id());
+    relay.shutdown().await?;
+    ensure!(db.pending().await? == 0 && db.parked().await? == 0);
     db.close().await
 }

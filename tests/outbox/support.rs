@@ -249,6 +249,20 @@ impl Db {
         })
     }
 
+    pub(crate) async fn parked(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Db::Pg { outbox, .. } => outbox.parked().await?,
+            Db::Lite { outbox, .. } => outbox.parked().await?,
+        })
+    }
+
+    pub(crate) async fn requeue_parked(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Db::Pg { outbox, .. } => outbox.requeue_parked().await?,
+            Db::Lite { outbox, .. } => outbox.requeue_parked().await?,
+        })
+    }
+
     pub(crate) async fn total_rows(&self) -> anyhow::Result<i64> {
         self.count("select count(*) from orchestrator_outbox").await
     }
@@ -621,5 +635,42 @@ impl Publisher for GatedPublisher {
         self.acked.notify_one();
         tokio::time::sleep(self.after).await;
         Ok(())
+    }
+}
+
+/// The in-memory broker refusing, for good, every batch that holds an event
+/// of type `t.poison` while `refusing` is set.
+#[derive(Debug)]
+pub(crate) struct RefusingPublisher {
+    inner: Arc<MemoryBroker>,
+    pub(crate) refusing: AtomicBool,
+}
+
+impl RefusingPublisher {
+    pub(crate) fn new(inner: Arc<MemoryBroker>) -> Self {
+        Self {
+            inner,
+            refusing: AtomicBool::new(true),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for RefusingPublisher {
+    async fn publish(&self, topic: &Topic, event: Event) -> broker_adapters::Result<()> {
+        self.publish_batch(topic, vec![event]).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+    ) -> broker_adapters::Result<()> {
+        if self.refusing.load(Ordering::SeqCst) && events.iter().any(|e| e.ty() == "t.poison") {
+            return Err(broker_adapters::Error::new(BrokerErrorKind::InvalidEvent {
+                reason: "refused by the test broker".to_owned(),
+            }));
+        }
+        self.inner.publish_batch(topic, events).await
     }
 }

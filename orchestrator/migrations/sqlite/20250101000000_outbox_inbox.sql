@@ -7,12 +7,15 @@ create table if not exists orchestrator_outbox (
     part integer not null,
     payload text not null,
     created_ms bigint not null,
-    published_ms bigint
+    published_ms bigint,
+    -- Set when the relay parked the row: the broker refused it for good.
+    failed_ms bigint,
+    last_error text
 );
 
 -- Pending rows of a partition, oldest first: what a relay reads.
 create index if not exists orchestrator_outbox_pending
-    on orchestrator_outbox (part, id) where published_ms is null;
+    on orchestrator_outbox (part, id) where published_ms is null and failed_ms is null;
 
 -- Published rows kept for a while: what the retention purge reads.
 create index if not exists orchestrator_outbox_published
