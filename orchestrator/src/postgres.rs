@@ -486,6 +486,29 @@ impl Inbox<Postgres> {
         Ok(Processed::Handled(value))
     }
 
+    /// Deletes at most `limit` records of events handled more than
+    /// `older_than` ago (every consumer); returns how many. An event
+    /// delivered again after its record is gone is handled again, so keep
+    /// records longer than the broker can redeliver (its retention).
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn purge(&self, older_than: Duration, limit: u64) -> Result<u64> {
+        let done = sqlx::query(concat!(
+            "delete from orchestrator_inbox where ctid in (select ctid from orchestrator_inbox \
+             where processed_ms < ",
+            now_ms!(),
+            " - $1 order by processed_ms limit $2)"
+        ))
+        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("purge inbox records", e))?;
+        Ok(done.rows_affected())
+    }
+
     /// Whether `consumer` already handled the event `event_id`.
     ///
     /// # Errors

@@ -358,6 +358,13 @@ impl Db {
         })
     }
 
+    pub(crate) async fn purge_inbox(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Db::Pg { inbox, .. } => inbox.purge(Duration::ZERO, 2).await?,
+            Db::Lite { inbox, .. } => inbox.purge(Duration::ZERO, 2).await?,
+        })
+    }
+
     pub(crate) async fn effects(&self, consumer: &str) -> anyhow::Result<i64> {
         Ok(match self {
             Db::Pg { pool, .. } => {
