@@ -214,15 +214,22 @@ struct PgWakeup {
 #[async_trait]
 impl Wakeup for PgWakeup {
     async fn wait(&mut self, max: Duration) -> bool {
+        let started = tokio::time::Instant::now();
         if self.listener.is_none() {
-            match PgListener::connect_with(&self.pool).await {
-                Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
-                    Ok(()) => self.listener = Some(listener),
-                    Err(e) => warn!(error = %e, "LISTEN failed; polling"),
-                },
-                Err(e) => warn!(error = %e, "no LISTEN connection; polling"),
+            // Bounded by `max`, so a database that does not answer delays
+            // no poll.
+            let connect = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            match tokio::time::timeout(max, connect).await {
+                Ok(Ok(listener)) => self.listener = Some(listener),
+                Ok(Err(e)) => warn!(error = %e, "no LISTEN connection; polling"),
+                Err(_) => warn!("no LISTEN connection in time; polling"),
             }
         }
+        let max = max.saturating_sub(started.elapsed());
         let Some(listener) = self.listener.as_mut() else {
             tokio::time::sleep(max).await;
             return false;

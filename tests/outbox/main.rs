@@ -55,6 +55,7 @@ both!(
     graceful_shutdown_finishes_the_in_flight_batch,
     graceful_shutdown_abandons_a_hung_batch_after_the_grace_time,
     poison_row_blocks_its_partition_by_default_and_is_parked_on_request,
+    enqueue_wakes_an_idle_relay_without_polling,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -633,5 +634,38 @@ async fn poison_row_blocks_its_partition_by_default_and_is_parked_on_request(
     ensure!(got[3].id() == poison.id());
     relay.shutdown().await?;
     ensure!(db.pending().await? == 0 && db.parked().await? == 0);
+    db.close().await
+}
+
+async fn enqueue_wakes_an_idle_relay_without_polling(backend: Backend) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    // Neither the poll nor the lease renewal comes within the test.
+    let config = fast_relay("r1")
+        .lease_ttl(Duration::from_secs(120))
+        .poll_interval(Duration::from_secs(120));
+    let relay = db.relay(broker.clone(), config)?.spawn();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while db.owned("r1").await? < 16 {
+        ensure!(tokio::time::Instant::now() < deadline, "no leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the relay go idle, then wake it three times.
+    for n in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let e = event("k", n)?;
+        let enqueued = tokio::time::Instant::now();
+        db.enqueue(&topic, std::slice::from_ref(&e), true).await?;
+        sink.wait_for(n + 1, Duration::from_secs(3))
+            .await
+            .context("the relay was not woken by the commit")?;
+        println!(
+            "{backend:?}: woken and published in {:?}",
+            enqueued.elapsed()
+        );
+    }
+    relay.shutdown().await?;
     db.close().await
 }
