@@ -1,0 +1,535 @@
+//! The PostgreSQL stores: [`migrate`], `Outbox<Postgres>`, `Inbox<Postgres>`.
+//!
+//! `enqueue` runs `pg_notify` in the caller's transaction, so PostgreSQL
+//! delivers the wake-up to the relays' `LISTEN` only when it commits (and not
+//! at all when it rolls back). Relays fall back to polling when the listener
+//! connection is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_adapters::cloudevents::{AttributesReader, Event};
+use broker_adapters::{Publisher, Topic};
+use futures_util::future::BoxFuture;
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{PgConnection, Postgres, Row as _};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::error::{BoxError, Error, ErrorKind, Result};
+use crate::inbox::{Inbox, Processed};
+use crate::outbox::{Outbox, OutboxConfig, encode};
+use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wakeup};
+
+/// The channel `enqueue` notifies and relays listen on; the payload is the
+/// schema of the outbox table.
+pub const NOTIFY_CHANNEL: &str = "orchestrator_outbox";
+
+macro_rules! now_ms {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+/// Applies the embedded migrations (outbox, leases, inbox tables) to the
+/// schema first on the connections' `search_path`.
+///
+/// # Errors
+///
+/// [`ErrorKind::Migrate`] with the cause.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    sqlx::migrate!("./migrations/postgres")
+        .run(pool)
+        .await
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Migrate {
+                    backend: "postgres",
+                },
+                e,
+            )
+        })
+}
+
+impl Outbox<Postgres> {
+    /// An outbox on a migrated PostgreSQL database (see [`migrate`]).
+    ///
+    /// Creates the partition lease rows on first use.
+    ///
+    /// # Errors
+    ///
+    /// An invalid `config`, a partition count that differs from the one the
+    /// database already has, or a database failure.
+    pub async fn postgres(pool: PgPool, config: OutboxConfig) -> Result<Self> {
+        config.validate()?;
+        let existing: i64 = sqlx::query_scalar("select count(*) from orchestrator_outbox_leases")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| Error::db("count the outbox partitions", e))?;
+        let wanted = i64::from(config.partition_count());
+        if existing != 0 && existing != wanted {
+            return Err(Error::config(
+                "partitions",
+                format!(
+                    "the database has {existing} outbox partitions, the configuration {wanted}"
+                ),
+            ));
+        }
+        if existing == 0 {
+            sqlx::query(
+                "insert into orchestrator_outbox_leases (part) \
+                 select generate_series(0, $1 - 1) on conflict do nothing",
+            )
+            .bind(i32::try_from(wanted).unwrap_or(i32::MAX))
+            .execute(&pool)
+            .await
+            .map_err(|e| Error::db("create the outbox partitions", e))?;
+        }
+        Ok(Self {
+            pool,
+            config,
+            signal: Arc::new(watch::Sender::new(0)),
+        })
+    }
+
+    /// Writes `event` for `topic` into the outbox on `conn`, normally the
+    /// caller's open transaction (`&mut *tx`): the row and the relays'
+    /// wake-up become visible when it commits and vanish if it rolls back.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::EventTooLarge`] or [`ErrorKind::InvalidEvent`] before
+    /// anything is written, or a database failure (the caller's transaction
+    /// is then aborted and must be rolled back).
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        topic: &Topic,
+        event: &Event,
+    ) -> Result<()> {
+        let row = encode(&self.config, topic, event)?;
+        sqlx::query(concat!(
+            "with ins as (insert into orchestrator_outbox \
+             (event_id, topic, partition_key, part, payload, created_ms) \
+             values ($1, $2, $3, $4, $5, ",
+            now_ms!(),
+            ") returning id) select pg_notify($6, current_schema()) from ins"
+        ))
+        .bind(&row.event_id)
+        .bind(&row.topic)
+        .bind(&row.partition_key)
+        .bind(row.part)
+        .bind(&row.payload)
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::db("enqueue an outbox row", e))?;
+        metrics::counter!("outbox_enqueued_total").increment(1);
+        Ok(())
+    }
+
+    /// Rows the relay parked because the broker refused them for good (see
+    /// [`Poison::Park`](crate::relay::Poison::Park)).
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn parked(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from orchestrator_outbox where failed_ms is not null",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| Error::db("count parked outbox rows", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Puts every parked row back in line (once the cause is fixed); returns
+    /// how many. Each keeps its place: it goes out before the rows of its
+    /// partition enqueued after it that are still pending.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn requeue_parked(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "update orchestrator_outbox set failed_ms = null, last_error = null \
+             where failed_ms is not null",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("requeue parked outbox rows", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Rows not yet published nor parked (for monitoring and tests).
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn pending(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from orchestrator_outbox where published_ms is null and failed_ms is null",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| Error::db("count pending outbox rows", e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// A relay publishing this outbox's rows through `publisher`, woken by
+    /// `LISTEN/NOTIFY`. Nothing runs until [`Relay::run`] or [`Relay::spawn`].
+    ///
+    /// # Errors
+    ///
+    /// An invalid `config`.
+    pub fn relay(&self, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Result<Relay> {
+        config.validate()?;
+        let id = config
+            .relay_id
+            .clone()
+            .unwrap_or_else(|| format!("relay-{}", uuid::Uuid::now_v7()));
+        Ok(Relay {
+            id,
+            store: Arc::new(PgRelayStore {
+                pool: self.pool.clone(),
+            }),
+            wakeup: Box::new(PgWakeup {
+                pool: self.pool.clone(),
+                listener: None,
+            }),
+            publisher,
+            config,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct PgWakeup {
+    pool: PgPool,
+    listener: Option<PgListener>,
+}
+
+#[async_trait]
+impl Wakeup for PgWakeup {
+    async fn wait(&mut self, max: Duration) -> bool {
+        let started = tokio::time::Instant::now();
+        if self.listener.is_none() {
+            // Bounded by `max`, so a database that does not answer delays
+            // no poll.
+            let connect = async {
+                let mut listener = PgListener::connect_with(&self.pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            match tokio::time::timeout(max, connect).await {
+                Ok(Ok(listener)) => self.listener = Some(listener),
+                Ok(Err(e)) => warn!(error = %e, "no LISTEN connection; polling"),
+                Err(_) => warn!("no LISTEN connection in time; polling"),
+            }
+        }
+        let max = max.saturating_sub(started.elapsed());
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(max).await;
+            return false;
+        };
+        match tokio::time::timeout(max, listener.recv()).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "LISTEN connection lost; reconnecting");
+                self.listener = None;
+                false
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PgRelayStore {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl RelayStore for PgRelayStore {
+    async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>> {
+        let err = |e| Error::db("renew the partition leases", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        let now: i64 = sqlx::query_scalar(concat!("select ", now_ms!()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query(
+            "insert into orchestrator_outbox_relays (relay_id, expires_ms) values ($1, $2) \
+             on conflict (relay_id) do update set expires_ms = excluded.expires_ms",
+        )
+        .bind(relay)
+        .bind(now + ttl_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query("delete from orchestrator_outbox_relays where expires_ms < $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let live: i64 = sqlx::query_scalar("select count(*) from orchestrator_outbox_relays")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        let total: i64 = sqlx::query_scalar("select count(*) from orchestrator_outbox_leases")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        let target = (total + live.max(1) - 1) / live.max(1);
+        let mut mine: Vec<i32> = sqlx::query_scalar(
+            "update orchestrator_outbox_leases set expires_ms = $2 \
+             where owner = $1 and expires_ms > $3 returning part",
+        )
+        .bind(relay)
+        .bind(now + ttl_ms)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        mine.sort_unstable();
+        let held = i64::try_from(mine.len()).unwrap_or(i64::MAX);
+        if held > target {
+            let keep = usize::try_from(target).unwrap_or(0);
+            let extra = mine.split_off(keep);
+            sqlx::query(
+                "update orchestrator_outbox_leases set owner = null, expires_ms = 0 \
+                 where owner = $1 and part = any($2)",
+            )
+            .bind(relay)
+            .bind(&extra)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        } else if held < target {
+            let taken: Vec<i32> = sqlx::query_scalar(
+                "update orchestrator_outbox_leases set owner = $1, expires_ms = $2 \
+                 where part in (select part from orchestrator_outbox_leases \
+                 where owner is null or expires_ms <= $3 order by part limit $4 \
+                 for update skip locked) returning part",
+            )
+            .bind(relay)
+            .bind(now + ttl_ms)
+            .bind(now)
+            .bind(target - held)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+            mine.extend(taken);
+            mine.sort_unstable();
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(mine)
+    }
+
+    async fn release(&self, relay: &str) -> Result<()> {
+        let err = |e| Error::db("release the partition leases", e);
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query(
+            "update orchestrator_outbox_leases set owner = null, expires_ms = 0 where owner = $1",
+        )
+        .bind(relay)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query("delete from orchestrator_outbox_relays where relay_id = $1")
+            .bind(relay)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
+        let rows = sqlx::query(concat!(
+            "select o.id, o.topic, o.payload, ",
+            now_ms!(),
+            " - o.created_ms as age_ms from orchestrator_outbox o \
+             where o.part = $1 and o.published_ms is null and o.failed_ms is null and exists ( \
+             select 1 from orchestrator_outbox_leases l where l.part = $1 and l.owner = $2 \
+             and l.expires_ms > ",
+            now_ms!(),
+            ") order by o.id limit $3"
+        ))
+        .bind(part)
+        .bind(relay)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::db("load an outbox batch", e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredRow {
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    payload: r.try_get("payload")?,
+                    age_ms: r.try_get("age_ms")?,
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| Error::db("read an outbox row", e))
+    }
+
+    async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
+        let query = if keep {
+            sqlx::query(concat!(
+                "update orchestrator_outbox set published_ms = ",
+                now_ms!(),
+                " where id = any($1)"
+            ))
+        } else {
+            sqlx::query("delete from orchestrator_outbox where id = any($1)")
+        };
+        query
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::db("mark outbox rows published", e))?;
+        Ok(())
+    }
+
+    async fn park(&self, id: i64, error: &str) -> Result<()> {
+        sqlx::query(concat!(
+            "update orchestrator_outbox set failed_ms = ",
+            now_ms!(),
+            ", last_error = $2 where id = $1"
+        ))
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("park an outbox row", e))?;
+        Ok(())
+    }
+
+    async fn purge(&self, keep_ms: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(concat!(
+            "delete from orchestrator_outbox where id in (select id from orchestrator_outbox \
+             where published_ms is not null and published_ms < ",
+            now_ms!(),
+            " - $1 order by published_ms limit $2)"
+        ))
+        .bind(keep_ms)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("purge published outbox rows", e))?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl Inbox<Postgres> {
+    /// An inbox on a migrated PostgreSQL database (see [`migrate`]).
+    pub fn postgres(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Runs `handler` for `event` as consumer `consumer`, unless that
+    /// consumer already handled the event: the handler's effects (made on
+    /// the connection it is given, inside the transaction) and the record of
+    /// the event id commit together.
+    ///
+    /// A concurrent delivery of the same event waits for the first one's
+    /// transaction and is then reported as a duplicate (or runs, if the first
+    /// rolled back).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Handler`] with the handler's error (nothing was
+    /// committed), or a database failure.
+    pub async fn process<T, F>(
+        &self,
+        consumer: &str,
+        event: &Event,
+        handler: F,
+    ) -> Result<Processed<T>>
+    where
+        T: Send,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, std::result::Result<T, BoxError>>
+            + Send,
+    {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| Error::db("begin an inbox transaction", e))?;
+        let inserted = sqlx::query(concat!(
+            "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+            now_ms!(),
+            ")"
+        ))
+        .bind(consumer)
+        .bind(event.id())
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                metrics::counter!("inbox_duplicates_total", "consumer" => consumer.to_owned())
+                    .increment(1);
+                return Ok(Processed::Duplicate);
+            }
+            Err(e) => return Err(Error::db("record an inbox event", e)),
+        }
+        let value = handler(&mut tx).await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Handler {
+                    consumer: consumer.to_owned(),
+                    event_id: event.id().to_owned(),
+                },
+                e,
+            )
+        })?;
+        tx.commit()
+            .await
+            .map_err(|e| Error::db("commit an inbox transaction", e))?;
+        metrics::counter!("inbox_handled_total", "consumer" => consumer.to_owned()).increment(1);
+        Ok(Processed::Handled(value))
+    }
+
+    /// Deletes at most `limit` records of events handled more than
+    /// `older_than` ago (every consumer); returns how many. An event
+    /// delivered again after its record is gone is handled again, so keep
+    /// records longer than the broker can redeliver (its retention).
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn purge(&self, older_than: Duration, limit: u64) -> Result<u64> {
+        let done = sqlx::query(concat!(
+            "delete from orchestrator_inbox where ctid in (select ctid from orchestrator_inbox \
+             where processed_ms < ",
+            now_ms!(),
+            " - $1 order by processed_ms limit $2)"
+        ))
+        .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| Error::db("purge inbox records", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Whether `consumer` already handled the event `event_id`.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn contains(&self, consumer: &str, event_id: &str) -> Result<bool> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "select 1 from orchestrator_inbox where consumer = $1 and event_id = $2",
+        )
+        .bind(consumer)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| Error::db("look up an inbox event", e))?;
+        Ok(found.is_some())
+    }
+}

@@ -1,0 +1,730 @@
+//! [`Relay`]: publishes committed outbox rows, in order per partition key.
+//!
+//! # How relays share the work
+//!
+//! Every row carries a partition (hash of its partition key modulo the
+//! outbox's fixed partition count). A relay publishes a partition only while
+//! it holds the partition's lease, a row in `orchestrator_outbox_leases`
+//! with an owner and an expiry computed from the **database clock**, so
+//! relays on hosts with skewed clocks still agree. Each relay also keeps a
+//! heartbeat row; on every lease tick (a third of the lease time) a relay
+//! renews its leases, counts the live relays, and takes free or expired
+//! partitions up to its fair share (`ceil(partitions / live relays)`),
+//! releasing any above it. A relay that stops releases its leases at once; a
+//! relay that dies loses them when they expire, and the others take them
+//! over. Loading a batch re-checks the lease in the same statement, so a
+//! relay that lost a lease does not publish that partition again.
+//!
+//! Within a partition rows go out in id order, one bounded batch at a time,
+//! and a batch is marked published (deleted or archived, see [`Retention`])
+//! only after the broker acknowledged it: delivery is at least once, with
+//! the event id unchanged so brokers that de-duplicate by id store it once.
+//! A failing partition backs off exponentially (bounded) without holding
+//! its rows in memory; the other partitions keep flowing.
+//!
+//! # Order
+//!
+//! Rows of one partition key go out in the order of their outbox ids. On
+//! SQLite, ids follow commit order (one writer at a time). On PostgreSQL an
+//! id is taken when the row is inserted, not when its transaction commits:
+//! events of one key enqueued in one transaction, or in transactions that
+//! serialize on the business row (as updates of one aggregate do), go out in
+//! order; events of one key enqueued by two transactions that overlap without
+//! touching a common row have no order between them, and go out in whichever
+//! order the relay sees them committed. A long open transaction never holds
+//! back the rows committed after it, in its partition or any other.
+//!
+//! # Wake-up
+//!
+//! PostgreSQL: `enqueue` calls `pg_notify` in the caller's transaction, so
+//! the relays' `LISTEN` is told exactly when it commits. SQLite: `enqueue`
+//! signals the relays of the same process (before the caller commits, so a
+//! woken relay looks again a few times at short intervals). Both poll every
+//! [`RelayConfig::poll_interval`] as the fallback, which is also how relays
+//! in other processes learn of SQLite rows.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_adapters::cloudevents::Event;
+use broker_adapters::{Publisher, Topic};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// What happens to a row once its event is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retention {
+    /// Delete the row in the statement that marks it published.
+    Delete,
+    /// Keep published rows (marked with the publish time) for this long, then
+    /// purge them in bounded batches.
+    Keep(Duration),
+}
+
+/// What a relay does with a row the broker refuses for good (a
+/// non-retryable error: an event the broker finds invalid or too large, a
+/// row that cannot be decoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Poison {
+    /// Keep retrying it (with the backoff, up to its maximum): its partition waits, so
+    /// nothing is skipped and the order holds, until the cause is fixed.
+    #[default]
+    Block,
+    /// Park it (marked failed with the error, kept in the table, counted in
+    /// `outbox_parked_total`, logged at error level) and go on with the next
+    /// rows of its partition. `Outbox::requeue_parked` puts parked rows back.
+    Park,
+}
+
+/// How a [`Relay`] works. Validated by `Outbox::relay`.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub(crate) relay_id: Option<String>,
+    pub(crate) batch_size: usize,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) publish_timeout: Option<Duration>,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) retention: Retention,
+    pub(crate) purge_batch: usize,
+    pub(crate) purge_interval: Duration,
+    pub(crate) poison: Poison,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            relay_id: None,
+            batch_size: 100,
+            lease_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            publish_timeout: None,
+            shutdown_grace: Duration::from_secs(5),
+            retention: Retention::Delete,
+            purge_batch: 1000,
+            purge_interval: Duration::from_secs(30),
+            poison: Poison::Block,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The defaults: batches of 100, 10 s leases, a 1 s poll fallback,
+    /// backoff from 100 ms to 10 s, rows deleted once published.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The relay's name in the lease table, logs and metrics (default: a
+    /// fresh `relay-<uuid>`). Two live relays must not share a name.
+    #[must_use]
+    pub fn relay_id(mut self, id: impl Into<String>) -> Self {
+        self.relay_id = Some(id.into());
+        self
+    }
+
+    /// The most rows loaded and published at once per partition (1..=10000).
+    #[must_use]
+    pub fn batch_size(mut self, rows: usize) -> Self {
+        self.batch_size = rows;
+        self
+    }
+
+    /// How long a partition lease lasts without renewal (at least 300 ms).
+    /// Leases are renewed every third of it; a relay that dies hands its
+    /// partitions over within about this time.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How often to look for rows when no wake-up arrives.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The bounds of the exponential backoff of a partition whose publish
+    /// failed.
+    #[must_use]
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max;
+        self
+    }
+
+    /// How long one batch publish may take before it counts as a retryable
+    /// failure; must be below the lease time (default: half of it).
+    #[must_use]
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = Some(timeout);
+        self
+    }
+
+    /// How long an in-flight batch may still take once shutdown is asked;
+    /// past it the batch is abandoned (its rows stay and are published again).
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// What happens to published rows.
+    #[must_use]
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// With [`Retention::Keep`]: how many expired rows one purge statement
+    /// deletes, and how often the relay purges.
+    #[must_use]
+    pub fn purge(mut self, batch: usize, interval: Duration) -> Self {
+        self.purge_batch = batch;
+        self.purge_interval = interval;
+        self
+    }
+
+    /// What to do with a row the broker refuses for good (default
+    /// [`Poison::Block`]).
+    #[must_use]
+    pub fn poison(mut self, poison: Poison) -> Self {
+        self.poison = poison;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Err(Error::config(
+                "batch_size",
+                format!("{} is not between 1 and 10000", self.batch_size),
+            ));
+        }
+        if self.lease_ttl < Duration::from_millis(300) {
+            return Err(Error::config(
+                "lease_ttl",
+                format!("{:?} is shorter than 300 ms", self.lease_ttl),
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::config("poll_interval", "must be positive"));
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(Error::config(
+                "backoff",
+                format!(
+                    "min {:?} must be positive and at most max {:?}",
+                    self.backoff_min, self.backoff_max
+                ),
+            ));
+        }
+        if self.effective_publish_timeout().is_zero()
+            || self.effective_publish_timeout() >= self.lease_ttl
+        {
+            return Err(Error::config(
+                "publish_timeout",
+                format!(
+                    "{:?} must be positive and shorter than the lease time {:?}",
+                    self.effective_publish_timeout(),
+                    self.lease_ttl
+                ),
+            ));
+        }
+        if let Retention::Keep(_) = self.retention
+            && (self.purge_batch == 0 || self.purge_interval.is_zero())
+        {
+            return Err(Error::config(
+                "purge",
+                "batch and interval must be positive",
+            ));
+        }
+        if let Some(id) = &self.relay_id
+            && id.trim().is_empty()
+        {
+            return Err(Error::config("relay_id", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    fn effective_publish_timeout(&self) -> Duration {
+        self.publish_timeout.unwrap_or(self.lease_ttl / 2)
+    }
+
+    fn renew_interval(&self) -> Duration {
+        self.lease_ttl / 3
+    }
+}
+
+/// A row loaded for publishing.
+#[derive(Debug)]
+pub(crate) struct StoredRow {
+    pub(crate) id: i64,
+    pub(crate) topic: String,
+    pub(crate) payload: String,
+    pub(crate) age_ms: i64,
+}
+
+/// The database side of a relay, one implementation per backend.
+#[async_trait]
+pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
+    /// Heartbeat, renew, rebalance; returns the partitions now owned, sorted.
+    async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>>;
+    /// Gives up every lease and the heartbeat.
+    async fn release(&self, relay: &str) -> Result<()>;
+    /// The oldest pending rows of `part`, if `relay` holds its lease.
+    async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>>;
+    /// Marks rows published: deletes them, or stamps them when `keep`.
+    async fn finish(&self, ids: &[i64], keep: bool) -> Result<()>;
+    /// Parks a row the broker refused for good.
+    async fn park(&self, id: i64, error: &str) -> Result<()>;
+    /// Deletes at most `limit` rows published more than `keep_ms` ago.
+    async fn purge(&self, keep_ms: i64, limit: i64) -> Result<u64>;
+}
+
+/// How a relay learns that rows were enqueued.
+#[async_trait]
+pub(crate) trait Wakeup: fmt::Debug + Send + Sync + 'static {
+    /// Waits at most `max`; `true` when woken by a signal.
+    async fn wait(&mut self, max: Duration) -> bool;
+}
+
+/// What a relay did, returned when it stops.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayReport {
+    /// Events published (acknowledged by the broker and marked).
+    pub published: u64,
+    /// Batches published.
+    pub batches: u64,
+    /// Batch publishes that failed and were retried later.
+    pub failures: u64,
+    /// Rows parked ([`Poison::Park`]).
+    pub parked: u64,
+}
+
+/// Publishes committed outbox rows; created by `Outbox::relay`.
+///
+/// Run it with [`run`](Self::run) (until a [`CancellationToken`] is
+/// cancelled) or [`spawn`](Self::spawn).
+pub struct Relay {
+    pub(crate) id: String,
+    pub(crate) store: Arc<dyn RelayStore>,
+    pub(crate) wakeup: Box<dyn Wakeup>,
+    pub(crate) publisher: Arc<dyn Publisher>,
+    pub(crate) config: RelayConfig,
+}
+
+impl fmt::Debug for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relay")
+            .field("id", &self.id)
+            .field("store", &self.store)
+            .field("publisher", &self.publisher)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A relay running on a task: stop it with [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct RelayHandle {
+    id: String,
+    token: CancellationToken,
+    task: JoinHandle<Result<RelayReport>>,
+}
+
+impl RelayHandle {
+    /// The relay's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Asks the relay to stop, and waits until it did: the in-flight batch
+    /// finishes (or is abandoned after the grace time) and the leases are
+    /// released.
+    ///
+    /// # Errors
+    ///
+    /// The relay failed for good, or its task panicked.
+    pub async fn shutdown(self) -> Result<RelayReport> {
+        self.token.cancel();
+        let relay = self.id;
+        self.task
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::RelayTask { relay }, e))?
+    }
+
+    /// Stops the relay's task at once, like a crash: no lease is released.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+enum BatchError {
+    Abandoned,
+    Failed(Error),
+}
+
+impl From<Error> for BatchError {
+    fn from(e: Error) -> Self {
+        Self::Failed(e)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    /// Rows loaded.
+    rows: usize,
+    published: usize,
+    parked: usize,
+}
+
+struct Backoff {
+    attempts: u32,
+    until: Instant,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Relay {
+    /// The relay's id, as it appears in the lease table.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs the relay on a new task.
+    pub fn spawn(self) -> RelayHandle {
+        let token = CancellationToken::new();
+        let id = self.id.clone();
+        let task = tokio::spawn(self.run(token.clone()));
+        RelayHandle { id, token, task }
+    }
+
+    /// Runs until `shutdown` is cancelled, then releases its leases.
+    ///
+    /// Database and broker failures are logged and retried with backoff;
+    /// they never end the loop.
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for failures that retrying
+    /// cannot fix.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<RelayReport> {
+        let span = info_span!("outbox_relay", relay = %self.id);
+        async move {
+            let report = self.run_loop(&shutdown).await;
+            if let Err(e) = self.store.release(&self.id).await {
+                warn!(error = %e, "could not release the partition leases; they expire on their own");
+            }
+            info!(?report, "relay stopped");
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_loop(&mut self, shutdown: &CancellationToken) -> RelayReport {
+        let mut report = RelayReport::default();
+        let ttl_ms = millis(self.config.lease_ttl);
+        let mut owned: Vec<i32> = Vec::new();
+        let mut next_lease = Instant::now();
+        let mut next_purge = Instant::now();
+        let mut backoff: HashMap<i32, Backoff> = HashMap::new();
+        let mut rechecks = 0u32;
+        let batch_limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
+        info!("relay started");
+        while !shutdown.is_cancelled() {
+            if Instant::now() >= next_lease {
+                match self.store.tick_leases(&self.id, ttl_ms).await {
+                    Ok(parts) => {
+                        if parts != owned {
+                            debug!(?parts, "partition leases changed");
+                        }
+                        owned = parts;
+                        backoff.retain(|p, _| owned.contains(p));
+                        metrics::gauge!("outbox_relay_partitions", "relay" => self.id.clone())
+                            .set(owned.len() as f64);
+                    }
+                    Err(e) => warn!(error = %e, "could not renew the partition leases"),
+                }
+                next_lease = Instant::now() + self.config.renew_interval();
+            }
+
+            let mut worked = false;
+            let mut more = false;
+            for &part in &owned {
+                if shutdown.is_cancelled() || Instant::now() >= next_lease {
+                    break;
+                }
+                if backoff.get(&part).is_some_and(|b| b.until > Instant::now()) {
+                    continue;
+                }
+                match self.relay_batch(part, batch_limit, shutdown).await {
+                    Ok(progress) => {
+                        backoff.remove(&part);
+                        if progress.rows > 0 {
+                            worked = true;
+                            more |= progress.rows >= self.config.batch_size;
+                            report.published += progress.published as u64;
+                            report.parked += progress.parked as u64;
+                            report.batches += 1;
+                        }
+                    }
+                    Err(BatchError::Abandoned) => break,
+                    Err(BatchError::Failed(e)) => {
+                        report.failures += 1;
+                        metrics::counter!("outbox_relay_failures_total").increment(1);
+                        let b = backoff.entry(part).or_insert(Backoff {
+                            attempts: 0,
+                            until: Instant::now(),
+                        });
+                        b.attempts = b.attempts.saturating_add(1);
+                        let delay = self
+                            .config
+                            .backoff_min
+                            .saturating_mul(1u32 << b.attempts.min(16).saturating_sub(1))
+                            .min(self.config.backoff_max);
+                        b.until = Instant::now() + delay;
+                        warn!(partition = part, attempts = b.attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
+                    }
+                }
+            }
+
+            if let Retention::Keep(keep) = self.config.retention
+                && Instant::now() >= next_purge
+            {
+                self.purge(keep).await;
+                next_purge = Instant::now() + self.config.purge_interval;
+            }
+
+            if more && !shutdown.is_cancelled() {
+                continue;
+            }
+            // Sleep until a wake-up, the poll interval, the next lease tick or
+            // the end of the earliest backoff.
+            let mut until = Instant::now()
+                + if rechecks > 0 {
+                    rechecks -= 1;
+                    Duration::from_millis(20)
+                } else {
+                    self.config.poll_interval
+                };
+            until = until.min(next_lease);
+            if let Some(b) = backoff.values().map(|b| b.until).min() {
+                until = until.min(b);
+            }
+            let max = until.saturating_duration_since(Instant::now());
+            if worked || max.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                signalled = self.wakeup.wait(max) => {
+                    // An in-process signal may come before the enqueueing
+                    // transaction committed: look again shortly a few times.
+                    if signalled {
+                        rechecks = 10;
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    async fn relay_batch(
+        &self,
+        part: i32,
+        limit: i64,
+        shutdown: &CancellationToken,
+    ) -> Result<Progress, BatchError> {
+        let rows = self.store.load_batch(&self.id, part, limit).await?;
+        let Some(first) = rows.first() else {
+            return Ok(Progress::default());
+        };
+        let span = info_span!("outbox_batch", partition = part, rows = rows.len());
+        metrics::histogram!("outbox_relay_lag_seconds").record(first.age_ms as f64 / 1000.0);
+        async {
+            let mut progress = Progress {
+                rows: rows.len(),
+                ..Progress::default()
+            };
+            // Consecutive rows of one topic go out as one batch, in id order.
+            let mut rest = &rows[..];
+            while let Some(head) = rest.first() {
+                let run = rest.iter().take_while(|r| r.topic == head.topic).count();
+                let (chunk, tail) = rest.split_at(run);
+                rest = tail;
+                match self.publish_rows(chunk, shutdown).await {
+                    Ok(()) => self.mark(chunk, &mut progress).await?,
+                    Err(BatchError::Failed(e)) if !e.is_retryable() => {
+                        // Find the row the broker refuses: one at a time, so
+                        // the rows before it go out.
+                        for row in chunk {
+                            let one = std::slice::from_ref(row);
+                            match self.publish_rows(one, shutdown).await {
+                                Ok(()) => self.mark(one, &mut progress).await?,
+                                Err(BatchError::Failed(e))
+                                    if !e.is_retryable() && self.config.poison == Poison::Block =>
+                                {
+                                    return Err(BatchError::Failed(e));
+                                }
+                                Err(BatchError::Failed(e)) if !e.is_retryable() => {
+                                    let reason = format!("{e}");
+                                    self.store.park(row.id, &reason).await?;
+                                    progress.parked += 1;
+                                    metrics::counter!("outbox_parked_total").increment(1);
+                                    error!(row = row.id, error = %reason, "outbox row refused for good; parked");
+                                }
+                                Err(other) => return Err(other),
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(progress)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Publishes `rows` (one topic) as one batch.
+    async fn publish_rows(
+        &self,
+        rows: &[StoredRow],
+        shutdown: &CancellationToken,
+    ) -> Result<(), BatchError> {
+        let Some(head) = rows.first() else {
+            return Ok(());
+        };
+        let topic = Topic::try_from(head.topic.as_str()).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Codec {
+                    operation: "read the topic of an outbox row",
+                },
+                e,
+            )
+        })?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<Event>(&r.payload).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Codec {
+                            operation: "decode an outbox row",
+                        },
+                        e,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let publish = tokio::time::timeout(
+            self.config.effective_publish_timeout(),
+            self.publisher.publish_batch(&topic, events),
+        );
+        let grace = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.config.shutdown_grace).await;
+        };
+        let outcome = tokio::select! {
+            outcome = publish => outcome,
+            () = grace => {
+                warn!("shutdown: in-flight batch abandoned; its rows will be published again");
+                return Err(BatchError::Abandoned);
+            }
+        };
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::broker("publish a batch", topic.as_str(), e).into()),
+            Err(_) => Err(Error::new(ErrorKind::Broker {
+                operation: "publish a batch in time",
+                topic: topic.to_string(),
+                retryable: true,
+            })
+            .into()),
+        }
+    }
+
+    /// Marks published rows (delete or stamp, by the retention policy).
+    async fn mark(&self, rows: &[StoredRow], progress: &mut Progress) -> Result<(), BatchError> {
+        let keep = matches!(self.config.retention, Retention::Keep(_));
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.store.finish(&ids, keep).await?;
+        progress.published += rows.len();
+        metrics::counter!("outbox_published_total").increment(rows.len() as u64);
+        metrics::counter!("outbox_batches_total").increment(1);
+        Ok(())
+    }
+
+    async fn purge(&self, keep: Duration) {
+        let limit = i64::try_from(self.config.purge_batch).unwrap_or(i64::MAX);
+        // Bounded batches, each its own short statement.
+        for _ in 0..100 {
+            match self.store.purge(millis(keep), limit).await {
+                Ok(n) => {
+                    metrics::counter!("outbox_purged_total").increment(n);
+                    if n < self.config.purge_batch as u64 {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not purge published rows");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_config_is_refused_with_a_reason() {
+        assert!(RelayConfig::new().validate().is_ok());
+        for (config, key) in [
+            (RelayConfig::new().batch_size(0), "batch_size"),
+            (
+                RelayConfig::new().lease_ttl(Duration::from_millis(10)),
+                "lease_ttl",
+            ),
+            (
+                RelayConfig::new().poll_interval(Duration::ZERO),
+                "poll_interval",
+            ),
+            (
+                RelayConfig::new().backoff(Duration::from_secs(2), Duration::from_secs(1)),
+                "backoff",
+            ),
+            (
+                RelayConfig::new().publish_timeout(Duration::from_secs(60)),
+                "publish_timeout",
+            ),
+            (RelayConfig::new().relay_id(" "), "relay_id"),
+        ] {
+            let err = config.validate().expect_err(key);
+            assert!(
+                matches!(err.kind(), ErrorKind::Config { key: k, .. } if *k == key),
+                "{key}: {err}"
+            );
+        }
+    }
+}

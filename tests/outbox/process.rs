@@ -1,0 +1,502 @@
+//! The outbox relay as a separate process (`relay-proc`), relaying from
+//! PostgreSQL or SQLite to NATS JetStream, while a consumer in this process
+//! applies every delivery through the inbox:
+//!
+//! - the relay is killed with SIGKILL mid-stream and started again;
+//! - two relay processes run at once;
+//! - the NATS server (its own, with file storage) is stopped and started;
+//! - deliveries are left unacknowledged on purpose and come again.
+//!
+//! Each checks that no event is lost, the order per partition key is kept,
+//! and no event has a duplicate effect.
+//!
+//! `source tests/harness/up.sh && cargo test -p e2e --test outbox_process`
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use broker_adapters::cloudevents::{AttributesReader, Event};
+use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
+use broker_adapters::{SubscribeOptions, Subscriber, Topic};
+use e2e::process::{ServerProcess, find_program, free_port};
+use futures_util::StreamExt;
+use orchestrator::{OutboxConfig, Processed};
+use support::{Backend, Db, check_order_ids, event};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+macro_rules! both {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    relay_killed_mid_batch_republishes_on_restart,
+    two_relay_processes_lose_nothing_and_keep_order,
+    nats_server_restart_loses_nothing,
+    duplicate_deliveries_have_no_duplicate_effect,
+);
+
+const WAIT: Duration = Duration::from_secs(120);
+const CONSUMER: &str = "billing";
+
+/// A `relay-proc` child process; killed (SIGKILL) when dropped.
+struct RelayProc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl RelayProc {
+    fn start(db_url: &str, nats_url: &str, id: &str, pause_ms: u64) -> anyhow::Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", e2e::unique_name("relay_proc")));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_relay-proc"))
+            .args([
+                "--database-url",
+                db_url,
+                "--nats-url",
+                nats_url,
+                "--relay-id",
+                id,
+            ])
+            .args(["--batch-size", "50", "--lease-ms", "3000"])
+            .args(["--pause-ms", &pause_ms.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting relay-proc")?;
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// SIGKILL, and wait for the exit.
+    fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            bail!("relay-proc exited with {status}:\n{log}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    deliveries: AtomicU64,
+    duplicates: AtomicU64,
+    withheld: AtomicU64,
+}
+
+/// Consumes `topic` as a service would: every delivery goes through the
+/// inbox, then is acknowledged; with `withhold_every`, every n-th first
+/// delivery is left unacknowledged after its effects committed and the
+/// consumer subscribes again (a crash between commit and ack), so the broker
+/// delivers it again.
+struct Consumer {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    stats: Arc<Stats>,
+}
+
+impl Consumer {
+    fn start(db: Arc<Db>, nats_url: String, topic: Topic, withhold_every: Option<u64>) -> Self {
+        let stop = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let task = {
+            let (stop, stats) = (stop.clone(), Arc::clone(&stats));
+            tokio::spawn(async move {
+                let broker = NatsBroker::connect(
+                    NatsConfig::builder()
+                        .url(&nats_url)
+                        .request_timeout(Duration::from_secs(2)),
+                )
+                .await?;
+                let withheld = Mutex::new(HashSet::<String>::new());
+                while !stop.is_cancelled() {
+                    let options = SubscribeOptions::new(CONSUMER)?.ack_wait(Duration::from_secs(5));
+                    let mut sub = match broker.subscribe(&topic, options).await {
+                        Ok(sub) => sub,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    loop {
+                        let next = tokio::select! {
+                            () = stop.cancelled() => return Ok(()),
+                            next = sub.next() => next,
+                        };
+                        let Some(Ok(mut delivery)) = next else { break };
+                        let n = stats.deliveries.fetch_add(1, Ordering::SeqCst) + 1;
+                        let outcome = handle_with_retry(&db, delivery.event()).await?;
+                        if outcome.is_duplicate() {
+                            stats.duplicates.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let withhold = withhold_every.is_some_and(|every| n % every == 0)
+                            && withheld
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert(delivery.event().id().to_owned());
+                        if withhold {
+                            // The ack is lost after the commit: the delivery
+                            // is dropped unsettled, the consumer subscribes
+                            // again, and the broker delivers the event again.
+                            stats.withheld.fetch_add(1, Ordering::SeqCst);
+                            drop(delivery);
+                            // Closing (rather than dropping) waits until the
+                            // unsettled messages are handed back in stream
+                            // order, so the next subscription keeps per-key
+                            // order.
+                            let _ = sub.close().await;
+                            break;
+                        } else {
+                            let _ = delivery.ack().await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(())
+            })
+        };
+        Self { stop, task, stats }
+    }
+
+    async fn stop(self) -> anyhow::Result<Arc<Stats>> {
+        self.stop.cancel();
+        self.task.await??;
+        Ok(self.stats)
+    }
+}
+
+/// The inbox, retried in place on a transient database error so a later
+/// event of the same key is never applied first.
+async fn handle_with_retry(db: &Db, event: &Event) -> anyhow::Result<Processed<()>> {
+    let mut attempts = 0;
+    loop {
+        match db.handle(CONSUMER, event, false).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("inbox attempt {attempts} for {} failed: {e:#}", event.id());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A unique topic on the NATS server at `url`, with its stream.
+async fn provision(url: &str) -> anyhow::Result<Topic> {
+    let topic = Topic::try_from(e2e::unique_name("outbox").replace('_', "-"))?;
+    let broker = NatsBroker::connect(NatsConfig::builder().url(url).storage(Storage::File)).await?;
+    broker.provision(&topic).await?;
+    Ok(topic)
+}
+
+/// Reads how many messages the topic's JetStream stream holds.
+struct StreamProbe {
+    js: async_nats::jetstream::Context,
+    name: String,
+}
+
+impl StreamProbe {
+    async fn new(url: &str, topic: &Topic) -> anyhow::Result<Self> {
+        let broker = NatsBroker::connect(NatsConfig::builder().url(url)).await?;
+        let name = broker.stream_name(topic);
+        let client = async_nats::connect(url).await?;
+        Ok(Self {
+            js: async_nats::jetstream::new(client),
+            name,
+        })
+    }
+
+    async fn messages(&self) -> anyhow::Result<u64> {
+        let mut stream = self
+            .js
+            .get_stream(&self.name)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", self.name))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {} info: {e}", self.name))?;
+        Ok(info.state.messages)
+    }
+}
+
+fn events(from: usize, to: usize, keys: usize) -> anyhow::Result<Vec<Event>> {
+    (from..to)
+        .map(|n| event(&format!("k{}", n % keys), n))
+        .collect()
+}
+
+async fn enqueue_in_transactions(db: &Db, topic: &Topic, events: &[Event]) -> anyhow::Result<()> {
+    for chunk in events.chunks(50) {
+        db.enqueue(topic, chunk, true).await?;
+    }
+    Ok(())
+}
+
+/// Waits until `n` effects committed, checking the relays are alive.
+async fn wait_effects(db: &Db, n: i64, relays: &mut [&mut RelayProc]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = db.effects(CONSUMER).await?;
+        if got >= n {
+            return Ok(());
+        }
+        for relay in relays.iter_mut() {
+            relay.check_alive()?;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{got} of {n} events applied within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// No event lost, order per key kept, no duplicate effect.
+async fn check_effects(db: &Db, all: &[Event]) -> anyhow::Result<()> {
+    let log = db.effect_log(CONSUMER).await?;
+    let ids: Vec<(&str, Option<&str>)> = log
+        .iter()
+        .map(|(id, key, _)| (id.as_str(), key.as_deref()))
+        .collect();
+    check_order_ids(all, &ids, true)?;
+    ensure!(
+        log.len() == all.len(),
+        "{} effects for {} events",
+        log.len(),
+        all.len()
+    );
+    ensure!(db.pending().await? == 0, "outbox drained");
+    Ok(())
+}
+
+async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyhow::Result<()> {
+    let nats = e2e::require(e2e::Server::Nats)?;
+    let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
+    let topic = provision(&nats).await?;
+    let all = events(0, 1200, 12)?;
+    enqueue_in_transactions(&db, &topic, &all).await?;
+    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+
+    // A pause after each acknowledged batch, before its rows are marked:
+    // the relay is killed once the stream holds events whose rows are not
+    // marked yet, i.e. between the broker's ack and the mark.
+    let probe = StreamProbe::new(&nats, &topic).await?;
+    let total = all.len() as u64;
+    let mut attempts = 0;
+    let (pending_at_kill, acked_unmarked) = loop {
+        attempts += 1;
+        let mut relay = RelayProc::start(db.url(), &nats, "a", 150)?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            relay.check_alive()?;
+            let marked = total - db.pending().await?;
+            if probe.messages().await? > marked && marked >= 100 * attempts {
+                break;
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "no batch in flight");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        relay.kill()?;
+        let pending = db.pending().await?;
+        let marked = total - pending;
+        let in_stream = probe.messages().await?;
+        ensure!(
+            in_stream >= marked,
+            "{marked} rows marked, {in_stream} in the stream"
+        );
+        // Rows the broker acknowledged but the dead relay never marked: the
+        // restarted relay publishes them again (JetStream drops the copies by
+        // event id; the inbox would skip them otherwise).
+        if in_stream > marked {
+            break (pending, in_stream - marked);
+        }
+        ensure!(attempts < 5, "the kill never landed between ack and mark");
+    };
+    ensure!(pending_at_kill > 0, "killed before the end of the stream");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+    wait_effects(&db, 1200, &mut [&mut relay]).await?;
+    let stats = consumer.stop().await?;
+    check_effects(&db, &all).await?;
+    let in_stream = probe.messages().await?;
+    ensure!(
+        in_stream == 1200,
+        "{in_stream} messages: republished copies de-duplicated by id"
+    );
+    println!(
+        "{backend:?}: killed with {pending_at_kill} rows pending, {acked_unmarked} of them acknowledged but unmarked; deliveries {}, duplicates skipped {}",
+        stats.deliveries.load(Ordering::SeqCst),
+        stats.duplicates.load(Ordering::SeqCst)
+    );
+    relay.kill()?;
+    db.close().await
+}
+
+async fn two_relay_processes_lose_nothing_and_keep_order(backend: Backend) -> anyhow::Result<()> {
+    let nats = e2e::require(e2e::Server::Nats)?;
+    let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
+    let topic = provision(&nats).await?;
+    let mut all = events(0, 600, 20)?;
+    enqueue_in_transactions(&db, &topic, &all).await?;
+    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+    let mut a = RelayProc::start(db.url(), &nats, "a", 5)?;
+    let mut b = RelayProc::start(db.url(), &nats, "b", 5)?;
+
+    // Both take a share of the partitions.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while db.owned("a").await? == 0 || db.owned("b").await? == 0 {
+        a.check_alive()?;
+        b.check_alive()?;
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the two relays did not share the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let more = events(600, 1200, 20)?;
+    enqueue_in_transactions(&db, &topic, &more).await?;
+    all.extend(more);
+    wait_effects(&db, 1200, &mut [&mut a, &mut b]).await?;
+    let stats = consumer.stop().await?;
+    check_effects(&db, &all).await?;
+    println!(
+        "{backend:?}: two relays; deliveries {}, duplicates skipped {}",
+        stats.deliveries.load(Ordering::SeqCst),
+        stats.duplicates.load(Ordering::SeqCst)
+    );
+    a.kill()?;
+    b.kill()?;
+    db.close().await
+}
+
+async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
+    let program = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"])
+        .context(
+            "nats-server is not installed: `source tests/harness/up.sh` installs it (Debian package nats-server)",
+        )?;
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(e2e::unique_name("outbox-nats"));
+    std::fs::create_dir_all(&dir)?;
+    let args = vec![
+        "-a".to_owned(),
+        "127.0.0.1".to_owned(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-js".to_owned(),
+        "-sd".to_owned(),
+        dir.join("store").display().to_string(),
+    ];
+    let mut server = ServerProcess::new("nats-server", program, args, port, dir.join("server.log"));
+    server.start().await?;
+    let nats = format!("nats://127.0.0.1:{port}");
+
+    let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
+    let topic = provision(&nats).await?;
+    let all = events(0, 900, 9)?;
+    enqueue_in_transactions(&db, &topic, &all).await?;
+    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+    let mut relay = RelayProc::start(db.url(), &nats, "a", 20)?;
+    wait_effects(&db, 200, &mut [&mut relay]).await?;
+
+    server.stop().await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pending_while_down = db.pending().await?;
+    relay.check_alive()?;
+    server.start().await?;
+
+    wait_effects(&db, 900, &mut [&mut relay]).await?;
+    let stats = consumer.stop().await?;
+    check_effects(&db, &all).await?;
+    ensure!(pending_while_down > 0, "the broker went down mid-stream");
+    println!(
+        "{backend:?}: broker restart with {pending_while_down} rows pending; deliveries {}, duplicates skipped {}",
+        stats.deliveries.load(Ordering::SeqCst),
+        stats.duplicates.load(Ordering::SeqCst)
+    );
+    relay.kill()?;
+    server.stop().await?;
+    db.close().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn duplicate_deliveries_have_no_duplicate_effect(backend: Backend) -> anyhow::Result<()> {
+    let nats = e2e::require(e2e::Server::Nats)?;
+    let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
+    let topic = provision(&nats).await?;
+    let all = events(0, 300, 6)?;
+    enqueue_in_transactions(&db, &topic, &all).await?;
+    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), Some(15));
+    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+    wait_effects(&db, 300, &mut [&mut relay]).await?;
+    // Let the withheld deliveries come back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while consumer.stats.duplicates.load(Ordering::SeqCst)
+        < consumer.stats.withheld.load(Ordering::SeqCst)
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "withheld deliveries never came again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = consumer.stop().await?;
+    let withheld = stats.withheld.load(Ordering::SeqCst);
+    ensure!(withheld >= 10, "{withheld} deliveries withheld");
+    ensure!(stats.duplicates.load(Ordering::SeqCst) >= withheld);
+    check_effects(&db, &all).await?;
+    println!(
+        "{backend:?}: {withheld} acks withheld; deliveries {}, duplicates skipped {}",
+        stats.deliveries.load(Ordering::SeqCst),
+        stats.duplicates.load(Ordering::SeqCst)
+    );
+    relay.kill()?;
+    db.close().await
+}
