@@ -51,6 +51,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_adapters::cloudevents::Event;
 use broker_adapters::{Publisher, Topic};
+use futures_util::StreamExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +91,7 @@ pub enum Poison {
 pub struct RelayConfig {
     pub(crate) relay_id: Option<String>,
     pub(crate) batch_size: usize,
+    pub(crate) concurrency: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) backoff_min: Duration,
@@ -107,6 +109,7 @@ impl Default for RelayConfig {
         Self {
             relay_id: None,
             batch_size: 100,
+            concurrency: 4,
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
@@ -140,6 +143,16 @@ impl RelayConfig {
     #[must_use]
     pub fn batch_size(mut self, rows: usize) -> Self {
         self.batch_size = rows;
+        self
+    }
+
+    /// How many of its partitions a relay publishes at once (1..=256;
+    /// default 4). Each partition still goes out one batch at a time, in
+    /// order; more partitions at once keep more events in flight to the
+    /// broker. Postgres pools need at least this many connections.
+    #[must_use]
+    pub fn concurrency(mut self, partitions: usize) -> Self {
+        self.concurrency = partitions;
         self
     }
 
@@ -213,6 +226,12 @@ impl RelayConfig {
             return Err(Error::config(
                 "batch_size",
                 format!("{} is not between 1 and 10000", self.batch_size),
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return Err(Error::config(
+                "concurrency",
+                format!("{} is not between 1 and 256", self.concurrency),
             ));
         }
         if self.lease_ttl < Duration::from_millis(300) {
@@ -469,15 +488,31 @@ impl Relay {
 
             let mut worked = false;
             let mut more = false;
-            for &part in &owned {
-                if shutdown.is_cancelled() || Instant::now() >= next_lease {
-                    break;
-                }
-                if backoff.get(&part).is_some_and(|b| b.until > Instant::now()) {
-                    continue;
-                }
-                match self.relay_batch(part, batch_limit, shutdown).await {
-                    Ok(progress) => {
+            // The partitions due now, `concurrency` of them at a time; each
+            // partition has at most one batch in flight, so its order holds.
+            let due: Vec<i32> = owned
+                .iter()
+                .copied()
+                .filter(|p| backoff.get(p).is_none_or(|b| b.until <= Instant::now()))
+                .collect();
+            let lease_due = next_lease;
+            let this = &*self;
+            let mut batches = futures_util::stream::iter(due)
+                .map(|part| async move {
+                    if shutdown.is_cancelled() || Instant::now() >= lease_due {
+                        return (part, None);
+                    }
+                    (
+                        part,
+                        Some(this.relay_batch(part, batch_limit, shutdown).await),
+                    )
+                })
+                .buffer_unordered(self.config.concurrency);
+            let mut abandoned = false;
+            while let Some((part, outcome)) = batches.next().await {
+                match outcome {
+                    None => {}
+                    Some(Ok(progress)) => {
                         backoff.remove(&part);
                         if progress.rows > 0 {
                             worked = true;
@@ -487,8 +522,8 @@ impl Relay {
                             report.batches += 1;
                         }
                     }
-                    Err(BatchError::Abandoned) => break,
-                    Err(BatchError::Failed(e)) => {
+                    Some(Err(BatchError::Abandoned)) => abandoned = true,
+                    Some(Err(BatchError::Failed(e))) => {
                         report.failures += 1;
                         metrics::counter!("outbox_relay_failures_total").increment(1);
                         let b = backoff.entry(part).or_insert(Backoff {
@@ -505,6 +540,10 @@ impl Relay {
                         warn!(partition = part, attempts = b.attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
                     }
                 }
+            }
+            drop(batches);
+            if abandoned {
+                break;
             }
 
             if let Retention::Keep(keep) = self.config.retention

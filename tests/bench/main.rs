@@ -17,6 +17,10 @@
 //! - consume: the same events read back by a fresh consumer group and acked
 //!   (offsets committed / JetStream acks); timed from the first event to the
 //!   last, so the group join is not counted.
+//! - outbox: raw PostgreSQL/SQLite insert rates (batched and one row per
+//!   commit), relay throughput to NATS and Kafka beside the raw batched
+//!   insert rate, and commit-to-broker-ack latency at half load beside the
+//!   25 ms target (see `outbox.rs`).
 //! - codec: encode + decode of one 1 KiB event in the CloudEvents Kafka
 //!   binary binding, against the SDK's structured JSON round trip.
 
@@ -24,6 +28,8 @@ mod codec;
 mod kafka;
 mod memory;
 mod nats;
+mod outbox;
+mod raw_sql;
 
 use std::time::Duration;
 
@@ -60,6 +66,7 @@ enum Which {
     Memory,
     Kafka,
     Nats,
+    Outbox,
 }
 
 /// One measured figure.
@@ -78,6 +85,26 @@ impl Figure {
             ours: events as f64 / ours.as_secs_f64(),
             baseline: events as f64 / baseline.as_secs_f64(),
             unit: "events/s",
+        }
+    }
+
+    /// A rate measured directly, in events/s.
+    fn rates(bench: impl Into<String>, ours: f64, baseline: f64) -> Self {
+        Self {
+            bench: bench.into(),
+            ours,
+            baseline,
+            unit: "events/s",
+        }
+    }
+
+    /// A latency in milliseconds beside its target (lower is better).
+    fn millis(bench: impl Into<String>, ours: f64, target: f64) -> Self {
+        Self {
+            bench: bench.into(),
+            ours,
+            baseline: target,
+            unit: "ms",
         }
     }
 
@@ -126,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Which::Nats) {
         figures.extend(nats::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Outbox) {
+        figures.extend(outbox::run(args.events, args.size, rounds).await?);
     }
     eprintln!();
     eprintln!(

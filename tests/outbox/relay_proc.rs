@@ -40,6 +40,10 @@ struct Args {
     /// Lease time in milliseconds.
     #[arg(long, default_value_t = 3000)]
     lease_ms: u64,
+    /// Partitions published at once (1: batches go out one at a time, so
+    /// the pause paces the whole relay).
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
     /// Pause after each acknowledged batch, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pause_ms: u64,
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let config = RelayConfig::new()
         .relay_id(&args.relay_id)
         .batch_size(args.batch_size)
+        .concurrency(args.concurrency)
         .lease_ttl(Duration::from_millis(args.lease_ms))
         .poll_interval(Duration::from_millis(100))
         .backoff(Duration::from_millis(50), Duration::from_millis(1000));

@@ -1,0 +1,359 @@
+//! The outbox relay beside raw database writes, on PostgreSQL and SQLite.
+//!
+//! - `outbox.<db>.raw_batched_insert` / `raw_single_commit`: plain sqlx
+//!   writes of rows of the outbox's shape (the baselines; `ratio` 1).
+//! - `outbox.<db>.relay_to_<broker>`: committed outbox rows published
+//!   through the broker adapter (acknowledged) and deleted, in events/s,
+//!   beside the raw batched insert rate of the same database, measured in
+//!   the same run (target ≥ 0.8).
+//! - `outbox.<db>.commit_to_ack_p50/p99_to_<broker>`: from the commit of
+//!   the enqueueing transaction to the broker's acknowledgement of the
+//!   relay's publish, with producers committing at half the measured relay
+//!   rate (ms; baseline: the target, 25 ms).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
+use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
+use broker_adapters::prelude::*;
+use orchestrator::{Outbox, OutboxConfig, RelayConfig};
+use sqlx::{Postgres, Sqlite};
+
+use crate::raw_sql::{self, RawRates};
+use crate::{Figure, best};
+
+/// Events per transaction when filling the outbox.
+const FILL_TX: usize = 500;
+/// Relay batch size and partitions published at once.
+const RELAY_BATCH: usize = 500;
+const RELAY_CONCURRENCY: usize = 8;
+/// Events per latency run.
+const LATENCY_EVENTS: usize = 4000;
+/// Events per producer transaction in the latency run.
+const LATENCY_TX: usize = 10;
+
+/// Records when the broker acknowledged each event id.
+#[derive(Debug)]
+struct Timed {
+    inner: Arc<dyn Publisher>,
+    acked: Mutex<HashMap<String, Instant>>,
+}
+
+impl Timed {
+    fn new(inner: Arc<dyn Publisher>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            acked: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn record(&self, ids: Vec<String>) {
+        let now = Instant::now();
+        let mut acked = self.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            acked.entry(id).or_insert(now);
+        }
+    }
+
+    fn take(&self) -> HashMap<String, Instant> {
+        std::mem::take(&mut *self.acked.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+#[async_trait]
+impl Publisher for Timed {
+    async fn publish(&self, topic: &Topic, event: Event) -> broker_adapters::Result<()> {
+        let id = event.id().to_owned();
+        self.inner.publish(topic, event).await?;
+        self.record(vec![id]);
+        Ok(())
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+    ) -> broker_adapters::Result<()> {
+        let ids = events.iter().map(|e| e.id().to_owned()).collect();
+        self.inner.publish_batch(topic, events).await?;
+        self.record(ids);
+        Ok(())
+    }
+
+    async fn flush(&self) -> broker_adapters::Result<()> {
+        self.inner.flush().await
+    }
+
+    async fn close(&self) -> broker_adapters::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// The outbox of one database, whichever it is.
+enum Db {
+    Pg(Outbox<Postgres>),
+    Lite(Outbox<Sqlite>),
+}
+
+impl Db {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pg(_) => "postgres",
+            Self::Lite(_) => "sqlite",
+        }
+    }
+
+    /// Commits `events` in one transaction; returns when it committed.
+    async fn commit(&self, topic: &Topic, events: &[Event]) -> anyhow::Result<Instant> {
+        match self {
+            Self::Pg(outbox) => {
+                let mut tx = outbox.pool().begin().await?;
+                for e in events {
+                    outbox.enqueue(&mut tx, topic, e).await?;
+                }
+                tx.commit().await?;
+            }
+            Self::Lite(outbox) => {
+                let mut tx = outbox.pool().begin().await?;
+                for e in events {
+                    outbox.enqueue(&mut tx, topic, e).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(Instant::now())
+    }
+
+    async fn pending(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Self::Pg(outbox) => outbox.pending().await?,
+            Self::Lite(outbox) => outbox.pending().await?,
+        })
+    }
+
+    fn relay(
+        &self,
+        publisher: Arc<dyn Publisher>,
+        config: RelayConfig,
+    ) -> anyhow::Result<orchestrator::Relay> {
+        Ok(match self {
+            Self::Pg(outbox) => outbox.relay(publisher, config)?,
+            Self::Lite(outbox) => outbox.relay(publisher, config)?,
+        })
+    }
+}
+
+fn events(n: usize, size: usize, round: usize) -> anyhow::Result<Vec<Event>> {
+    (0..n)
+        .map(|i| {
+            CloudEventBuilder::new("com.example.order.placed", "/bench")
+                .partition_key(format!("r{round}-k{}", i % 64))
+                .json_data(&crate::payload(size))
+                .build()
+                .map_err(Into::into)
+        })
+        .collect()
+}
+
+fn relay_config() -> RelayConfig {
+    RelayConfig::new()
+        .batch_size(RELAY_BATCH)
+        .concurrency(RELAY_CONCURRENCY)
+        .poll_interval(Duration::from_millis(200))
+}
+
+/// Fills the outbox with `n` committed events, then times one relay
+/// publishing all of them (events/s).
+async fn relay_rate(
+    db: &Db,
+    publisher: Arc<dyn Publisher>,
+    topic: &Topic,
+    n: usize,
+    size: usize,
+    round: usize,
+) -> anyhow::Result<Duration> {
+    let batch = events(n, size, round)?;
+    for chunk in batch.chunks(FILL_TX) {
+        db.commit(topic, chunk).await?;
+    }
+    let start = Instant::now();
+    let relay = db.relay(publisher, relay_config())?.spawn();
+    let deadline = start + Duration::from_secs(300);
+    while db.pending().await? > 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not drain the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = start.elapsed();
+    relay.shutdown().await?;
+    Ok(took)
+}
+
+/// Producers commit `LATENCY_TX` events at a time at `rate` events/s while a
+/// relay publishes them; returns (p50, p99) of commit → broker ack, in ms.
+async fn latency(
+    db: &Db,
+    publisher: Arc<dyn Publisher>,
+    topic: &Topic,
+    rate: f64,
+    size: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let timed = Timed::new(publisher);
+    let relay = db
+        .relay(timed.clone(), relay_config().batch_size(100))?
+        .spawn();
+    let batch = events(LATENCY_EVENTS, size, 9999)?;
+    let interval = Duration::from_secs_f64(LATENCY_TX as f64 / rate.max(1.0));
+    let mut committed: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for chunk in batch.chunks(LATENCY_TX) {
+        tick.tick().await;
+        let at = db.commit(topic, chunk).await?;
+        for e in chunk {
+            committed.insert(e.id().to_owned(), at);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.pending().await? > 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not drain the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    relay.shutdown().await?;
+    let acked = timed.take();
+    let mut ms: Vec<f64> = committed
+        .iter()
+        .filter_map(|(id, at)| acked.get(id).map(|a| a.saturating_duration_since(*at)))
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    anyhow::ensure!(
+        ms.len() == committed.len(),
+        "{} of {} events acknowledged",
+        ms.len(),
+        committed.len()
+    );
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+    Ok((at(0.50), at(0.99)))
+}
+
+async fn brokers() -> anyhow::Result<Vec<(&'static str, Arc<dyn Publisher>)>> {
+    e2e::require(e2e::Server::Nats)?;
+    e2e::require(e2e::Server::Kafka)?;
+    let nats = NatsBroker::connect(
+        NatsConfig::builder()
+            .url(e2e::nats_url())
+            .stream_prefix("BENCH_OUTBOX_")
+            .storage(Storage::File)
+            .max_age(Duration::from_secs(600)),
+    )
+    .await?;
+    let kafka = KafkaBroker::connect(
+        KafkaConfig::builder(e2e::kafka_bootstrap_servers().split(','))
+            .session_timeout(Duration::from_secs(6)),
+    )
+    .await?;
+    Ok(vec![("nats", Arc::new(nats)), ("kafka", Arc::new(kafka))])
+}
+
+async fn measure(
+    db: &Db,
+    raw: RawRates,
+    n: usize,
+    size: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<Figure>> {
+    let name = db.name();
+    let mut figures = vec![
+        Figure::rates(
+            format!("outbox.{name}.raw_batched_insert"),
+            raw.batched,
+            raw.batched,
+        ),
+        Figure::rates(
+            format!("outbox.{name}.raw_single_commit"),
+            raw.single,
+            raw.single,
+        ),
+    ];
+    for (broker, publisher) in brokers().await? {
+        let topic = Topic::try_from(
+            format!("bench.outbox.{name}.{broker}.p{}", std::process::id()).replace('.', "-"),
+        )?;
+        let mut took = Vec::new();
+        for round in 0..rounds {
+            took.push(relay_rate(db, publisher.clone(), &topic, n, size, round).await?);
+            eprintln!("outbox {name} → {broker} round {round}: done");
+        }
+        let rate = n as f64 / best(took).as_secs_f64();
+        figures.push(Figure::rates(
+            format!("outbox.{name}.relay_to_{broker}"),
+            rate,
+            raw.batched,
+        ));
+        let (p50, p99) = latency(db, publisher.clone(), &topic, rate / 2.0, size).await?;
+        figures.push(Figure::millis(
+            format!("outbox.{name}.commit_to_ack_p50_to_{broker}"),
+            p50,
+            25.0,
+        ));
+        figures.push(Figure::millis(
+            format!("outbox.{name}.commit_to_ack_p99_to_{broker}"),
+            p99,
+            25.0,
+        ));
+    }
+    Ok(figures)
+}
+
+pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+
+    // PostgreSQL: a fresh schema for the raw rows and one for the outbox.
+    let url = e2e::require(e2e::Server::Postgres)?;
+    let raw_schema = e2e::unique_name("bench_raw");
+    let pool = raw_sql::pg_pool(&url, &raw_schema).await?;
+    let raw = raw_sql::postgres(&pool, n, 2000, size).await;
+    pool.close().await;
+    raw_sql::pg_drop(&url, &raw_schema).await?;
+    let raw = raw?;
+    let schema = e2e::unique_name("bench_outbox");
+    let pool = raw_sql::pg_pool(&url, &schema).await?;
+    orchestrator::postgres::migrate(&pool).await?;
+    let db = Db::Pg(Outbox::postgres(pool.clone(), OutboxConfig::new()).await?);
+    let pg = measure(&db, raw, n, size, rounds).await;
+    pool.close().await;
+    raw_sql::pg_drop(&url, &schema).await?;
+    figures.extend(pg?);
+
+    // SQLite: files in a fresh directory.
+    let dir = std::env::temp_dir().join(e2e::unique_name("bench-outbox-sqlite"));
+    std::fs::create_dir_all(&dir)?;
+    let result = async {
+        let pool = raw_sql::sqlite_pool(&dir.join("raw.db")).await?;
+        let raw = raw_sql::sqlite(&pool, n, 2000, size).await;
+        pool.close().await;
+        let raw = raw?;
+        let url = format!("sqlite://{}", dir.join("outbox.db").display());
+        let pool = orchestrator::sqlite::connect(&url).await?;
+        orchestrator::sqlite::migrate(&pool).await?;
+        let db = Db::Lite(Outbox::sqlite(pool.clone(), OutboxConfig::new()).await?);
+        let figures = measure(&db, raw, n, size, rounds).await;
+        pool.close().await;
+        figures
+    }
+    .await
+    .context("sqlite");
+    let _ = std::fs::remove_dir_all(&dir);
+    figures.extend(result?);
+    Ok(figures)
+}
