@@ -348,3 +348,69 @@ async fn a_held_key_does_not_block_other_keys() {
         .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
     let _ = jetstream::new(client).delete_stream(&stream).await;
 }
+
+fn keyed(key: &str, n: usize) -> broker_adapters::cloudevents::Event {
+    CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key(key)
+        .json_data(&n)
+        .build()
+        .expect("valid")
+}
+
+/// Checks that `n` is the next event of `key` to be handled, and records it.
+fn handled_in_order(last: &mut std::collections::HashMap<String, usize>, key: &str, n: usize) {
+    let expected = last.get(key).map_or(0, |prev| prev + 1);
+    assert_eq!(n, expected, "key {key}: event {n} handled out of order");
+    last.insert(key.to_owned(), n);
+}
+
+/// Nacks without delay come back at once, even when every key of a full
+/// prefetch window waits for one: a subscription that nacks every fourth
+/// delivery of 300 keyed events (6 keys, one batch) and acks the rest handles
+/// them all, in per-key order, with no delivery taking long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacks_without_delay_are_redelivered_at_once_and_in_key_order() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_nack_flood");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    let per_key = 50;
+    let total = keys.len() * per_key;
+    let events = (0..per_key)
+        .flat_map(|n| keys.iter().map(move |k| keyed(k, n)))
+        .collect();
+    broker
+        .publish_batch(&topic, events)
+        .await
+        .expect("published");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g").expect("valid group"))
+        .await
+        .expect("subscribed");
+
+    let mut last = std::collections::HashMap::new();
+    let mut handled = 0;
+    let mut deliveries = 0_usize;
+    while handled < total {
+        // Much shorter than the ack deadline (30 s): a nacked event that only
+        // comes back after the ack deadline, or a key given up on, fails here.
+        let what = format!("delivery {deliveries} ({handled} of {total} handled)");
+        let mut d = recv(&mut sub, &what).await;
+        deliveries += 1;
+        let key = d.event().partition_key().unwrap_or_default().to_owned();
+        let n: usize = d.event().data_as().expect("a sequence number");
+        if deliveries % 4 == 0 {
+            d.nack(None).await.expect("nacked");
+        } else {
+            handled_in_order(&mut last, &key, n);
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+    }
+    sub.close().await.expect("closed");
+
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let _ = jetstream::new(client).delete_stream(&stream).await;
+}
