@@ -414,3 +414,62 @@ async fn nacks_without_delay_are_redelivered_at_once_and_in_key_order() {
         .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
     let _ = jetstream::new(client).delete_stream(&stream).await;
 }
+
+/// A subscription dropped (not closed) right after dropping an unsettled
+/// delivery gives back everything it fetched before its successor in the
+/// group starts: the successor, subscribing shortly after, handles every
+/// remaining event of each key in order, starting with the dropped one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_releases_its_events_before_its_successor_gets_later_ones() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_drop_order");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let keys = ["k0", "k1", "k2"];
+    let per_key = 40;
+    let total = keys.len() * per_key;
+    let events = (0..per_key)
+        .flat_map(|n| keys.iter().map(move |k| keyed(k, n)))
+        .collect();
+    broker
+        .publish_batch(&topic, events)
+        .await
+        .expect("published");
+    let options = || SubscribeOptions::new("g").expect("valid group");
+
+    let mut last = std::collections::HashMap::new();
+    let mut handled = 0;
+    let mut first = broker
+        .subscribe(&topic, options())
+        .await
+        .expect("subscribed");
+    for _ in 0..10 {
+        let mut d = recv(&mut first, "an event for the first member").await;
+        let key = d.event().partition_key().unwrap_or_default().to_owned();
+        handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
+        d.ack().await.expect("acked");
+        handled += 1;
+    }
+    let unsettled = recv(&mut first, "the event the first member drops").await;
+    drop(unsettled);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut second = broker
+        .subscribe(&topic, options())
+        .await
+        .expect("subscribed");
+    while handled < total {
+        let what = format!("an event for the successor ({handled} of {total} handled)");
+        let mut d = recv(&mut second, &what).await;
+        let key = d.event().partition_key().unwrap_or_default().to_owned();
+        handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
+        d.ack().await.expect("acked");
+        handled += 1;
+    }
+    second.close().await.expect("closed");
+
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let _ = jetstream::new(client).delete_stream(&stream).await;
+}

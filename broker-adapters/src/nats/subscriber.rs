@@ -253,6 +253,14 @@ struct Entry {
     attempt: NonZeroU32,
 }
 
+/// The nack of a delivery dropped unsettled, queued for the pump.
+#[derive(Debug)]
+struct Nak {
+    seq: u64,
+    key: Option<Arc<str>>,
+    msg: jetstream::Message,
+}
+
 /// What the pump, the subscription stream and the ackers share.
 struct Shared {
     state: Mutex<State>,
@@ -265,7 +273,7 @@ struct Shared {
 struct State {
     gate: Gate<Entry>,
     /// Nacks of deliveries dropped unsettled, for the pump to send in order.
-    naks: Vec<(u64, jetstream::Message)>,
+    naks: Vec<Nak>,
     /// The pump stopped: nothing more arrives.
     ended: bool,
     /// Why the pump stopped, if it failed; reported once by the stream.
@@ -289,6 +297,14 @@ impl Shared {
         }
     }
 
+    /// The nack of `seq`, which its key waits for, was sent: the pump may
+    /// need to pull for its redelivery.
+    fn nack_sent(&self, key: Option<&Arc<str>>, seq: u64, delay: Duration) {
+        let Some(key) = key else { return };
+        self.lock().gate.nack_sent(key, seq, delay, Instant::now());
+        self.wake_pump.notify_one();
+    }
+
     /// A delivery dropped unsettled: its key waits for the redelivery, and
     /// the message is nacked (by the pump, in order with the rest).
     fn abandon(&self, key: Option<&Arc<str>>, seq: u64, token: u64, msg: jetstream::Message) {
@@ -306,7 +322,11 @@ impl Shared {
             drop(state);
             nak_in_background(msg);
         } else {
-            state.naks.push((seq, msg));
+            state.naks.push(Nak {
+                seq,
+                key: key.cloned(),
+                msg,
+            });
             drop(state);
             self.wake_pump.notify_one();
         }
@@ -469,6 +489,8 @@ impl Acker for NatsAcker {
                 );
                 self.confirmed(NatsAck::Nak(delay), "nack").await?;
                 self.settled = true;
+                self.shared
+                    .nack_sent(key.as_ref(), self.seq, delay.unwrap_or_default());
             }
         }
         Ok(())
@@ -550,8 +572,15 @@ impl Pump {
             self.pull_if_room().await;
             let refresh_at = self.shared.lock().gate.next_refresh();
             let lost_at = self.pull.as_ref().map(Pull::lost_at);
-            let pull_at = (self.pull.is_none() && self.next_pull_at > Instant::now())
-                .then_some(self.next_pull_at);
+            let now = Instant::now();
+            let pull_at = if self.pull.is_some() {
+                None
+            } else if self.next_pull_at > now {
+                Some(self.next_pull_at)
+            } else {
+                // A delayed nack coming due needs a pull even when the gate is full.
+                self.shared.lock().gate.next_redelivery_due(now)
+            };
             let step = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => Step::Stop,
@@ -599,15 +628,25 @@ impl Pump {
     }
 
     /// Sends a pull request when none is outstanding and the gate has room
-    /// for at least half of `prefetch` (or is empty).
+    /// for at least half of `prefetch` (or is empty), or for a nacked
+    /// message its key waits for.
+    ///
+    /// JetStream sends due redeliveries before new messages, so a nacked
+    /// message comes back on the next pull request; the window grows by one
+    /// per redelivery due. Without that, keys waiting for redeliveries could
+    /// hold the whole window, no pull request would go out, and nothing would
+    /// come back until those keys give up, out of order.
     async fn pull_if_room(&mut self) {
         let now = Instant::now();
         if self.pull.is_some() || now < self.next_pull_at {
             return;
         }
-        let held = self.shared.lock().gate.len();
-        let room = self.prefetch.saturating_sub(held);
-        if room == 0 || (held > 0 && room < self.prefetch.div_ceil(2)) {
+        let (held, due) = {
+            let state = self.shared.lock();
+            (state.gate.len(), state.gate.redeliveries_due(now))
+        };
+        let room = (self.prefetch + due).saturating_sub(held);
+        if room == 0 || (held > 0 && due == 0 && room < self.prefetch.div_ceil(2)) {
             return;
         }
         self.pulls += 1;
@@ -819,10 +858,13 @@ impl Pump {
     /// Nacks deliveries dropped unsettled, in stream order.
     async fn send_queued_naks(&self) {
         let mut naks = std::mem::take(&mut self.shared.lock().naks);
-        naks.sort_by_key(|(seq, _)| *seq);
-        for (_, msg) in naks {
-            if let Err(e) = msg.ack_with(NatsAck::Nak(None)).await {
-                tracing::debug!(error = %e, "could not nack a dropped delivery; it is redelivered after its ack deadline");
+        naks.sort_by_key(|nak| nak.seq);
+        for Nak { seq, key, msg } in naks {
+            match msg.ack_with(NatsAck::Nak(None)).await {
+                Ok(()) => self.shared.nack_sent(key.as_ref(), seq, Duration::ZERO),
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not nack a dropped delivery; it is redelivered after its ack deadline");
+                }
             }
         }
     }
@@ -861,7 +903,7 @@ impl Pump {
         let mut naks: Vec<(u64, jetstream::Message)> = held
             .into_iter()
             .map(|(seq, entry)| (seq, entry.msg))
-            .chain(queued)
+            .chain(queued.into_iter().map(|nak| (nak.seq, nak.msg)))
             .chain(leftovers)
             .collect();
         naks.sort_by_key(|(seq, _)| *seq);
