@@ -10,6 +10,7 @@
 //! ten minutes; the first test of a run deletes the test streams older than
 //! that, so the server does not fill up across runs.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -415,61 +416,88 @@ async fn nacks_without_delay_are_redelivered_at_once_and_in_key_order() {
     let _ = jetstream::new(client).delete_stream(&stream).await;
 }
 
-/// A subscription dropped (not closed) right after dropping an unsettled
+/// A subscription dropped (not closed) shortly after dropping an unsettled
 /// delivery gives back everything it fetched before its successor in the
-/// group starts: the successor, subscribing shortly after, handles every
-/// remaining event of each key in order, starting with the dropped one.
+/// group gets later events: the successor, subscribing 200 ms later, handles
+/// every remaining event of each key in order, starting with the dropped one.
+///
+/// The first member has a pull request waiting (the events are published
+/// while it consumes), so the nack of the dropped delivery brings it straight
+/// back to that request; the rounds drop the subscription at different
+/// moments around then, some while the redelivery is on its way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_subscription_releases_its_events_before_its_successor_gets_later_ones() {
     let (url, broker) = connect().await;
-    let topic = topic("nats_drop_order");
-    let stream = broker.provision(&topic).await.expect("stream provisioned");
-    let keys = ["k0", "k1", "k2"];
-    let per_key = 40;
-    let total = keys.len() * per_key;
-    let events = (0..per_key)
-        .flat_map(|n| keys.iter().map(move |k| keyed(k, n)))
-        .collect();
-    broker
-        .publish_batch(&topic, events)
+    let small = NatsBroker::connect(config(&url).prefetch(NonZeroUsize::new(8).expect("8")))
         .await
-        .expect("published");
-    let options = || SubscribeOptions::new("g").expect("valid group");
-
-    let mut last = std::collections::HashMap::new();
-    let mut handled = 0;
-    let mut first = broker
-        .subscribe(&topic, options())
-        .await
-        .expect("subscribed");
-    for _ in 0..10 {
-        let mut d = recv(&mut first, "an event for the first member").await;
-        let key = d.event().partition_key().unwrap_or_default().to_owned();
-        handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
-        d.ack().await.expect("acked");
-        handled += 1;
-    }
-    let unsettled = recv(&mut first, "the event the first member drops").await;
-    drop(unsettled);
-    drop(first);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let mut second = broker
-        .subscribe(&topic, options())
-        .await
-        .expect("subscribed");
-    while handled < total {
-        let what = format!("an event for the successor ({handled} of {total} handled)");
-        let mut d = recv(&mut second, &what).await;
-        let key = d.event().partition_key().unwrap_or_default().to_owned();
-        handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
-        d.ack().await.expect("acked");
-        handled += 1;
-    }
-    second.close().await.expect("closed");
-
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
     let client = async_nats::connect(url.as_str())
         .await
         .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
-    let _ = jetstream::new(client).delete_stream(&stream).await;
+    let js = jetstream::new(client);
+    let keys = ["k0", "k1", "k2"];
+    let per_key = 30;
+    let total = keys.len() * per_key;
+    for round in 0..24 {
+        let topic = topic("nats_drop_order");
+        let stream = broker.provision(&topic).await.expect("stream provisioned");
+        let options = || SubscribeOptions::new("g").expect("valid group");
+        let mut first = small
+            .subscribe(&topic, options())
+            .await
+            .expect("subscribed");
+        let publishing = {
+            let broker = broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for n in 0..per_key {
+                    let events = keys.iter().map(|k| keyed(k, n)).collect();
+                    broker
+                        .publish_batch(&topic, events)
+                        .await
+                        .expect("published");
+                }
+            })
+        };
+
+        let mut last = std::collections::HashMap::new();
+        let mut handled = 0;
+        for _ in 0..3 {
+            let mut d = recv(&mut first, "an event for the first member").await;
+            let key = d.event().partition_key().unwrap_or_default().to_owned();
+            handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+        let unsettled = recv(&mut first, "the event the first member drops").await;
+        drop(unsettled);
+        // Its nack goes out after a short debounce and brings it back on the
+        // waiting pull request: drop the subscription around then.
+        tokio::time::sleep(Duration::from_micros(12_000 + 750 * round)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut second = broker
+            .subscribe(&topic, options())
+            .await
+            .expect("subscribed");
+        while handled < total {
+            let what =
+                format!("round {round}: an event for the successor ({handled} of {total} handled)");
+            let mut d = recv(&mut second, &what).await;
+            let key = d.event().partition_key().unwrap_or_default().to_owned();
+            let n: usize = d.event().data_as().expect("n");
+            let expected = last.get(&key).map_or(0, |prev| prev + 1);
+            assert_eq!(
+                n, expected,
+                "round {round}, key {key}: event {n} handled out of order"
+            );
+            last.insert(key, n);
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+        second.close().await.expect("closed");
+        publishing.await.expect("publisher task");
+        let _ = js.delete_stream(&stream).await;
+    }
 }
