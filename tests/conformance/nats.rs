@@ -400,7 +400,7 @@ async fn nacks_without_delay_are_redelivered_at_once_and_in_key_order() {
         deliveries += 1;
         let key = d.event().partition_key().unwrap_or_default().to_owned();
         let n: usize = d.event().data_as().expect("a sequence number");
-        if deliveries % 4 == 0 {
+        if deliveries.is_multiple_of(4) {
             d.nack(None).await.expect("nacked");
         } else {
             handled_in_order(&mut last, &key, n);
