@@ -244,6 +244,13 @@ impl<T> Gate<T> {
         }
     }
 
+    /// Whether `key` still waits for nacked message `seq` (`None`: no), and
+    /// if so whether its nack was sent and its delay has passed by `now`.
+    pub(crate) fn awaits(&self, key: &Arc<str>, seq: u64, now: Instant) -> Option<bool> {
+        let awaited = self.keys.get(key)?.awaiting.get(&seq)?;
+        Some(awaited.due.is_some_and(|due| due <= now))
+    }
+
     fn awaited(&self) -> impl Iterator<Item = &Awaited> {
         self.keys.values().flat_map(|s| s.awaiting.values())
     }
