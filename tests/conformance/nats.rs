@@ -10,6 +10,7 @@
 //! ten minutes; the first test of a run deletes the test streams older than
 //! that, so the server does not fill up across runs.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -347,4 +348,156 @@ async fn a_held_key_does_not_block_other_keys() {
         .await
         .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
     let _ = jetstream::new(client).delete_stream(&stream).await;
+}
+
+fn keyed(key: &str, n: usize) -> broker_adapters::cloudevents::Event {
+    CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key(key)
+        .json_data(&n)
+        .build()
+        .expect("valid")
+}
+
+/// Checks that `n` is the next event of `key` to be handled, and records it.
+fn handled_in_order(last: &mut std::collections::HashMap<String, usize>, key: &str, n: usize) {
+    let expected = last.get(key).map_or(0, |prev| prev + 1);
+    assert_eq!(n, expected, "key {key}: event {n} handled out of order");
+    last.insert(key.to_owned(), n);
+}
+
+/// Nacks without delay come back at once, even when every key of a full
+/// prefetch window waits for one: a subscription that nacks every fourth
+/// delivery of 300 keyed events (6 keys, one batch) and acks the rest handles
+/// them all, in per-key order, with no delivery taking long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacks_without_delay_are_redelivered_at_once_and_in_key_order() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_nack_flood");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5"];
+    let per_key = 50;
+    let total = keys.len() * per_key;
+    let events = (0..per_key)
+        .flat_map(|n| keys.iter().map(move |k| keyed(k, n)))
+        .collect();
+    broker
+        .publish_batch(&topic, events)
+        .await
+        .expect("published");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g").expect("valid group"))
+        .await
+        .expect("subscribed");
+
+    let mut last = std::collections::HashMap::new();
+    let mut handled = 0;
+    let mut deliveries = 0_usize;
+    while handled < total {
+        // Much shorter than the ack deadline (30 s): a nacked event that only
+        // comes back after the ack deadline, or a key given up on, fails here.
+        let what = format!("delivery {deliveries} ({handled} of {total} handled)");
+        let mut d = recv(&mut sub, &what).await;
+        deliveries += 1;
+        let key = d.event().partition_key().unwrap_or_default().to_owned();
+        let n: usize = d.event().data_as().expect("a sequence number");
+        if deliveries.is_multiple_of(4) {
+            d.nack(None).await.expect("nacked");
+        } else {
+            handled_in_order(&mut last, &key, n);
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+    }
+    sub.close().await.expect("closed");
+
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let _ = jetstream::new(client).delete_stream(&stream).await;
+}
+
+/// A subscription dropped (not closed) shortly after dropping an unsettled
+/// delivery gives back everything it fetched before its successor in the
+/// group gets later events: the successor, subscribing 200 ms later, handles
+/// every remaining event of each key in order, starting with the dropped one.
+///
+/// The first member has a pull request waiting (the events are published
+/// while it consumes), so the nack of the dropped delivery brings it straight
+/// back to that request; the rounds drop the subscription at different
+/// moments around then, some while the redelivery is on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_releases_its_events_before_its_successor_gets_later_ones() {
+    let (url, broker) = connect().await;
+    let small = NatsBroker::connect(config(&url).prefetch(NonZeroUsize::new(8).expect("8")))
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(client);
+    let keys = ["k0", "k1", "k2"];
+    let per_key = 30;
+    let total = keys.len() * per_key;
+    for round in 0..24 {
+        let topic = topic("nats_drop_order");
+        let stream = broker.provision(&topic).await.expect("stream provisioned");
+        let options = || SubscribeOptions::new("g").expect("valid group");
+        let mut first = small
+            .subscribe(&topic, options())
+            .await
+            .expect("subscribed");
+        let publishing = {
+            let broker = broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for n in 0..per_key {
+                    let events = keys.iter().map(|k| keyed(k, n)).collect();
+                    broker
+                        .publish_batch(&topic, events)
+                        .await
+                        .expect("published");
+                }
+            })
+        };
+
+        let mut last = std::collections::HashMap::new();
+        let mut handled = 0;
+        for _ in 0..3 {
+            let mut d = recv(&mut first, "an event for the first member").await;
+            let key = d.event().partition_key().unwrap_or_default().to_owned();
+            handled_in_order(&mut last, &key, d.event().data_as().expect("n"));
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+        let unsettled = recv(&mut first, "the event the first member drops").await;
+        drop(unsettled);
+        // Its nack goes out after a short debounce and brings it back on the
+        // waiting pull request: drop the subscription around then.
+        tokio::time::sleep(Duration::from_micros(12_000 + 750 * round)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let mut second = broker
+            .subscribe(&topic, options())
+            .await
+            .expect("subscribed");
+        while handled < total {
+            let what =
+                format!("round {round}: an event for the successor ({handled} of {total} handled)");
+            let mut d = recv(&mut second, &what).await;
+            let key = d.event().partition_key().unwrap_or_default().to_owned();
+            let n: usize = d.event().data_as().expect("n");
+            let expected = last.get(&key).map_or(0, |prev| prev + 1);
+            assert_eq!(
+                n, expected,
+                "round {round}, key {key}: event {n} handled out of order"
+            );
+            last.insert(key, n);
+            d.ack().await.expect("acked");
+            handled += 1;
+        }
+        second.close().await.expect("closed");
+        publishing.await.expect("publisher task");
+        let _ = js.delete_stream(&stream).await;
+    }
 }

@@ -48,8 +48,17 @@ struct KeyState<T> {
     held: BTreeMap<u64, Held<T>>,
     /// The message of this key handed out and not yet settled: (sequence, token).
     in_flight: Option<(u64, u64)>,
-    /// Nacked messages expected back, with when to stop waiting for them.
-    awaiting: BTreeMap<u64, Instant>,
+    /// Nacked messages expected back.
+    awaiting: BTreeMap<u64, Awaited>,
+}
+
+/// A nacked message a key waits for.
+#[derive(Debug, Clone, Copy)]
+struct Awaited {
+    /// When the broker may redeliver it: set once the nack was sent.
+    due: Option<Instant>,
+    /// When to stop waiting for it.
+    until: Instant,
 }
 
 impl<T> Default for KeyState<T> {
@@ -206,9 +215,13 @@ impl<T> Gate<T> {
         }
         state.in_flight = None;
         if let Settled::Redeliver { delay } = settled {
-            state
-                .awaiting
-                .insert(seq, now + delay.saturating_add(self.give_up_after));
+            state.awaiting.insert(
+                seq,
+                Awaited {
+                    due: None,
+                    until: now + delay.saturating_add(self.give_up_after),
+                },
+            );
         }
         if state.is_idle() {
             self.keys.remove(key);
@@ -216,13 +229,53 @@ impl<T> Gate<T> {
         true
     }
 
+    /// Records that the nack of message `seq`, which its key waits for, was
+    /// sent: the broker may redeliver it from `now + delay` on.
+    pub(crate) fn nack_sent(&mut self, key: &Arc<str>, seq: u64, delay: Duration, now: Instant) {
+        let give_up_after = self.give_up_after;
+        if let Some(awaited) = self
+            .keys
+            .get_mut(key)
+            .and_then(|s| s.awaiting.get_mut(&seq))
+        {
+            let due = now + delay;
+            awaited.due = Some(due);
+            awaited.until = awaited.until.max(due + give_up_after);
+        }
+    }
+
+    /// Whether `key` still waits for nacked message `seq` (`None`: no), and
+    /// if so whether its nack was sent and its delay has passed by `now`.
+    pub(crate) fn awaits(&self, key: &Arc<str>, seq: u64, now: Instant) -> Option<bool> {
+        let awaited = self.keys.get(key)?.awaiting.get(&seq)?;
+        Some(awaited.due.is_some_and(|due| due <= now))
+    }
+
+    fn awaited(&self) -> impl Iterator<Item = &Awaited> {
+        self.keys.values().flat_map(|s| s.awaiting.values())
+    }
+
+    /// How many awaited redeliveries the broker may send by `now`. Each
+    /// needs room in a pull request beyond the prefetch, or the keys waiting
+    /// for them could hold the whole prefetch window and stall.
+    pub(crate) fn redeliveries_due(&self, now: Instant) -> usize {
+        self.awaited()
+            .filter(|a| a.due.is_some_and(|due| due <= now))
+            .count()
+    }
+
+    /// When the next awaited redelivery the broker may not send yet becomes due.
+    pub(crate) fn next_redelivery_due(&self, now: Instant) -> Option<Instant> {
+        self.awaited()
+            .filter_map(|a| a.due)
+            .filter(|&due| due > now)
+            .min()
+    }
+
     /// When [`pop`](Self::pop) may next find something without a new message
     /// or settlement: when a key stops waiting for a nacked message.
     pub(crate) fn wake_at(&self) -> Option<Instant> {
-        self.keys
-            .values()
-            .filter_map(|s| s.awaiting.values().min().copied())
-            .min()
+        self.awaited().map(|a| a.until).min()
     }
 
     /// When the next held message needs a progress ack.
@@ -273,8 +326,8 @@ impl<T> Gate<T> {
     /// another member of the group got them.
     fn expire(&mut self, now: Instant) {
         self.keys.retain(|key, state| {
-            state.awaiting.retain(|seq, until| {
-                let keep = *until > now;
+            state.awaiting.retain(|seq, awaited| {
+                let keep = awaited.until > now;
                 if !keep {
                     tracing::warn!(
                         partition.key = %key,
@@ -367,6 +420,37 @@ mod tests {
         assert!(gate.pop(now + WAIT).is_none());
         let later = gate.wake_at().expect("a deadline");
         assert_eq!(gate.pop(later).expect("given up on 1").seq, 2);
+    }
+
+    #[test]
+    fn a_nacked_event_needs_a_pull_once_its_nack_is_sent_and_due() {
+        let now = Instant::now();
+        let mut gate = Gate::new(WAIT);
+        gate.insert(key("k"), 1, "1", now);
+        gate.insert(key("k"), 2, "2", now);
+        let first = gate.pop(now).expect("1");
+        let delay = Duration::from_millis(300);
+        gate.settle(
+            first.key.as_ref(),
+            1,
+            first.token,
+            Settled::Redeliver { delay },
+            now,
+        );
+        assert_eq!(
+            gate.redeliveries_due(now + WAIT),
+            0,
+            "the nack is not sent yet"
+        );
+        assert_eq!(gate.next_redelivery_due(now), None);
+        let k: Arc<str> = Arc::from("k");
+        gate.nack_sent(&k, 1, delay, now);
+        assert_eq!(gate.redeliveries_due(now), 0, "not before its delay");
+        assert_eq!(gate.next_redelivery_due(now), Some(now + delay));
+        assert_eq!(gate.redeliveries_due(now + delay), 1);
+        gate.insert(key("k"), 1, "1 again", now + delay);
+        assert_eq!(gate.redeliveries_due(now + delay), 0, "it came back");
+        assert_eq!(gate.pop(now + delay).expect("1 again").item, "1 again");
     }
 
     #[test]

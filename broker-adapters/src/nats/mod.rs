@@ -71,7 +71,8 @@
 //! JetStream's delivery count. If a member crashes, what it held is
 //! redelivered once its ack deadline passes; a subscription that is dropped
 //! or [closed](crate::Subscription::close) nacks what it fetched and had not
-//! handed out, so the group's other members get it at once.
+//! handed out, so the group's other members get it at once (see [Leaving a
+//! group](#leaving-a-group)).
 //!
 //! # Ordering
 //!
@@ -81,9 +82,13 @@
 //! therefore holds back what it fetched: it hands out at most one event per
 //! `partitionkey` at a time, in stream order, and after a nack it holds the
 //! key until the nacked event comes back (or, if another member got it, until
-//! its nack delay plus the ack deadline have passed). Messages waiting behind
-//! their key are kept alive with progress acks, so they are not redelivered
-//! elsewhere meanwhile. Events without a key are not held back.
+//! its nack delay plus the ack deadline have passed). A nacked event comes
+//! back on the subscription's next pull request once its delay has passed,
+//! so the subscription pulls for it even when the events held behind their
+//! keys fill its prefetch window (which then grows by one per event due
+//! back). Messages waiting behind their key are kept alive with progress
+//! acks, so they are not redelivered elsewhere meanwhile. Events without a
+//! key are not held back.
 //!
 //! **The guarantee is per subscription.** Within one member, events of a key
 //! are handled in publish order, however many handlers run at once. Across
@@ -92,6 +97,38 @@
 //! order across members, run one member per group, or set
 //! [`NatsConfig::max_ack_pending`] to 1: JetStream then hands out one event
 //! of the group at a time, in order, to whichever member (no concurrency).
+//!
+//! # Leaving a group
+//!
+//! When a subscription is dropped or closed, its background task stops
+//! pulling, receives what the server already sent, unsubscribes its inbox and makes the server drop its
+//! outstanding pull request, and only then nacks without delay, in stream
+//! order: every event it fetched and had not handed out, the deliveries
+//! dropped unsettled, and the events it had nacked (their delay passed) whose
+//! redelivery it was still waiting for (the redelivery may have been on its
+//! way to the inbox it gave up). A member that joins the group afterwards therefore gets a
+//! key's released events before the later ones, and per-key order holds
+//! across the hand-over. On a dropped subscription this happens in the
+//! background, within a round trip or two to the server.
+//!
+//! What this cannot cover, and what then holds instead (at least once, with
+//! the ack deadline as the bound):
+//!
+//! - A message the server sends to the outstanding pull request in the
+//!   instant between the unsubscription and the server dropping the request
+//!   (a new publish racing with the shutdown) reaches no one; it is
+//!   redelivered after its ack deadline, and later events of its key may be
+//!   handled by another member first.
+//! - Events held behind a key that waits for a nack *with a delay* are
+//!   nacked without delay, so they may come back before the delayed one.
+//! - A member that crashes (its process, or its runtime, stops without
+//!   running the shutdown) releases nothing: its events come back after
+//!   their ack deadline.
+//! - A delivery still handed out when the subscription ends can be settled
+//!   as usual; dropped unsettled, it is nacked at once, but the later events
+//!   of its key the subscription held were released before it and may be
+//!   handled first by another member. Settle or drop deliveries before their
+//!   subscription to keep the order.
 //!
 //! # Undecodable messages
 //!

@@ -10,11 +10,13 @@
 //! takes deliverable events out of the gate.
 //!
 //! When the subscription is dropped or closed (or the broker closed), the
-//! pump drains its inbox (unsubscribe, then a round trip to the server, so
-//! that every message the server sent for the outstanding pull request has
-//! arrived) and nacks everything fetched but not handed out, in stream order,
-//! so the group's other members get it at once and in order.
+//! pump receives what the server already sent, unsubscribes its inbox and
+//! makes the server drop its outstanding pull request, then nacks everything
+//! fetched but not handed out, and the nacked messages whose redelivery had
+//! not arrived, in stream order, so the group's other members get them at
+//! once and in order (see [`Pump::shutdown`]).
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -100,6 +102,7 @@ pub(super) async fn subscribe(
         state: Mutex::new(State {
             gate: Gate::new(ack_wait),
             naks: Vec::new(),
+            nacked: HashMap::new(),
             ended: false,
             failure: None,
         }),
@@ -253,6 +256,14 @@ struct Entry {
     attempt: NonZeroU32,
 }
 
+/// The nack of a delivery dropped unsettled, queued for the pump.
+#[derive(Debug)]
+struct Nak {
+    seq: u64,
+    key: Option<Arc<str>>,
+    msg: jetstream::Message,
+}
+
 /// What the pump, the subscription stream and the ackers share.
 struct Shared {
     state: Mutex<State>,
@@ -265,7 +276,12 @@ struct Shared {
 struct State {
     gate: Gate<Entry>,
     /// Nacks of deliveries dropped unsettled, for the pump to send in order.
-    naks: Vec<(u64, jetstream::Message)>,
+    naks: Vec<Nak>,
+    /// Messages nacked and sent back to the group whose redelivery a key
+    /// still waits for, by stream sequence. If the subscription ends before
+    /// the redelivery arrives, it may have been on its way to this
+    /// subscription's inbox and lost with it; they are nacked again then.
+    nacked: HashMap<u64, (Arc<str>, jetstream::Message)>,
     /// The pump stopped: nothing more arrives.
     ended: bool,
     /// Why the pump stopped, if it failed; reported once by the stream.
@@ -289,6 +305,29 @@ impl Shared {
         }
     }
 
+    /// The nack of `seq`, which its key waits for, was sent: the pump may
+    /// need to pull for its redelivery.
+    fn nack_sent(
+        &self,
+        key: Option<&Arc<str>>,
+        seq: u64,
+        delay: Duration,
+        msg: &jetstream::Message,
+    ) {
+        let Some(key) = key else { return };
+        let now = Instant::now();
+        let mut state = self.lock();
+        let State { gate, nacked, .. } = &mut *state;
+        gate.nack_sent(key, seq, delay, now);
+        // Forget the ones that came back or were given up on.
+        nacked.retain(|&seq, (key, _)| gate.awaits(key, seq, now).is_some());
+        if gate.awaits(key, seq, now).is_some() {
+            nacked.insert(seq, (Arc::clone(key), msg.clone()));
+        }
+        drop(state);
+        self.wake_pump.notify_one();
+    }
+
     /// A delivery dropped unsettled: its key waits for the redelivery, and
     /// the message is nacked (by the pump, in order with the rest).
     fn abandon(&self, key: Option<&Arc<str>>, seq: u64, token: u64, msg: jetstream::Message) {
@@ -306,7 +345,11 @@ impl Shared {
             drop(state);
             nak_in_background(msg);
         } else {
-            state.naks.push((seq, msg));
+            state.naks.push(Nak {
+                seq,
+                key: key.cloned(),
+                msg,
+            });
             drop(state);
             self.wake_pump.notify_one();
         }
@@ -469,6 +512,8 @@ impl Acker for NatsAcker {
                 );
                 self.confirmed(NatsAck::Nak(delay), "nack").await?;
                 self.settled = true;
+                self.shared
+                    .nack_sent(key.as_ref(), self.seq, delay.unwrap_or_default(), &self.msg);
             }
         }
         Ok(())
@@ -550,8 +595,15 @@ impl Pump {
             self.pull_if_room().await;
             let refresh_at = self.shared.lock().gate.next_refresh();
             let lost_at = self.pull.as_ref().map(Pull::lost_at);
-            let pull_at = (self.pull.is_none() && self.next_pull_at > Instant::now())
-                .then_some(self.next_pull_at);
+            let now = Instant::now();
+            let pull_at = if self.pull.is_some() {
+                None
+            } else if self.next_pull_at > now {
+                Some(self.next_pull_at)
+            } else {
+                // A delayed nack coming due needs a pull even when the gate is full.
+                self.shared.lock().gate.next_redelivery_due(now)
+            };
             let step = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => Step::Stop,
@@ -599,15 +651,25 @@ impl Pump {
     }
 
     /// Sends a pull request when none is outstanding and the gate has room
-    /// for at least half of `prefetch` (or is empty).
+    /// for at least half of `prefetch` (or is empty), or for a nacked
+    /// message its key waits for.
+    ///
+    /// JetStream sends due redeliveries before new messages, so a nacked
+    /// message comes back on the next pull request; the window grows by one
+    /// per redelivery due. Without that, keys waiting for redeliveries could
+    /// hold the whole window, no pull request would go out, and nothing would
+    /// come back until those keys give up, out of order.
     async fn pull_if_room(&mut self) {
         let now = Instant::now();
         if self.pull.is_some() || now < self.next_pull_at {
             return;
         }
-        let held = self.shared.lock().gate.len();
-        let room = self.prefetch.saturating_sub(held);
-        if room == 0 || (held > 0 && room < self.prefetch.div_ceil(2)) {
+        let (held, due) = {
+            let state = self.shared.lock();
+            (state.gate.len(), state.gate.redeliveries_due(now))
+        };
+        let room = (self.prefetch + due).saturating_sub(held);
+        if room == 0 || (held > 0 && due == 0 && room < self.prefetch.div_ceil(2)) {
             return;
         }
         self.pulls += 1;
@@ -819,28 +881,53 @@ impl Pump {
     /// Nacks deliveries dropped unsettled, in stream order.
     async fn send_queued_naks(&self) {
         let mut naks = std::mem::take(&mut self.shared.lock().naks);
-        naks.sort_by_key(|(seq, _)| *seq);
-        for (_, msg) in naks {
-            if let Err(e) = msg.ack_with(NatsAck::Nak(None)).await {
-                tracing::debug!(error = %e, "could not nack a dropped delivery; it is redelivered after its ack deadline");
+        naks.sort_by_key(|nak| nak.seq);
+        for Nak { seq, key, msg } in naks {
+            match msg.ack_with(NatsAck::Nak(None)).await {
+                Ok(()) => self
+                    .shared
+                    .nack_sent(key.as_ref(), seq, Duration::ZERO, &msg),
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not nack a dropped delivery; it is redelivered after its ack deadline");
+                }
             }
         }
     }
 
     /// Stops pulling, receives what the server already sent, and nacks
-    /// everything fetched but not handed out, in stream order.
+    /// everything fetched but not handed out, in stream order, with the
+    /// nacked messages whose redelivery had not arrived yet.
     ///
+    /// A pull request of this subscription may still be waiting on the
+    /// server, and nats-server 2.9 keeps sending messages to a waiting
+    /// request whose inbox has no subscriber any more, until it notices the
+    /// lost interest (a consumer-info request makes it look) or the request
+    /// expires; such messages, and any on their way when the inbox is
+    /// unsubscribed, are lost to the group until their ack deadline, while
+    /// the next member gets the events after them. So:
+    ///
+    /// 1. a round trip first, while still subscribed, so that everything the
+    ///    server already sent to the inbox has arrived;
+    /// 2. then the unsubscription, and at once a consumer-info request, so
+    ///    the server drops the request right after it; after its answer,
+    ///    nothing more is sent to the inbox;
+    /// 3. then nacks of everything fetched and not handed out (held in the
+    ///    gate, queued nacks, what arrived meanwhile) and of the nacked
+    ///    messages due back whose redelivery did not arrive (it may have
+    ///    been the one on its way), in stream order.
+    ///
+    /// The nacks also go out only after the server dropped the request:
     /// nats-server 2.9 takes a nacked message off its redelivery queue when
-    /// every request waiting on the consumer has lost interest (or expired),
-    /// fails to deliver it and does not put it back: the message then comes
-    /// back only after its ack deadline. After the inbox is drained, this
-    /// subscription's pull request is such a request until the server
-    /// notices, so the nacks are sent only after a consumer-info request,
-    /// which makes the server drop waiting requests without interest.
+    /// every request waiting on the consumer has lost interest, fails to
+    /// deliver it and does not put it back.
     async fn shutdown(mut self, failure: Option<Error>) -> Result<()> {
         let mut leftovers = Vec::new();
+        if let Err(e) = self.inner.flush().await {
+            tracing::debug!(error = %e, "could not flush before leaving the group");
+        }
         match self.messages.drain().await {
             Ok(()) => {
+                self.forget_pull_request().await;
                 let deadline = Instant::now() + self.inner.timeout();
                 while let Ok(Some(message)) =
                     tokio::time::timeout_at(deadline, self.messages.next()).await
@@ -848,22 +935,34 @@ impl Pump {
                     self.keep_leftover(message, &mut leftovers);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "could not drain the pull inbox"),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not drain the pull inbox");
+                self.forget_pull_request().await;
+            }
         }
-        let (held, queued) = {
+        let (held, queued, renak) = {
+            let now = Instant::now();
             let mut state = self.shared.lock();
             state.ended = true;
             state.failure = failure;
-            (state.gate.drain(), std::mem::take(&mut state.naks))
+            let nacked = std::mem::take(&mut state.nacked);
+            let renak: Vec<(u64, jetstream::Message)> = nacked
+                .into_iter()
+                .filter(|(seq, (key, _))| state.gate.awaits(key, *seq, now) == Some(true))
+                .map(|(seq, (_, msg))| (seq, msg))
+                .collect();
+            (state.gate.drain(), std::mem::take(&mut state.naks), renak)
         };
         self.shared.ready.notify_one();
-        self.forget_pull_request().await;
         let mut naks: Vec<(u64, jetstream::Message)> = held
             .into_iter()
             .map(|(seq, entry)| (seq, entry.msg))
-            .chain(queued)
+            .chain(queued.into_iter().map(|nak| (nak.seq, nak.msg)))
             .chain(leftovers)
             .collect();
+        // A redelivery that did arrive is nacked with its own reply subject.
+        let arrived: std::collections::HashSet<u64> = naks.iter().map(|(seq, _)| *seq).collect();
+        naks.extend(renak.into_iter().filter(|(seq, _)| !arrived.contains(seq)));
         naks.sort_by_key(|(seq, _)| *seq);
         for (_, msg) in naks {
             if let Err(e) = msg.ack_with(NatsAck::Nak(None)).await {
