@@ -331,7 +331,9 @@ pub async fn consumer_group_shares_work(target: &dyn Target) {
     let group = unique("g");
     let a = subscribe(target, &topic, &group).await;
     let b = subscribe(target, &topic, &group).await;
-    let total = 64;
+    // More than one member's prefetch (JetStream pulls up to 64 at a time),
+    // so a member that asks first cannot take the whole batch.
+    let total = 256;
     let events = (0..total).map(|n| keyed(&format!("key-{n}"), n)).collect();
     publisher(target)
         .await
