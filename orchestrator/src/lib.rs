@@ -103,6 +103,7 @@ pub mod error;
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
+pub mod saga;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
