@@ -2,7 +2,7 @@
 create table if not exists orchestrator_sagas (
     saga_id text primary key,
     saga_type text not null,
-    version integer not null,
+    version bigint not null,
     status text not null,
     state text not null,
     -- The due time of the saga's timer (reply timeout or backoff end), database clock.
