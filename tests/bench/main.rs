@@ -24,6 +24,7 @@ mod codec;
 mod kafka;
 mod memory;
 mod nats;
+mod saga;
 
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ struct Args {
     /// Rounds per figure; the best round is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Sagas per saga benchmark run.
+    #[arg(long, default_value_t = 2_000)]
+    sagas: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,6 +64,7 @@ enum Which {
     Memory,
     Kafka,
     Nats,
+    Saga,
 }
 
 /// One measured figure.
@@ -126,6 +131,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Which::Nats) {
         figures.extend(nats::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Saga) {
+        figures.extend(saga::run(args.sagas).await?);
     }
     eprintln!();
     eprintln!(

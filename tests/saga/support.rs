@@ -2,6 +2,12 @@
 //! the in-memory broker, one relay for commands and replies, coordinators
 //! and scripted participants.
 
+// Shared by the `saga` and `saga_crash` targets; each uses a part.
+#![allow(dead_code)]
+
+#[path = "def.rs"]
+pub(crate) mod def;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +20,8 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use orchestrator::saga::ReplyError;
 use orchestrator::saga::{
-    Action, Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions, Participant,
-    RetryPolicy, SagaCommand, SagaDefinition, Step, StepReply,
+    Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions, Participant, SagaCommand,
+    SagaDefinition, StepReply,
 };
 use orchestrator::{Outbox, OutboxConfig, RelayConfig, RelayHandle};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -34,10 +40,12 @@ pub(crate) enum Db {
         pool: PgPool,
         outbox: Outbox<sqlx::Postgres>,
         schema: String,
+        url: String,
     },
     Lite {
         pool: SqlitePool,
         outbox: Outbox<sqlx::Sqlite>,
+        url: String,
     },
 }
 
@@ -76,10 +84,13 @@ impl Db {
                 .execute(&pool)
                 .await?;
                 let outbox = Outbox::postgres(pool.clone(), OutboxConfig::new()).await?;
+                let sep = if url.contains('?') { '&' } else { '?' };
+                let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
                 Ok(Db::Pg {
                     pool,
                     outbox,
                     schema,
+                    url,
                 })
             }
             Backend::Sqlite => {
@@ -95,7 +106,7 @@ impl Db {
                 .execute(&pool)
                 .await?;
                 let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new()).await?;
-                Ok(Db::Lite { pool, outbox })
+                Ok(Db::Lite { pool, outbox, url })
             }
         }
     }
@@ -105,13 +116,20 @@ impl Db {
             Db::Pg { pool, outbox, .. } => {
                 Coordinator::postgres(pool.clone(), outbox.clone(), defs, config)
             }
-            Db::Lite { pool, outbox } => {
+            Db::Lite { pool, outbox, .. } => {
                 Coordinator::sqlite(pool.clone(), outbox.clone(), defs, config)
             }
         }
     }
 
-    pub(crate) fn relay(&self, broker: Arc<MemoryBroker>) -> anyhow::Result<RelayHandle> {
+    /// The URL another process opens the same database with.
+    pub(crate) fn url(&self) -> &str {
+        match self {
+            Db::Pg { url, .. } | Db::Lite { url, .. } => url,
+        }
+    }
+
+    pub(crate) fn relay(&self, broker: Arc<dyn Publisher>) -> anyhow::Result<RelayHandle> {
         let config = RelayConfig::new()
             .batch_size(256)
             .poll_interval(Duration::from_millis(20))
@@ -184,15 +202,15 @@ fn reply_type(cmd: &SagaCommand, ok: bool) -> String {
 /// A participant serving `topic` with `script`.
 pub(crate) async fn participant(
     db: &Db,
-    broker: &Arc<MemoryBroker>,
+    broker: &dyn Subscriber,
     topic: &str,
     script: Script,
     up: Arc<AtomicBool>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let topic = Topic::try_from(topic)?;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::new(topic.as_str())?)
-        .await?;
+    let group = topic.as_str().replace('.', "-");
+    let options = SubscribeOptions::new(&group)?.ack_wait(Duration::from_secs(3));
+    let mut sub = broker.subscribe(&topic, options).await?;
     let db = db.clone();
     let name = topic.as_str().to_owned();
     Ok(tokio::spawn(async move {
@@ -241,7 +259,7 @@ async fn handle(db: &Db, name: &str, event: &Event, script: Script) -> anyhow::R
             })
             .await?;
         }
-        Db::Lite { pool, outbox } => {
+        Db::Lite { pool, outbox, .. } => {
             let p = Participant::sqlite(pool.clone(), outbox.clone(), name);
             let _handled = p.handle(event, move |tx, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move {
@@ -293,47 +311,9 @@ fn decide(cmd: &SagaCommand, act: &Act) -> StepReply {
     }
 }
 
-/// A three-step order saga: reserve (inventory), charge (payment), ship
-/// (shipping); reserve and charge have compensations.
-pub(crate) fn order_saga(
-    version: u32,
-    timeout: Duration,
-    attempts: u32,
-) -> anyhow::Result<SagaDefinition> {
-    let action = |ty: &str, topic: &str| {
-        Action::new(ty, topic)
-            .on_success(format!("{ty}.done"))
-            .on_failure(format!("{ty}.failed"))
-            .timeout(timeout)
-            .retry(RetryPolicy::new(
-                attempts,
-                Duration::from_millis(20),
-                Duration::from_millis(200),
-            ))
-    };
-    Ok(SagaDefinition::builder("order", version)
-        .step(
-            Step::new(
-                "reserve",
-                action("inventory.reserve", "inventory").input("sku", "/sku"),
-            )
-            .compensation(action("inventory.release", "inventory").retry(
-                RetryPolicy::new(20, Duration::from_millis(20), Duration::from_millis(100)),
-            )),
-        )
-        .step(
-            Step::new(
-                "charge",
-                action("payment.charge", "payment").input("amount", "/amount"),
-            )
-            .compensation(action("payment.refund", "payment").retry(RetryPolicy::new(
-                20,
-                Duration::from_millis(20),
-                Duration::from_millis(100),
-            ))),
-        )
-        .step(Step::new("ship", action("shipping.ship", "shipping")))
-        .build()?)
+/// The order saga on the topics `inventory`, `payment`, `shipping`.
+pub(crate) fn order_saga(version: u32, timeout: Duration, attempts: u32) -> anyhow::Result<SagaDefinition> {
+    def::order_saga("", version, timeout, attempts)
 }
 
 /// Everything for one scenario.
@@ -385,7 +365,7 @@ impl Bed {
         up: Arc<AtomicBool>,
     ) -> anyhow::Result<()> {
         for topic in ["inventory", "payment", "shipping"] {
-            let t = participant(&self.db, &self.broker, topic, script.clone(), up.clone()).await?;
+            let t = participant(&self.db, self.broker.as_ref(), topic, script.clone(), up.clone()).await?;
             self.tasks.push(t);
         }
         Ok(())
