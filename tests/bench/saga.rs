@@ -50,11 +50,21 @@ fn definition(prefix: &str) -> anyhow::Result<SagaDefinition> {
             .on_success(format!("{ty}.done"))
             .on_failure(format!("{ty}.failed"))
             .timeout(Duration::from_secs(30))
-            .retry(RetryPolicy::new(3, Duration::from_millis(50), Duration::from_secs(1)))
+            .retry(RetryPolicy::new(
+                3,
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+            ))
     };
     Ok(SagaDefinition::builder("bench", 1)
-        .step(Step::new("reserve", action("inventory.reserve", "inventory")).compensation(action("inventory.release", "inventory")))
-        .step(Step::new("charge", action("payment.charge", "payment")).compensation(action("payment.refund", "payment")))
+        .step(
+            Step::new("reserve", action("inventory.reserve", "inventory"))
+                .compensation(action("inventory.release", "inventory")),
+        )
+        .step(
+            Step::new("charge", action("payment.charge", "payment"))
+                .compensation(action("payment.refund", "payment")),
+        )
         .step(Step::new("ship", action("shipping.ship", "shipping")))
         .build()?)
 }
@@ -62,13 +72,23 @@ fn definition(prefix: &str) -> anyhow::Result<SagaDefinition> {
 async fn open_pg() -> anyhow::Result<(Db, String)> {
     let url = e2e::require(e2e::Server::Postgres)?;
     let schema = e2e::unique_name("bench_saga");
-    let admin = PgPoolOptions::new().max_connections(1).connect(&url).await?;
-    sqlx::query(AssertSqlSafe(format!("create schema {schema}"))).execute(&admin).await?;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!("create schema {schema}")))
+        .execute(&admin)
+        .await?;
     admin.close().await;
     let options = PgConnectOptions::from_str(&url)?.options([("search_path", schema.as_str())]);
-    let pool = PgPoolOptions::new().max_connections(16).connect_with(options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await?;
     orchestrator::postgres::migrate(&pool).await?;
-    sqlx::query("create table raw_commits (id bigserial primary key, note text)").execute(&pool).await?;
+    sqlx::query("create table raw_commits (id bigserial primary key, note text)")
+        .execute(&pool)
+        .await?;
     let outbox = Outbox::postgres(pool.clone(), OutboxConfig::new()).await?;
     Ok((Db::Pg(pool, outbox), schema))
 }
@@ -79,7 +99,9 @@ async fn open_sqlite() -> anyhow::Result<Db> {
     let url = format!("sqlite://{}", dir.join("db.sqlite").display());
     let pool = orchestrator::sqlite::connect(&url).await?;
     orchestrator::sqlite::migrate(&pool).await?;
-    sqlx::query("create table raw_commits (id integer primary key autoincrement, note text)").execute(&pool).await?;
+    sqlx::query("create table raw_commits (id integer primary key autoincrement, note text)")
+        .execute(&pool)
+        .await?;
     let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new()).await?;
     Ok(Db::Lite(pool, outbox))
 }
@@ -92,12 +114,16 @@ async fn raw_commit_rate(db: &Db, window: Duration) -> anyhow::Result<f64> {
         match db {
             Db::Pg(pool, _) => {
                 let mut tx = pool.begin().await?;
-                sqlx::query("insert into raw_commits (note) values ('x')").execute(&mut *tx).await?;
+                sqlx::query("insert into raw_commits (note) values ('x')")
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
             Db::Lite(pool, _) => {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                sqlx::query("insert into raw_commits (note) values ('x')").execute(&mut *tx).await?;
+                sqlx::query("insert into raw_commits (note) values ('x')")
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
         }
@@ -113,7 +139,12 @@ struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
-async fn setup(db: &Db, transport: Transport, prefix: &str, coordinators: usize) -> anyhow::Result<Running> {
+async fn setup(
+    db: &Db,
+    transport: Transport,
+    prefix: &str,
+    coordinators: usize,
+) -> anyhow::Result<Running> {
     let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match transport {
         Transport::Memory => {
             let b = Arc::new(MemoryBroker::new());
@@ -121,7 +152,8 @@ async fn setup(db: &Db, transport: Transport, prefix: &str, coordinators: usize)
         }
         Transport::Nats => {
             e2e::require(e2e::Server::Nats)?;
-            let b = Arc::new(NatsBroker::connect(NatsConfig::builder().url(e2e::nats_url())).await?);
+            let b =
+                Arc::new(NatsBroker::connect(NatsConfig::builder().url(e2e::nats_url())).await?);
             (b.clone(), b)
         }
     };
@@ -144,14 +176,18 @@ async fn setup(db: &Db, transport: Transport, prefix: &str, coordinators: usize)
     };
     let mut handles = Vec::new();
     for _ in 0..coordinators {
-        let sub = subscriber.subscribe(&replies, SubscribeOptions::new("coordinators")?).await?;
+        let sub = subscriber
+            .subscribe(&replies, SubscribeOptions::new("coordinators")?)
+            .await?;
         handles.push(coordinator.clone().spawn(sub));
     }
     let mut tasks = Vec::new();
     for name in ["inventory", "payment", "shipping"] {
         let topic = Topic::try_from(format!("{prefix}{name}").as_str())?;
         for _ in 0..coordinators {
-            let mut sub = subscriber.subscribe(&topic, SubscribeOptions::new(name)?).await?;
+            let mut sub = subscriber
+                .subscribe(&topic, SubscribeOptions::new(name)?)
+                .await?;
             let db = db.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(Ok(mut d)) = sub.next().await {
@@ -160,21 +196,38 @@ async fn setup(db: &Db, transport: Transport, prefix: &str, coordinators: usize)
                         data: serde_json::Value::Null,
                     };
                     let done = match &db {
-                        Db::Pg(pool, outbox) => Participant::postgres(pool.clone(), outbox.clone(), name)
-                            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> { Box::pin(async move { Ok(ok(cmd)) }) })
-                            .await
-                            .is_ok(),
-                        Db::Lite(pool, outbox) => Participant::sqlite(pool.clone(), outbox.clone(), name)
-                            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> { Box::pin(async move { Ok(ok(cmd)) }) })
-                            .await
-                            .is_ok(),
+                        Db::Pg(pool, outbox) => {
+                            Participant::postgres(pool.clone(), outbox.clone(), name)
+                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                                    Box::pin(async move { Ok(ok(cmd)) })
+                                })
+                                .await
+                                .is_ok()
+                        }
+                        Db::Lite(pool, outbox) => {
+                            Participant::sqlite(pool.clone(), outbox.clone(), name)
+                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                                    Box::pin(async move { Ok(ok(cmd)) })
+                                })
+                                .await
+                                .is_ok()
+                        }
                     };
-                    let _ = if done { d.ack().await } else { d.nack(None).await };
+                    let _ = if done {
+                        d.ack().await
+                    } else {
+                        d.nack(None).await
+                    };
                 }
             }));
         }
     }
-    Ok(Running { coordinator, handles, relays, tasks })
+    Ok(Running {
+        coordinator,
+        handles,
+        relays,
+        tasks,
+    })
 }
 
 impl Running {
@@ -192,14 +245,29 @@ impl Running {
 }
 
 /// Runs `total` sagas with at most `in_flight` open; returns the elapsed time.
-async fn drive(c: &Coordinator, tag: &str, total: usize, in_flight: usize) -> anyhow::Result<Duration> {
-    let prior = c.counts().await?.iter().find(|(s, _)| s == "completed").map(|(_, n)| *n).unwrap_or(0);
+async fn drive(
+    c: &Coordinator,
+    tag: &str,
+    total: usize,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
+    let prior = c
+        .counts()
+        .await?
+        .iter()
+        .find(|(s, _)| s == "completed")
+        .map(|(_, n)| *n)
+        .unwrap_or(0);
     let start = Instant::now();
     let mut started = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let counts = c.counts().await?;
-        let done = counts.iter().find(|(s, _)| s == "completed").map(|(_, n)| *n).unwrap_or(0)
+        let done = counts
+            .iter()
+            .find(|(s, _)| s == "completed")
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
             - prior;
         let other = counts
             .iter()
@@ -214,7 +282,12 @@ async fn drive(c: &Coordinator, tag: &str, total: usize, in_flight: usize) -> an
             return Ok(start.elapsed());
         }
         while started < total && started.saturating_sub(done) < in_flight {
-            c.start("bench", &format!("{tag}-{started}"), serde_json::json!({"n": started})).await?;
+            c.start(
+                "bench",
+                &format!("{tag}-{started}"),
+                serde_json::json!({"n": started}),
+            )
+            .await?;
             started += 1;
         }
         if Instant::now() > deadline {
@@ -264,22 +337,55 @@ pub(crate) async fn run(sagas: usize) -> anyhow::Result<Vec<Figure>> {
         let coordinators = if backend == "sqlite" { 1 } else { 4 };
         let running = setup(&db, transport, &prefix, coordinators).await?;
         // Light load first: latency.
-        drive(&running.coordinator, "light", 200, 8).await.context("light load")?;
+        drive(&running.coordinator, "light", 200, 8)
+            .await
+            .context("light load")?;
         let lat = step_latencies(&db, "light").await?;
         // Throughput with many sagas in flight.
-        let elapsed = drive(&running.coordinator, "load", sagas, 256).await.context("load")?;
+        let elapsed = drive(&running.coordinator, "load", sagas, 256)
+            .await
+            .context("load")?;
         running.stop().await;
         let sagas_s = sagas as f64 / elapsed.as_secs_f64();
-        figures.push(Figure { bench: format!("saga {label} steps/s vs raw commits/s"), ours: sagas_s * 3.0, baseline: raw, unit: "steps/s" });
-        figures.push(Figure { bench: format!("saga {label} sagas/s"), ours: sagas_s, baseline: raw / 3.0, unit: "sagas/s" });
-        let target = if transport == Transport::Nats { 15.0 } else { 10.0 };
-        figures.push(Figure { bench: format!("saga {label} step p50 ms"), ours: pct(&lat, 0.5), baseline: target, unit: "ms" });
-        figures.push(Figure { bench: format!("saga {label} step p99 ms"), ours: pct(&lat, 0.99), baseline: target, unit: "ms" });
+        figures.push(Figure {
+            bench: format!("saga {label} steps/s vs raw commits/s"),
+            ours: sagas_s * 3.0,
+            baseline: raw,
+            unit: "steps/s",
+        });
+        figures.push(Figure {
+            bench: format!("saga {label} sagas/s"),
+            ours: sagas_s,
+            baseline: raw / 3.0,
+            unit: "sagas/s",
+        });
+        let target = if transport == Transport::Nats {
+            15.0
+        } else {
+            10.0
+        };
+        figures.push(Figure {
+            bench: format!("saga {label} step p50 ms"),
+            ours: pct(&lat, 0.5),
+            baseline: target,
+            unit: "ms",
+        });
+        figures.push(Figure {
+            bench: format!("saga {label} step p99 ms"),
+            ours: pct(&lat, 0.99),
+            baseline: target,
+            unit: "ms",
+        });
     }
     if let Ok(url) = e2e::require(e2e::Server::Postgres) {
-        let admin = PgPoolOptions::new().max_connections(1).connect(&url).await?;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await?;
         for s in pg_schemas {
-            let _ = sqlx::query(AssertSqlSafe(format!("drop schema {s} cascade"))).execute(&admin).await;
+            let _ = sqlx::query(AssertSqlSafe(format!("drop schema {s} cascade")))
+                .execute(&admin)
+                .await;
         }
     }
     Ok(figures)

@@ -45,14 +45,24 @@ impl SagaProc {
         let log = std::env::temp_dir().join(format!("{}.log", e2e::unique_name("saga_proc")));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_saga-proc"))
-            .args(["--database-url", db_url, "--nats-url", nats_url, "--prefix", prefix])
+            .args([
+                "--database-url",
+                db_url,
+                "--nats-url",
+                nats_url,
+                "--prefix",
+                prefix,
+            ])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
             .context("starting saga-proc")?;
-        Ok(Self { child: Some(child), log })
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
     }
 
     fn kill(&mut self) -> anyhow::Result<()> {
@@ -99,11 +109,21 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
     let db = Db::open(backend).await?;
     let prefix = format!("{}.", e2e::unique_name("sagacrash"));
     let broker = Arc::new(
-        NatsBroker::connect(NatsConfig::builder().url(&nats_url).request_timeout(Duration::from_secs(2))).await?,
+        NatsBroker::connect(
+            NatsConfig::builder()
+                .url(&nats_url)
+                .request_timeout(Duration::from_secs(2)),
+        )
+        .await?,
     );
     let relay = db.relay(broker.clone() as Arc<dyn Publisher>)?;
     let script: support::Script = Arc::new(|cmd| {
-        let n: u32 = cmd.saga.saga_id.trim_start_matches("o-").parse().unwrap_or(0);
+        let n: u32 = cmd
+            .saga
+            .saga_id
+            .trim_start_matches("o-")
+            .parse()
+            .unwrap_or(0);
         if cmd.saga.step == "ship" && n.is_multiple_of(5) {
             Act::Fail { retryable: false }
         } else {
@@ -114,10 +134,24 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for topic in ["inventory", "payment", "shipping"] {
         let topic = format!("{prefix}{topic}");
-        tasks.push(participant(&db, broker.as_ref() as &dyn Subscriber, &topic, script.clone(), up.clone()).await?);
+        tasks.push(
+            participant(
+                &db,
+                broker.as_ref() as &dyn Subscriber,
+                &topic,
+                script.clone(),
+                up.clone(),
+            )
+            .await?,
+        );
     }
     // Starting sagas and reading them needs no running coordinator.
-    let defs = Definitions::new().with(support::def::order_saga(&prefix, 1, Duration::from_millis(10_000), 30)?)?;
+    let defs = Definitions::new().with(support::def::order_saga(
+        &prefix,
+        1,
+        Duration::from_millis(10_000),
+        30,
+    )?)?;
     let replies = Topic::try_from(format!("{prefix}replies").as_str())?;
     let reader = db.coordinator(defs, CoordinatorConfig::new(replies));
 
@@ -137,18 +171,32 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
             .filter(|(s, _)| s == "running" || s == "compensating")
             .map(|(_, n)| *n)
             .sum();
-        let upto = if open_now < 200 { (next + 100).min(SAGAS) } else { next };
+        let upto = if open_now < 200 {
+            (next + 100).min(SAGAS)
+        } else {
+            next
+        };
         for i in next..upto {
-            reader.start("order", &format!("o-{i}"), serde_json::json!({ "sku": i, "amount": 1 })).await?;
+            reader
+                .start(
+                    "order",
+                    &format!("o-{i}"),
+                    serde_json::json!({ "sku": i, "amount": 1 }),
+                )
+                .await?;
         }
         next = upto;
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1700))).await;
         let counts: HashMap<String, i64> = reader.counts().await?.into_iter().collect();
-        let open = counts.get("running").copied().unwrap_or(0) + counts.get("compensating").copied().unwrap_or(0);
+        let open = counts.get("running").copied().unwrap_or(0)
+            + counts.get("compensating").copied().unwrap_or(0);
         if next == SAGAS && open == 0 {
             break counts;
         }
-        ensure!(started.elapsed() < WAIT, "not finished after {kills} kills: {counts:?}");
+        ensure!(
+            started.elapsed() < WAIT,
+            "not finished after {kills} kills: {counts:?}"
+        );
         proc.check_alive()?;
         if kills < 40 && rng.below(4) > 0 {
             proc.kill()?;
@@ -165,7 +213,10 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
     // compensations of those same steps in reverse order.
     for i in 0..SAGAS {
         let effects = db.effects(&format!("o-{i}")).await?;
-        let effects: Vec<(&str, &str)> = effects.iter().map(|(s, p)| (s.as_str(), p.as_str())).collect();
+        let effects: Vec<(&str, &str)> = effects
+            .iter()
+            .map(|(s, p)| (s.as_str(), p.as_str()))
+            .collect();
         let expected: &[(&str, &str)] = if i % 5 == 0 {
             &[
                 ("reserve", "forward"),
@@ -174,7 +225,11 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
                 ("reserve", "compensate"),
             ]
         } else {
-            &[("reserve", "forward"), ("charge", "forward"), ("ship", "forward")]
+            &[
+                ("reserve", "forward"),
+                ("charge", "forward"),
+                ("ship", "forward"),
+            ]
         };
         ensure!(effects == expected, "o-{i}: {effects:?}");
     }

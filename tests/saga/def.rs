@@ -47,4 +47,3 @@ pub(crate) fn order_saga(
         .step(Step::new("ship", action("shipping.ship", "shipping")))
         .build()?)
 }
-

@@ -312,7 +312,11 @@ fn decide(cmd: &SagaCommand, act: &Act) -> StepReply {
 }
 
 /// The order saga on the topics `inventory`, `payment`, `shipping`.
-pub(crate) fn order_saga(version: u32, timeout: Duration, attempts: u32) -> anyhow::Result<SagaDefinition> {
+pub(crate) fn order_saga(
+    version: u32,
+    timeout: Duration,
+    attempts: u32,
+) -> anyhow::Result<SagaDefinition> {
     def::order_saga("", version, timeout, attempts)
 }
 
@@ -365,7 +369,14 @@ impl Bed {
         up: Arc<AtomicBool>,
     ) -> anyhow::Result<()> {
         for topic in ["inventory", "payment", "shipping"] {
-            let t = participant(&self.db, self.broker.as_ref(), topic, script.clone(), up.clone()).await?;
+            let t = participant(
+                &self.db,
+                self.broker.as_ref(),
+                topic,
+                script.clone(),
+                up.clone(),
+            )
+            .await?;
             self.tasks.push(t);
         }
         Ok(())
