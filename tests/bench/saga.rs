@@ -293,7 +293,7 @@ async fn drive(
         if Instant::now() > deadline {
             bail!("sagas did not finish: {counts:?}");
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
