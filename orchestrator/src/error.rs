@@ -86,6 +86,46 @@ pub enum ErrorKind {
         /// The event id.
         event_id: String,
     },
+    /// A saga definition is invalid; names the step and field at fault.
+    #[error("invalid saga definition `{saga}`{}: {field}{}{reason}", step_label(step), if field.is_empty() { "" } else { ": " })]
+    InvalidDefinition {
+        /// The saga type (empty when the file could not be parsed).
+        saga: String,
+        /// The step name (or `#n` for an unnamed step), if the fault is in a step.
+        step: Option<String>,
+        /// The field, e.g. `command.timeout_ms`.
+        field: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// No definition is registered for this saga type (and version).
+    #[error("unknown saga type `{saga_type}`{}", version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    UnknownSaga {
+        /// The saga type.
+        saga_type: String,
+        /// The version asked for, if any.
+        version: Option<u32>,
+    },
+    /// A saga with this id already exists.
+    #[error("saga `{saga_id}` already exists")]
+    SagaExists {
+        /// The saga id.
+        saga_id: String,
+    },
+    /// A saga command or reply event does not follow the participant protocol.
+    #[error("not a valid saga {what}: {reason}")]
+    Protocol {
+        /// `command` or `reply`.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn step_label(step: &Option<String>) -> String {
+    step.as_ref()
+        .map(|s| format!(", step `{s}`"))
+        .unwrap_or_default()
 }
 
 /// The error of every fallible operation in this crate.

@@ -1,5 +1,6 @@
 //! The consistency layer of the event backbone: the transactional outbox,
-//! its relay, and the inbox (idempotent consumer), on PostgreSQL and SQLite.
+//! its relay, the inbox (idempotent consumer), and the [`saga`] engine
+//! built on them, on PostgreSQL and SQLite.
 //!
 //! It builds only on the broker-agnostic [`Publisher`](broker_adapters::Publisher)
 //! and [`Subscriber`](broker_adapters::Subscriber) contract of
@@ -81,6 +82,15 @@
 //! # }
 //! ```
 //!
+//! # Sagas
+//!
+//! The [`saga`] module runs multi-step business transactions across
+//! services: a [`saga::Coordinator`] applies each transition in one
+//! database transaction (inbox record, saga state and history, next command
+//! in the outbox), runs compensations in reverse order on failure, and keeps
+//! its timers in the database; [`saga::Participant`] is the other side. See
+//! the module docs and `schemas/contracts/saga/PROTOCOL.md`.
+//!
 //! # Features
 //!
 //! | feature | enables |
@@ -95,7 +105,9 @@
 //! `outbox_parked_total` (counters),
 //! `outbox_relay_lag_seconds` (histogram: age of the oldest row of each
 //! batch), `outbox_relay_partitions` (gauge per relay),
-//! `inbox_handled_total` and `inbox_duplicates_total` (per consumer).
+//! `inbox_handled_total` and `inbox_duplicates_total` (per consumer),
+//! `saga_started_total` (per saga type), `saga_transitions_total` (per
+//! resulting status), `saga_ignored_total` (stale or unexpected inputs).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(rustdoc::broken_intra_doc_links)]
 
@@ -103,6 +115,7 @@ pub mod error;
 pub mod inbox;
 pub mod outbox;
 pub mod relay;
+pub mod saga;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -30,6 +30,7 @@ mod memory;
 mod nats;
 mod outbox;
 mod raw_sql;
+mod saga;
 
 use std::time::Duration;
 
@@ -58,6 +59,9 @@ struct Args {
     /// Rounds per figure; the best round is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Sagas per saga benchmark run.
+    #[arg(long, default_value_t = 2_000)]
+    sagas: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +71,7 @@ enum Which {
     Kafka,
     Nats,
     Outbox,
+    Saga,
 }
 
 /// One measured figure.
@@ -156,6 +161,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Which::Outbox) {
         figures.extend(outbox::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Saga) {
+        figures.extend(saga::run(args.sagas).await?);
     }
     eprintln!();
     eprintln!(

@@ -1,0 +1,383 @@
+//! The [`Coordinator`]: starts sagas, applies replies and due timers, each
+//! in one database transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker_adapters::cloudevents::{AttributesReader, Event};
+use broker_adapters::{Subscription, Topic};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::definition::Definitions;
+use super::machine::{self, Input, SagaState};
+use super::protocol;
+use super::store::{Ctx, Handled, SagaStore};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How a [`Coordinator`] runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    reply_topic: Topic,
+    consumer: String,
+    poll_interval: Duration,
+    claim_lease: Duration,
+    timer_batch: usize,
+}
+
+impl CoordinatorConfig {
+    /// Replies are expected on `reply_topic` (told to participants in the
+    /// `sagareplyto` extension); timers polled every 50 ms, claimed for 10 s.
+    pub fn new(reply_topic: Topic) -> Self {
+        Self {
+            reply_topic,
+            consumer: "saga-coordinator".into(),
+            poll_interval: Duration::from_millis(50),
+            claim_lease: Duration::from_secs(10),
+            timer_batch: 100,
+        }
+    }
+
+    /// The inbox consumer name replies are de-duplicated under.
+    #[must_use]
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = name.into();
+        self
+    }
+
+    /// How often due timers are looked for.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How long a coordinator owns the due timers it claimed (database
+    /// clock); a coordinator that dies holding them loses them after this.
+    #[must_use]
+    pub fn claim_lease(mut self, lease: Duration) -> Self {
+        self.claim_lease = lease;
+        self
+    }
+
+    /// At most this many due timers claimed per poll.
+    #[must_use]
+    pub fn timer_batch(mut self, n: usize) -> Self {
+        self.timer_batch = n.max(1);
+        self
+    }
+}
+
+/// A saga as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaRecord {
+    /// The saga id.
+    pub saga_id: String,
+    /// The saga type.
+    pub saga_type: String,
+    /// The definition version it runs.
+    pub version: u32,
+    /// Its state.
+    pub state: SagaState,
+    /// The last change, ms since the epoch (database clock).
+    pub updated_ms: i64,
+}
+
+/// One transition in a saga's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// 1 for the start, then one more per transition.
+    pub seq: i64,
+    /// When, ms since the epoch (database clock).
+    pub at_ms: i64,
+    /// The status after it.
+    pub status: String,
+    /// What happened.
+    pub note: String,
+}
+
+/// Starts sagas and drives them; cheap to clone. Several coordinators (in
+/// one process or many) may share one database: every transition locks
+/// its saga's row, and due timers are claimed under a lease.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    store: Arc<dyn SagaStore>,
+    ctx: Arc<Ctx>,
+    config: CoordinatorConfig,
+}
+
+impl Coordinator {
+    fn new(store: Arc<dyn SagaStore>, definitions: Definitions, config: CoordinatorConfig) -> Self {
+        Self {
+            store,
+            ctx: Arc::new(Ctx {
+                definitions: Arc::new(definitions),
+                reply_topic: config.reply_topic.clone(),
+                consumer: config.consumer.clone(),
+            }),
+            config,
+        }
+    }
+
+    /// A coordinator on a migrated PostgreSQL database; commands go out
+    /// through `outbox` (run its relay to publish them).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn postgres(
+        pool: sqlx::PgPool,
+        outbox: crate::Outbox<sqlx::Postgres>,
+        definitions: Definitions,
+        config: CoordinatorConfig,
+    ) -> Self {
+        Self::new(
+            Arc::new(super::store::PgSagaStore { pool, outbox }),
+            definitions,
+            config,
+        )
+    }
+
+    /// A coordinator on a migrated SQLite database; commands go out
+    /// through `outbox` (run its relay to publish them).
+    #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+    pub fn sqlite(
+        pool: sqlx::SqlitePool,
+        outbox: crate::Outbox<sqlx::Sqlite>,
+        definitions: Definitions,
+        config: CoordinatorConfig,
+    ) -> Self {
+        Self::new(
+            Arc::new(super::store::SqliteSagaStore { pool, outbox }),
+            definitions,
+            config,
+        )
+    }
+
+    /// The definitions this coordinator knows.
+    pub fn definitions(&self) -> &Definitions {
+        &self.ctx.definitions
+    }
+
+    /// Starts a saga of the newest version of `saga_type` with id
+    /// `saga_id` and `data` (a JSON object): the saga row, its first history
+    /// row and its first command commit together.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::UnknownSaga`], [`ErrorKind::SagaExists`],
+    /// [`ErrorKind::InvalidEvent`] when `data` is not an object, or a
+    /// database failure.
+    pub async fn start(&self, saga_type: &str, saga_id: &str, data: Value) -> Result<()> {
+        let def = self.ctx.definitions.latest(saga_type).ok_or_else(|| {
+            Error::new(ErrorKind::UnknownSaga {
+                saga_type: saga_type.to_owned(),
+                version: None,
+            })
+        })?;
+        if !data.is_object() {
+            return Err(Error::new(ErrorKind::InvalidEvent {
+                reason: "saga data must be a JSON object".into(),
+            }));
+        }
+        if saga_id.is_empty() || saga_id.contains('/') {
+            return Err(Error::new(ErrorKind::InvalidEvent {
+                reason: format!("`{saga_id}` is not a valid saga id (non-empty, no `/`)"),
+            }));
+        }
+        let t = machine::start(def, data);
+        self.store.insert(&self.ctx, saga_id, def, &t).await
+    }
+
+    /// Applies a reply event in one transaction (inbox record, state,
+    /// history, next command).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Protocol`] for an event without the saga extensions
+    /// (not retryable: terminate it), [`ErrorKind::UnknownSaga`] when the
+    /// saga's definition version is not registered, or a database failure.
+    pub async fn handle_reply(&self, event: &Event) -> Result<Handled> {
+        let r = protocol::reply_ref(event)?;
+        let input =
+            |def: &super::SagaDefinition, _: &SagaState| protocol::reply_input(def, &r, event);
+        let handled = self
+            .store
+            .transition(&self.ctx, &r.saga_id, Some(event.id()), false, &input)
+            .await?;
+        if let Handled::Ignored(why) = &handled {
+            debug!(saga = %r.saga_id, event = %event.id(), ty = %event.ty(), reason = %why, "reply ignored");
+        }
+        Ok(handled)
+    }
+
+    /// Claims the due timers and applies them; returns how many changed a saga.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn fire_due_timers(&self) -> Result<usize> {
+        let lease = i64::try_from(self.config.claim_lease.as_millis()).unwrap_or(i64::MAX / 4);
+        let limit = i64::try_from(self.config.timer_batch).unwrap_or(100);
+        let ids = self.store.claim_due(lease, limit).await?;
+        let mut fired = 0;
+        let input = |_: &super::SagaDefinition, s: &SagaState| {
+            s.timer()
+                .map(|(phase, step, attempt)| Input::Timer {
+                    phase,
+                    step,
+                    attempt,
+                })
+                .ok_or_else(|| "the saga is over".to_owned())
+        };
+        for id in ids {
+            if let Handled::Applied(_) = self
+                .store
+                .transition(&self.ctx, &id, None, true, &input)
+                .await?
+            {
+                fired += 1;
+            }
+        }
+        Ok(fired)
+    }
+
+    /// The saga `saga_id`, if it exists.
+    ///
+    /// # Errors
+    ///
+    /// A database failure, or a stored state that does not decode.
+    pub async fn saga(&self, saga_id: &str) -> Result<Option<SagaRecord>> {
+        let Some(row) = self.store.load(saga_id).await? else {
+            return Ok(None);
+        };
+        let state = serde_json::from_str(&row.state).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Codec {
+                    operation: "decode a saga state",
+                },
+                e,
+            )
+        })?;
+        Ok(Some(SagaRecord {
+            saga_id: saga_id.to_owned(),
+            saga_type: row.saga_type,
+            version: row.version,
+            state,
+            updated_ms: row.updated_ms,
+        }))
+    }
+
+    /// The history of `saga_id`, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn history(&self, saga_id: &str) -> Result<Vec<HistoryEntry>> {
+        Ok(self
+            .store
+            .history(saga_id)
+            .await?
+            .into_iter()
+            .map(|(seq, at_ms, status, note)| HistoryEntry {
+                seq,
+                at_ms,
+                status,
+                note,
+            })
+            .collect())
+    }
+
+    /// The number of sagas per status name.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn counts(&self) -> Result<Vec<(String, i64)>> {
+        self.store.counts().await
+    }
+
+    /// Runs until `shutdown`: applies the replies of `replies` (acking
+    /// each after its transaction committed, nacking on a transient
+    /// failure, terminating events that break the protocol) and polls the
+    /// due timers.
+    pub async fn run(self, mut replies: Subscription, shutdown: CancellationToken) {
+        let timers = {
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    match me.fire_due_timers().await {
+                        Ok(n) if n > 0 => continue,
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "saga timers failed"),
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(me.config.poll_interval) => {}
+                    }
+                }
+            })
+        };
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = replies.next() => next,
+            };
+            let Some(next) = next else { break };
+            let mut delivery = match next {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %e, "reply subscription failed");
+                    continue;
+                }
+            };
+            let settled = match self.handle_reply(delivery.event()).await {
+                Ok(_) => delivery.ack().await,
+                Err(e) if e.is_retryable() => {
+                    warn!(error = %e, "saga reply failed; redelivering");
+                    delivery.nack(Some(Duration::from_millis(100))).await
+                }
+                Err(e) => {
+                    warn!(error = %e, event = %delivery.event().id(), "saga reply rejected");
+                    delivery.term().await
+                }
+            };
+            if let Err(e) = settled {
+                warn!(error = %e, "could not settle a saga reply");
+            }
+        }
+        timers.abort();
+        let _ = timers.await;
+    }
+
+    /// Runs [`run`](Self::run) on a task.
+    pub fn spawn(self, replies: Subscription) -> CoordinatorHandle {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(self.run(replies, token.clone()));
+        CoordinatorHandle { token, task }
+    }
+}
+
+/// A running coordinator; see [`Coordinator::spawn`].
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl CoordinatorHandle {
+    /// Stops it after the reply in hand (its transaction either committed
+    /// or rolled back).
+    pub async fn shutdown(self) {
+        self.token.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Aborts it at once (as a crash would).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}

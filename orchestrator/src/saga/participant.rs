@@ -1,0 +1,161 @@
+//! The participant helper: handle a saga command and reply, idempotently.
+//!
+//! [`Participant::handle`] runs in one transaction: the inbox record of the
+//! command id, the handler's effects and the reply (through the outbox)
+//! commit together, so a re-delivered command is skipped and a reply is
+//! never lost. A compensation leaves a tombstone for its step: a forward
+//! command of that step arriving late (reordered) is handed to the handler
+//! with [`SagaCommand::compensated`] set, and must be answered with a
+//! failure and no effect.
+
+use std::fmt;
+
+use broker_adapters::cloudevents::Event;
+use futures_util::future::BoxFuture;
+
+use super::machine::Phase;
+use super::protocol::{SagaCommand, StepReply};
+use crate::error::{BoxError, Error, ErrorKind, Result};
+use crate::inbox::Processed;
+use crate::outbox::Outbox;
+
+/// A saga participant named `name` (its inbox consumer name) on one database.
+pub struct Participant<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+    outbox: Outbox<DB>,
+    name: String,
+    source: String,
+}
+
+impl<DB: sqlx::Database> Clone for Participant<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            outbox: self.outbox.clone(),
+            name: self.name.clone(),
+            source: self.source.clone(),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> fmt::Debug for Participant<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Participant")
+            .field("name", &self.name)
+            .field("backend", &DB::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tombstone(cmd: &SagaCommand) -> String {
+    format!("compensated/{}/{}", cmd.saga.saga_id, cmd.saga.step)
+}
+
+macro_rules! participant_impl {
+    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:literal, $($begin:tt)+) => {
+        impl Participant<$db> {
+            /// A participant called `name` whose replies go out through `outbox`.
+            pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
+                let name = name.into();
+                Self {
+                    pool,
+                    outbox,
+                    source: format!("/participants/{name}"),
+                    name,
+                }
+            }
+
+            /// Handles the command `event` once: records its id, runs
+            /// `handler` on the transaction, sends its reply to the
+            /// command's `sagareplyto` topic through the outbox, and commits.
+            ///
+            /// # Errors
+            ///
+            /// [`ErrorKind::Protocol`] for an event that is not a saga
+            /// command (terminate it), [`ErrorKind::Handler`] when the
+            /// handler failed (nothing committed; redeliver), or a database
+            /// failure.
+            pub async fn handle<F>(&self, event: &Event, handler: F) -> Result<Processed<StepReply>>
+            where
+                F: for<'c> FnOnce(&'c mut $conn, &'c SagaCommand) -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
+                    + Send,
+            {
+                let mut cmd = SagaCommand::from_event(event)?;
+                let err = |e| Error::db("handle a saga command", e);
+                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                let fresh = sqlx::query(concat!(
+                    "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+                    $now, ") on conflict do nothing"
+                ))
+                .bind(&self.name)
+                .bind(&cmd.command_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+                if fresh.rows_affected() == 0 {
+                    metrics::counter!("inbox_duplicates_total", "consumer" => self.name.clone()).increment(1);
+                    return Ok(Processed::Duplicate);
+                }
+                let mark = tombstone(&cmd);
+                match cmd.saga.phase {
+                    Phase::Compensate => {
+                        sqlx::query(concat!(
+                            "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+                            $now, ") on conflict do nothing"
+                        ))
+                        .bind(&self.name)
+                        .bind(&mark)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                    }
+                    Phase::Forward => {
+                        let found: Option<i32> = sqlx::query_scalar(
+                            "select 1 from orchestrator_inbox where consumer = $1 and event_id = $2",
+                        )
+                        .bind(&self.name)
+                        .bind(&mark)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                        cmd.compensated = found.is_some();
+                    }
+                }
+                let reply = handler(&mut tx, &cmd).await.map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Handler {
+                            consumer: self.name.clone(),
+                            event_id: cmd.command_id.clone(),
+                        },
+                        e,
+                    )
+                })?;
+                let event = cmd.reply_event(&reply, &self.source)?;
+                self.outbox.enqueue(&mut tx, &cmd.reply_to, &event).await?;
+                tx.commit().await.map_err(err)?;
+                metrics::counter!("inbox_handled_total", "consumer" => self.name.clone()).increment(1);
+                Ok(Processed::Handled(reply))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+participant_impl!(
+    sqlx::Postgres,
+    sqlx::PgPool,
+    sqlx::PgConnection,
+    postgres,
+    "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    begin()
+);
+
+#[cfg(feature = "sqlite")]
+participant_impl!(
+    sqlx::Sqlite,
+    sqlx::SqlitePool,
+    sqlx::SqliteConnection,
+    sqlite,
+    "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
+    begin_with("BEGIN IMMEDIATE")
+);

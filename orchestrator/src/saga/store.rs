@@ -1,0 +1,292 @@
+//! The saga tables on PostgreSQL and SQLite: one implementation written
+//! once (`saga_store!`) over both backends.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use broker_adapters::Topic;
+
+use super::definition::{Definitions, SagaDefinition};
+use super::machine::{Input, SagaState, Transition};
+use crate::error::Result;
+
+/// What the coordinator shares with its store.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) definitions: Arc<Definitions>,
+    pub(crate) reply_topic: Topic,
+    pub(crate) consumer: String,
+}
+
+/// What a transition did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// The state changed (the note is in the history).
+    Applied(String),
+    /// Nothing changed: stale, early, unknown or not due; the reason.
+    Ignored(String),
+    /// The event was handled before (inbox).
+    Duplicate,
+}
+
+/// Decides the input from the saga's definition and state.
+pub(crate) type InputFn<'a> =
+    dyn Fn(&SagaDefinition, &SagaState) -> std::result::Result<Input, String> + Send + Sync + 'a;
+
+/// A stored saga row.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) saga_type: String,
+    pub(crate) version: u32,
+    pub(crate) state: String,
+    pub(crate) updated_ms: i64,
+}
+
+#[async_trait]
+pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
+    async fn insert(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        def: &SagaDefinition,
+        t: &Transition,
+    ) -> Result<()>;
+    async fn transition(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        dedupe: Option<&str>,
+        due_only: bool,
+        input: &InputFn<'_>,
+    ) -> Result<Handled>;
+    async fn claim_due(&self, lease_ms: i64, limit: i64) -> Result<Vec<String>>;
+    async fn load(&self, saga_id: &str) -> Result<Option<Row>>;
+    async fn history(&self, saga_id: &str) -> Result<Vec<(i64, i64, String, String)>>;
+    async fn counts(&self) -> Result<Vec<(String, i64)>>;
+}
+
+macro_rules! saga_store {
+    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $($begin:tt)+) => {
+        #[derive(Debug)]
+        pub(crate) struct $store {
+            pub(crate) pool: $pool,
+            pub(crate) outbox: crate::outbox::Outbox<$db>,
+        }
+
+        impl $store {
+            async fn write(
+                &self,
+                conn: &mut <$db as sqlx::Database>::Connection,
+                ctx: &Ctx,
+                saga_id: &str,
+                def: &SagaDefinition,
+                t: &Transition,
+                seq: i64,
+            ) -> Result<()> {
+                use crate::error::Error;
+                let state = serde_json::to_string(&t.state).map_err(|e| {
+                    Error::with_source(crate::error::ErrorKind::Codec { operation: "encode a saga state" }, e)
+                })?;
+                let timer = t.timer.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4));
+                sqlx::query(concat!(
+                    "update orchestrator_sagas set status = $2, state = $3, wake_ms = ", $now,
+                    " + $4, claim_ms = 0, seq = $5, updated_ms = ", $now, " where saga_id = $1"
+                ))
+                .bind(saga_id)
+                .bind(t.state.status.name())
+                .bind(&state)
+                .bind(timer)
+                .bind(seq)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| Error::db("update a saga", e))?;
+                sqlx::query(concat!(
+                    "insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $2, ",
+                    $now, ", $3, $4)"
+                ))
+                .bind(saga_id)
+                .bind(seq)
+                .bind(t.state.status.name())
+                .bind(&t.note)
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| Error::db("append to a saga's history", e))?;
+                for cmd in &t.commands {
+                    let (topic, event) =
+                        super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic)?;
+                    self.outbox.enqueue(&mut *conn, &topic, &event).await?;
+                }
+                metrics::counter!("saga_transitions_total", "status" => t.state.status.name())
+                    .increment(1);
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl SagaStore for $store {
+            async fn insert(&self, ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<()> {
+                use crate::error::{Error, ErrorKind};
+                let err = |e| Error::db("start a saga", e);
+                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                let inserted = sqlx::query(concat!(
+                    "insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
+                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now, ", ", $now, ") on conflict do nothing"
+                ))
+                .bind(saga_id)
+                .bind(&def.name)
+                .bind(i64::from(def.version))
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+                if inserted.rows_affected() == 0 {
+                    return Err(Error::new(ErrorKind::SagaExists { saga_id: saga_id.to_owned() }));
+                }
+                self.write(&mut tx, ctx, saga_id, def, t, 1).await?;
+                tx.commit().await.map_err(err)?;
+                metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
+                Ok(())
+            }
+
+            async fn transition(
+                &self,
+                ctx: &Ctx,
+                saga_id: &str,
+                dedupe: Option<&str>,
+                due_only: bool,
+                input: &InputFn<'_>,
+            ) -> Result<Handled> {
+                use sqlx::Row as _;
+                use crate::error::{Error, ErrorKind};
+                let err = |e| Error::db("run a saga transition", e);
+                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                if let Some(event_id) = dedupe {
+                    let fresh = sqlx::query(concat!(
+                        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+                        $now, ") on conflict do nothing"
+                    ))
+                    .bind(&ctx.consumer)
+                    .bind(event_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                    if fresh.rows_affected() == 0 {
+                        return Ok(Handled::Duplicate);
+                    }
+                }
+                let row = sqlx::query(concat!(
+                    "select saga_type, version, state, seq, case when wake_ms <= ", $now,
+                    " then 1 else 0 end as due from orchestrator_sagas where saga_id = $1", $lock
+                ))
+                .bind(saga_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err)?;
+                let Some(row) = row else {
+                    tx.commit().await.map_err(err)?;
+                    return Ok(Handled::Ignored(format!("unknown saga `{saga_id}`")));
+                };
+                let saga_type: String = row.try_get("saga_type").map_err(err)?;
+                let version: i64 = row.try_get("version").map_err(err)?;
+                let state: String = row.try_get("state").map_err(err)?;
+                let seq: i64 = row.try_get("seq").map_err(err)?;
+                let due: i32 = row.try_get("due").map_err(err)?;
+                if due_only && due == 0 {
+                    return Ok(Handled::Ignored("no timer is due".into()));
+                }
+                let version = u32::try_from(version).unwrap_or(0);
+                let def = ctx.definitions.get(&saga_type, version).ok_or_else(|| {
+                    Error::new(ErrorKind::UnknownSaga { saga_type: saga_type.clone(), version: Some(version) })
+                })?;
+                let state: SagaState = serde_json::from_str(&state).map_err(|e| {
+                    Error::with_source(ErrorKind::Codec { operation: "decode a saga state" }, e)
+                })?;
+                let input = match input(def, &state) {
+                    Ok(i) => i,
+                    Err(why) => {
+                        tx.commit().await.map_err(err)?;
+                        return Ok(Handled::Ignored(why));
+                    }
+                };
+                let t = super::machine::apply(def, &state, input);
+                if !t.applied {
+                    tx.commit().await.map_err(err)?;
+                    metrics::counter!("saga_ignored_total").increment(1);
+                    return Ok(Handled::Ignored(t.note));
+                }
+                self.write(&mut tx, ctx, saga_id, def, &t, seq + 1).await?;
+                tx.commit().await.map_err(err)?;
+                Ok(Handled::Applied(t.note))
+            }
+
+            async fn claim_due(&self, lease_ms: i64, limit: i64) -> Result<Vec<String>> {
+                sqlx::query_scalar(concat!(
+                    "update orchestrator_sagas set claim_ms = ", $now, " + $1 where saga_id in (\
+                     select saga_id from orchestrator_sagas where wake_ms <= ", $now,
+                    " and claim_ms <= ", $now, " order by wake_ms limit $2", $skip, ") returning saga_id"
+                ))
+                .bind(lease_ms)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| crate::error::Error::db("claim due saga timers", e))
+            }
+
+            async fn load(&self, saga_id: &str) -> Result<Option<Row>> {
+                use sqlx::Row as _;
+                let err = |e| crate::error::Error::db("read a saga", e);
+                let row = sqlx::query("select saga_type, version, state, updated_ms from orchestrator_sagas where saga_id = $1")
+                    .bind(saga_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(err)?;
+                let Some(row) = row else { return Ok(None) };
+                let version: i64 = row.try_get("version").map_err(err)?;
+                Ok(Some(Row {
+                    saga_type: row.try_get("saga_type").map_err(err)?,
+                    version: u32::try_from(version).unwrap_or(0),
+                    state: row.try_get("state").map_err(err)?,
+                    updated_ms: row.try_get("updated_ms").map_err(err)?,
+                }))
+            }
+
+            async fn history(&self, saga_id: &str) -> Result<Vec<(i64, i64, String, String)>> {
+                sqlx::query_as(
+                    "select cast(seq as bigint), at_ms, status, note from orchestrator_saga_history where saga_id = $1 order by seq",
+                )
+                .bind(saga_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| crate::error::Error::db("read a saga's history", e))
+            }
+
+            async fn counts(&self) -> Result<Vec<(String, i64)>> {
+                sqlx::query_as("select status, count(*) from orchestrator_sagas group by status order by status")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| crate::error::Error::db("count sagas", e))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+saga_store!(
+    PgSagaStore,
+    sqlx::Postgres,
+    sqlx::PgPool,
+    "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    " for update",
+    " for update skip locked",
+    begin()
+);
+
+#[cfg(feature = "sqlite")]
+saga_store!(
+    SqliteSagaStore,
+    sqlx::Sqlite,
+    sqlx::SqlitePool,
+    "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
+    "",
+    "",
+    begin_with("BEGIN IMMEDIATE")
+);

@@ -1,0 +1,392 @@
+//! Sagas end to end: 3-step sagas with in-process participants (the
+//! library's `Participant`, no-op effects) on SQLite and PostgreSQL with the
+//! in-memory broker, and on PostgreSQL over NATS JetStream.
+//!
+//! - `saga steps/s`: forward steps applied per second with many sagas in
+//!   flight (each step is a coordinator transaction, a participant
+//!   transaction, and two relayed events), beside the raw single-row commit
+//!   rate of the same database measured in the same run (one connection,
+//!   `insert` + `commit` in a loop).
+//! - `saga sagas/s`: whole sagas per second, same run.
+//! - `step latency p50/p99`: time from one transition to the next of a saga
+//!   (command enqueued → reply applied), on the database clock in ms, at a
+//!   light load (8 sagas in flight); the baseline column is the target.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use broker_adapters::nats::{NatsBroker, NatsConfig};
+use broker_adapters::prelude::*;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use orchestrator::saga::{
+    Action, Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions, Participant,
+    RetryPolicy, SagaDefinition, Step, StepReply,
+};
+use orchestrator::{Outbox, OutboxConfig, RelayConfig, RelayHandle};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
+use std::str::FromStr;
+use tokio::task::JoinHandle;
+
+use crate::Figure;
+
+#[derive(Clone)]
+enum Db {
+    Pg(PgPool, Outbox<sqlx::Postgres>),
+    Lite(SqlitePool, Outbox<sqlx::Sqlite>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Memory,
+    Nats,
+}
+
+fn definition(prefix: &str) -> anyhow::Result<SagaDefinition> {
+    let action = |ty: &str, topic: &str| {
+        Action::new(ty, format!("{prefix}{topic}"))
+            .on_success(format!("{ty}.done"))
+            .on_failure(format!("{ty}.failed"))
+            .timeout(Duration::from_secs(30))
+            .retry(RetryPolicy::new(
+                3,
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+            ))
+    };
+    Ok(SagaDefinition::builder("bench", 1)
+        .step(
+            Step::new("reserve", action("inventory.reserve", "inventory"))
+                .compensation(action("inventory.release", "inventory")),
+        )
+        .step(
+            Step::new("charge", action("payment.charge", "payment"))
+                .compensation(action("payment.refund", "payment")),
+        )
+        .step(Step::new("ship", action("shipping.ship", "shipping")))
+        .build()?)
+}
+
+async fn open_pg() -> anyhow::Result<(Db, String)> {
+    let url = e2e::require(e2e::Server::Postgres)?;
+    let schema = e2e::unique_name("bench_saga");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!("create schema {schema}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let options = PgConnectOptions::from_str(&url)?.options([("search_path", schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await?;
+    orchestrator::postgres::migrate(&pool).await?;
+    sqlx::query("create table raw_commits (id bigserial primary key, note text)")
+        .execute(&pool)
+        .await?;
+    let outbox = Outbox::postgres(pool.clone(), OutboxConfig::new()).await?;
+    Ok((Db::Pg(pool, outbox), schema))
+}
+
+async fn open_sqlite() -> anyhow::Result<Db> {
+    let dir = std::env::temp_dir().join(e2e::unique_name("bench_saga"));
+    std::fs::create_dir_all(&dir)?;
+    let url = format!("sqlite://{}", dir.join("db.sqlite").display());
+    let pool = orchestrator::sqlite::connect(&url).await?;
+    orchestrator::sqlite::migrate(&pool).await?;
+    sqlx::query("create table raw_commits (id integer primary key autoincrement, note text)")
+        .execute(&pool)
+        .await?;
+    let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new()).await?;
+    Ok(Db::Lite(pool, outbox))
+}
+
+/// Single-row commits per second on one connection, for `window`.
+async fn raw_commit_rate(db: &Db, window: Duration) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < window {
+        match db {
+            Db::Pg(pool, _) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("insert into raw_commits (note) values ('x')")
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Db::Lite(pool, _) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                sqlx::query("insert into raw_commits (note) values ('x')")
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+        }
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+struct Running {
+    coordinator: Coordinator,
+    handles: Vec<CoordinatorHandle>,
+    relays: Vec<RelayHandle>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn setup(
+    db: &Db,
+    transport: Transport,
+    prefix: &str,
+    coordinators: usize,
+) -> anyhow::Result<Running> {
+    let (publisher, subscriber): (Arc<dyn Publisher>, Arc<dyn Subscriber>) = match transport {
+        Transport::Memory => {
+            let b = Arc::new(MemoryBroker::new());
+            (b.clone(), b)
+        }
+        Transport::Nats => {
+            e2e::require(e2e::Server::Nats)?;
+            let b =
+                Arc::new(NatsBroker::connect(NatsConfig::builder().url(e2e::nats_url())).await?);
+            (b.clone(), b)
+        }
+    };
+    let defs = Definitions::new().with(definition(prefix)?)?;
+    let replies = Topic::try_from(format!("{prefix}replies").as_str())?;
+    let config = CoordinatorConfig::new(replies.clone()).poll_interval(Duration::from_millis(100));
+    let relay_config = |i: usize| {
+        RelayConfig::new()
+            .relay_id(format!("bench-{i}"))
+            .batch_size(256)
+            .poll_interval(Duration::from_millis(100))
+    };
+    let coordinator = match db {
+        Db::Pg(pool, outbox) => Coordinator::postgres(pool.clone(), outbox.clone(), defs, config),
+        Db::Lite(pool, outbox) => Coordinator::sqlite(pool.clone(), outbox.clone(), defs, config),
+    };
+    let relays = match db {
+        Db::Pg(_, outbox) => vec![outbox.relay(publisher, relay_config(0))?.spawn()],
+        Db::Lite(_, outbox) => vec![outbox.relay(publisher, relay_config(0))?.spawn()],
+    };
+    let mut handles = Vec::new();
+    for _ in 0..coordinators {
+        let sub = subscriber
+            .subscribe(&replies, SubscribeOptions::new("coordinators")?)
+            .await?;
+        handles.push(coordinator.clone().spawn(sub));
+    }
+    let mut tasks = Vec::new();
+    for name in ["inventory", "payment", "shipping"] {
+        let topic = Topic::try_from(format!("{prefix}{name}").as_str())?;
+        for _ in 0..coordinators {
+            let mut sub = subscriber
+                .subscribe(&topic, SubscribeOptions::new(name)?)
+                .await?;
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(Ok(mut d)) = sub.next().await {
+                    let ok = |cmd: &orchestrator::saga::SagaCommand| StepReply::Success {
+                        reply_type: format!("{}.done", cmd.command_type),
+                        data: serde_json::Value::Null,
+                    };
+                    let done = match &db {
+                        Db::Pg(pool, outbox) => {
+                            Participant::postgres(pool.clone(), outbox.clone(), name)
+                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                                    Box::pin(async move { Ok(ok(cmd)) })
+                                })
+                                .await
+                                .is_ok()
+                        }
+                        Db::Lite(pool, outbox) => {
+                            Participant::sqlite(pool.clone(), outbox.clone(), name)
+                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                                    Box::pin(async move { Ok(ok(cmd)) })
+                                })
+                                .await
+                                .is_ok()
+                        }
+                    };
+                    let _ = if done {
+                        d.ack().await
+                    } else {
+                        d.nack(None).await
+                    };
+                }
+            }));
+        }
+    }
+    Ok(Running {
+        coordinator,
+        handles,
+        relays,
+        tasks,
+    })
+}
+
+impl Running {
+    async fn stop(self) {
+        for h in self.handles {
+            h.shutdown().await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        for r in self.relays {
+            let _ = r.shutdown().await;
+        }
+    }
+}
+
+/// Runs `total` sagas with at most `in_flight` open; returns the elapsed time.
+async fn drive(
+    c: &Coordinator,
+    tag: &str,
+    total: usize,
+    in_flight: usize,
+) -> anyhow::Result<Duration> {
+    let prior = c
+        .counts()
+        .await?
+        .iter()
+        .find(|(s, _)| s == "completed")
+        .map(|(_, n)| *n)
+        .unwrap_or(0);
+    let start = Instant::now();
+    let mut started = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let counts = c.counts().await?;
+        let done = counts
+            .iter()
+            .find(|(s, _)| s == "completed")
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+            - prior;
+        let other = counts
+            .iter()
+            .filter(|(s, _)| s != "completed" && s != "running")
+            .map(|(_, n)| *n)
+            .sum::<i64>();
+        if other > 0 {
+            bail!("sagas failed: {counts:?}");
+        }
+        let done = usize::try_from(done).unwrap_or(0);
+        if done >= total && started >= total {
+            return Ok(start.elapsed());
+        }
+        while started < total && started.saturating_sub(done) < in_flight {
+            c.start(
+                "bench",
+                &format!("{tag}-{started}"),
+                serde_json::json!({"n": started}),
+            )
+            .await?;
+            started += 1;
+        }
+        if Instant::now() > deadline {
+            bail!("sagas did not finish: {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn step_latencies(db: &Db, tag: &str) -> anyhow::Result<Vec<i64>> {
+    let q = "select h.at_ms - p.at_ms from orchestrator_saga_history h join orchestrator_saga_history p \
+             on p.saga_id = h.saga_id and p.seq = h.seq - 1 where h.saga_id like $1 order by 1";
+    let like = format!("{tag}-%");
+    let mut v: Vec<i64> = match db {
+        Db::Pg(pool, _) => sqlx::query_scalar(q).bind(like).fetch_all(pool).await?,
+        Db::Lite(pool, _) => sqlx::query_scalar(q).bind(like).fetch_all(pool).await?,
+    };
+    v.sort_unstable();
+    Ok(v)
+}
+
+fn pct(v: &[i64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)] as f64
+}
+
+pub(crate) async fn run(sagas: usize) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let mut pg_schemas = Vec::new();
+    for (label, transport, backend) in [
+        ("sqlite", Transport::Memory, "sqlite"),
+        ("postgres", Transport::Memory, "postgres"),
+        ("postgres+nats", Transport::Nats, "postgres"),
+    ] {
+        let db = if backend == "sqlite" {
+            open_sqlite().await?
+        } else {
+            let (db, schema) = open_pg().await?;
+            pg_schemas.push(schema);
+            db
+        };
+        let raw = raw_commit_rate(&db, Duration::from_secs(2)).await?;
+        let prefix = format!("{}.", e2e::unique_name("bench_saga"));
+        let coordinators = if backend == "sqlite" { 1 } else { 4 };
+        let running = setup(&db, transport, &prefix, coordinators).await?;
+        // Light load first: latency.
+        drive(&running.coordinator, "light", 200, 8)
+            .await
+            .context("light load")?;
+        let lat = step_latencies(&db, "light").await?;
+        // Throughput with many sagas in flight.
+        let elapsed = drive(&running.coordinator, "load", sagas, 256)
+            .await
+            .context("load")?;
+        running.stop().await;
+        let sagas_s = sagas as f64 / elapsed.as_secs_f64();
+        figures.push(Figure {
+            bench: format!("saga {label} steps/s vs raw commits/s"),
+            ours: sagas_s * 3.0,
+            baseline: raw,
+            unit: "steps/s",
+        });
+        figures.push(Figure {
+            bench: format!("saga {label} sagas/s"),
+            ours: sagas_s,
+            baseline: raw / 3.0,
+            unit: "sagas/s",
+        });
+        let target = if transport == Transport::Nats {
+            15.0
+        } else {
+            10.0
+        };
+        figures.push(Figure {
+            bench: format!("saga {label} step p50 ms"),
+            ours: pct(&lat, 0.5),
+            baseline: target,
+            unit: "ms",
+        });
+        figures.push(Figure {
+            bench: format!("saga {label} step p99 ms"),
+            ours: pct(&lat, 0.99),
+            baseline: target,
+            unit: "ms",
+        });
+    }
+    if let Ok(url) = e2e::require(e2e::Server::Postgres) {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await?;
+        for s in pg_schemas {
+            let _ = sqlx::query(AssertSqlSafe(format!("drop schema {s} cascade")))
+                .execute(&admin)
+                .await;
+        }
+    }
+    Ok(figures)
+}

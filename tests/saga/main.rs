@@ -1,0 +1,502 @@
+//! The saga engine of `orchestrator` on both stores, PostgreSQL and SQLite,
+//! with the in-memory broker and scripted participants. Every scenario runs
+//! once per backend; PostgreSQL scenarios each get their own schema.
+//!
+//! `source tests/harness/up.sh && cargo test -p e2e --test saga`
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use broker_adapters::cloudevents::{AttributesReader, AttributesWriter, Event};
+use broker_adapters::prelude::*;
+use futures_util::StreamExt;
+use orchestrator::ErrorKind;
+use orchestrator::saga::protocol::command_id;
+use orchestrator::saga::{Definitions, Handled, Phase, SagaCommand};
+use support::{Act, Backend, Bed, Script, all_settled, order_saga, settled};
+
+macro_rules! both {
+    ($($scenario:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Backend::Postgres).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    super::$scenario(super::Backend::Sqlite).await
+                }
+            )*
+        }
+    };
+}
+
+both!(
+    saga_completes_its_steps_in_order,
+    failure_compensates_completed_steps_in_reverse,
+    timeout_retries_with_deterministic_command_ids,
+    compensation_that_cannot_succeed_ends_visible,
+    duplicate_unknown_and_malformed_replies_change_nothing,
+    running_saga_keeps_its_definition_version,
+    participant_down_then_up,
+    two_coordinators_share_the_database_and_hand_over,
+    commands_and_replies_match_the_published_schemas,
+);
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn defs(timeout_ms: u64, attempts: u32) -> anyhow::Result<Definitions> {
+    Ok(Definitions::new().with(order_saga(1, Duration::from_millis(timeout_ms), attempts)?)?)
+}
+
+fn script(f: impl Fn(&SagaCommand) -> Act + Send + Sync + 'static) -> Script {
+    Arc::new(f)
+}
+
+fn up() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(true))
+}
+
+fn data() -> serde_json::Value {
+    serde_json::json!({ "sku": "sku-1", "amount": 42 })
+}
+
+fn pairs(effects: &[(String, String)]) -> Vec<(&str, &str)> {
+    effects
+        .iter()
+        .map(|(s, p)| (s.as_str(), p.as_str()))
+        .collect()
+}
+
+async fn saga_completes_its_steps_in_order(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(script(|_| Act::Succeed), up()).await?;
+    let c = bed.coordinator(defs(5_000, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    ensure!(settled(&c, "o-1", WAIT).await? == "completed");
+    let effects = bed.db.effects("o-1").await?;
+    ensure!(
+        pairs(&effects)
+            == [
+                ("reserve", "forward"),
+                ("charge", "forward"),
+                ("ship", "forward")
+            ],
+        "{effects:?}"
+    );
+    let saga = c.saga("o-1").await?.context("saga")?;
+    ensure!(saga.version == 1 && saga.saga_type == "order");
+    ensure!(
+        saga.state.data["results"]["charge"]["by"] == "charge",
+        "{:?}",
+        saga.state.data
+    );
+    let history = c.history("o-1").await?;
+    ensure!(history.len() == 4, "{history:?}");
+    ensure!(history.iter().map(|h| h.seq).collect::<Vec<_>>() == [1, 2, 3, 4]);
+    ensure!(history[3].status == "completed");
+    let again = c.start("order", "o-1", data()).await.expect_err("same id");
+    ensure!(matches!(again.kind(), ErrorKind::SagaExists { .. }));
+    let unknown = c
+        .start("nope", "o-2", data())
+        .await
+        .expect_err("unknown type");
+    ensure!(
+        matches!(unknown.kind(), ErrorKind::UnknownSaga { .. }),
+        "{unknown}"
+    );
+    bed.finish().await;
+    Ok(())
+}
+
+async fn failure_compensates_completed_steps_in_reverse(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(
+        script(|cmd| {
+            if cmd.saga.step == "ship" {
+                Act::Fail { retryable: false }
+            } else {
+                Act::Succeed
+            }
+        }),
+        up(),
+    )
+    .await?;
+    let c = bed.coordinator(defs(5_000, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    ensure!(settled(&c, "o-1", WAIT).await? == "compensated");
+    let effects = bed.db.effects("o-1").await?;
+    ensure!(
+        pairs(&effects)
+            == [
+                ("reserve", "forward"),
+                ("charge", "forward"),
+                ("charge", "compensate"),
+                ("reserve", "compensate")
+            ],
+        "{effects:?}"
+    );
+    let saga = c.saga("o-1").await?.context("saga")?;
+    ensure!(saga.state.failure.as_ref().map(|f| f.code.as_str()) == Some("refused"));
+    bed.finish().await;
+    Ok(())
+}
+
+async fn timeout_retries_with_deterministic_command_ids(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    let mut tap = bed
+        .broker
+        .subscribe(
+            &Topic::from_static("payment"),
+            SubscribeOptions::new("tap")?,
+        )
+        .await?;
+    // The first attempt of `charge` goes unanswered.
+    bed.participants(
+        script(|cmd| {
+            if cmd.saga.step == "charge" && cmd.saga.attempt == 1 {
+                Act::Ignore
+            } else {
+                Act::Succeed
+            }
+        }),
+        up(),
+    )
+    .await?;
+    let c = bed.coordinator(defs(300, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    ensure!(settled(&c, "o-1", WAIT).await? == "completed");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut d = tokio::time::timeout(WAIT, tap.next())
+            .await?
+            .context("tap")??;
+        ids.push((
+            d.event().id().to_owned(),
+            d.event().extension("sagaattempt").map(|v| v.to_string()),
+        ));
+        d.ack().await?;
+    }
+    ensure!(
+        ids[0].0 == command_id("o-1", "charge", Phase::Forward, 1).to_string(),
+        "{ids:?}"
+    );
+    ensure!(
+        ids[1].0 == command_id("o-1", "charge", Phase::Forward, 2).to_string(),
+        "{ids:?}"
+    );
+    let history = c.history("o-1").await?;
+    ensure!(
+        history
+            .iter()
+            .any(|h| h.note.contains("timed out (attempt 1)")),
+        "{history:?}"
+    );
+    ensure!(bed.db.double_effects().await? == 0);
+    bed.finish().await;
+    Ok(())
+}
+
+async fn compensation_that_cannot_succeed_ends_visible(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(
+        script(|cmd| match (cmd.saga.step.as_str(), cmd.saga.phase) {
+            ("ship", _) => Act::Fail { retryable: false },
+            ("charge", Phase::Compensate) => Act::Fail { retryable: false },
+            _ => Act::Succeed,
+        }),
+        up(),
+    )
+    .await?;
+    let c = bed.coordinator(defs(5_000, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    ensure!(settled(&c, "o-1", WAIT).await? == "compensation_failed");
+    let counts = c.counts().await?;
+    ensure!(
+        counts == [("compensation_failed".to_owned(), 1)],
+        "{counts:?}"
+    );
+    let history = c.history("o-1").await?;
+    ensure!(
+        history
+            .last()
+            .is_some_and(|h| h.note.contains("compensation of step `charge` failed")),
+        "{history:?}"
+    );
+    // `reserve` was not compensated: its compensation waits for a person.
+    let effects = bed.db.effects("o-1").await?;
+    ensure!(
+        !pairs(&effects).contains(&("reserve", "compensate")),
+        "{effects:?}"
+    );
+    bed.finish().await;
+    Ok(())
+}
+
+async fn duplicate_unknown_and_malformed_replies_change_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(script(|_| Act::Succeed), up()).await?;
+    let mut replies = bed
+        .broker
+        .subscribe(
+            &Topic::from_static(support::REPLIES),
+            SubscribeOptions::new("manual")?,
+        )
+        .await?;
+    // No reply loop: replies are fed by hand.
+    let c = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    c.start("order", "o-1", data()).await?;
+    let mut seen = 0;
+    while seen < 3 {
+        let mut d = tokio::time::timeout(WAIT, replies.next())
+            .await?
+            .context("reply")??;
+        let event = d.event().clone();
+        d.ack().await?;
+        ensure!(matches!(c.handle_reply(&event).await?, Handled::Applied(_)));
+        ensure!(c.handle_reply(&event).await? == Handled::Duplicate);
+        // The same reply under a new id (a participant re-sending) is stale.
+        let mut copy = event.clone();
+        copy.set_id(uuid::Uuid::now_v7().to_string());
+        ensure!(matches!(c.handle_reply(&copy).await?, Handled::Ignored(_)));
+        seen += 1;
+    }
+    ensure!(c.saga("o-1").await?.context("saga")?.state.status.name() == "completed");
+    let before = c.history("o-1").await?.len();
+
+    let base = |id: &str| {
+        CloudEventBuilder::new("payment.charge.done", "/test")
+            .saga(id, "charge", 1)
+            .extension("sagaphase", "forward")
+    };
+    let unknown = base("o-404").build()?;
+    ensure!(matches!(
+        c.handle_reply(&unknown).await?,
+        Handled::Ignored(_)
+    ));
+    let late = base("o-1").build()?;
+    ensure!(matches!(c.handle_reply(&late).await?, Handled::Ignored(_)));
+    let wrong_type = CloudEventBuilder::new("something.else", "/test")
+        .saga("o-1", "charge", 1)
+        .extension("sagaphase", "forward")
+        .build()?;
+    ensure!(matches!(
+        c.handle_reply(&wrong_type).await?,
+        Handled::Ignored(_)
+    ));
+    let no_step = CloudEventBuilder::new("payment.charge.done", "/test").build()?;
+    let err = c
+        .handle_reply(&no_step)
+        .await
+        .expect_err("not a saga reply");
+    ensure!(
+        matches!(err.kind(), ErrorKind::Protocol { .. }) && !err.is_retryable(),
+        "{err}"
+    );
+    let bad_phase = CloudEventBuilder::new("payment.charge.done", "/test")
+        .saga("o-1", "charge", 1)
+        .extension("sagaphase", "sideways")
+        .build()?;
+    ensure!(c.handle_reply(&bad_phase).await.is_err());
+    ensure!(
+        c.history("o-1").await?.len() == before,
+        "an ignored reply changed the history"
+    );
+    bed.finish().await;
+    Ok(())
+}
+
+async fn running_saga_keeps_its_definition_version(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    let gate = Arc::new(AtomicBool::new(false));
+    bed.participants(script(|_| Act::Succeed), gate.clone())
+        .await?;
+    // Started under version 1 only.
+    let old = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    old.start("order", "o-1", data()).await?;
+    // Version 2 drops the shipping step; the running saga keeps version 1.
+    let v2 = support::order_saga(2, Duration::from_secs(5), 3)?;
+    let v2 = orchestrator::saga::SagaDefinition {
+        steps: v2.steps[..2].to_vec(),
+        ..v2
+    };
+    let both = defs(5_000, 3)?.with(v2)?;
+    let c = bed.coordinator(both).await?;
+    c.start("order", "o-2", data()).await?;
+    gate.store(true, Ordering::SeqCst);
+    ensure!(settled(&c, "o-1", WAIT).await? == "completed");
+    ensure!(settled(&c, "o-2", WAIT).await? == "completed");
+    ensure!(c.saga("o-1").await?.context("o-1")?.version == 1);
+    ensure!(c.saga("o-2").await?.context("o-2")?.version == 2);
+    ensure!(bed.db.effects("o-1").await?.len() == 3);
+    ensure!(bed.db.effects("o-2").await?.len() == 2);
+    bed.finish().await;
+    Ok(())
+}
+
+async fn participant_down_then_up(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    let gate = Arc::new(AtomicBool::new(false));
+    bed.participants(script(|_| Act::Succeed), gate.clone())
+        .await?;
+    let c = bed.coordinator(defs(200, 20)?).await?;
+    for i in 0..20 {
+        c.start("order", &format!("o-{i}"), data()).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let history = c.history("o-0").await?;
+    ensure!(
+        history.iter().any(|h| h.note.contains("timed out")),
+        "{history:?}"
+    );
+    gate.store(true, Ordering::SeqCst);
+    let counts = all_settled(&c, WAIT).await?;
+    ensure!(counts == [("completed".to_owned(), 20)], "{counts:?}");
+    ensure!(bed.db.double_effects().await? == 0);
+    bed.finish().await;
+    Ok(())
+}
+
+async fn two_coordinators_share_the_database_and_hand_over(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(
+        script(|cmd| {
+            let n: u32 = cmd
+                .saga
+                .saga_id
+                .trim_start_matches("o-")
+                .parse()
+                .unwrap_or(0);
+            if cmd.saga.step == "ship" && n.is_multiple_of(5) {
+                Act::Fail { retryable: false }
+            } else if cmd.saga.attempt == 1 && n.is_multiple_of(7) {
+                Act::Ignore
+            } else {
+                Act::Succeed
+            }
+        }),
+        up(),
+    )
+    .await?;
+    let a = bed.coordinator(defs(3_000, 5)?).await?;
+    let b = bed.coordinator(defs(3_000, 5)?).await?;
+    for i in 0..200 {
+        let c = if i % 2 == 0 { &a } else { &b };
+        c.start("order", &format!("o-{i}"), data()).await?;
+    }
+    // One coordinator dies (its task is aborted mid-flight).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let first = bed.coordinators.remove(0);
+    first.abort();
+    let counts: HashMap<String, i64> = all_settled(&b, 2 * WAIT).await?.into_iter().collect();
+    ensure!(counts.get("completed") == Some(&160), "{counts:?}");
+    ensure!(counts.get("compensated") == Some(&40), "{counts:?}");
+    ensure!(bed.db.double_effects().await? == 0);
+    for i in (0..200).step_by(5) {
+        let effects = bed.db.effects(&format!("o-{i}")).await?;
+        ensure!(
+            pairs(&effects)
+                == [
+                    ("reserve", "forward"),
+                    ("charge", "forward"),
+                    ("charge", "compensate"),
+                    ("reserve", "compensate")
+                ],
+            "o-{i}: {effects:?}"
+        );
+    }
+    bed.finish().await;
+    Ok(())
+}
+
+fn validator(name: &str) -> anyhow::Result<jsonschema::Validator> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas/contracts/saga")
+        .join(name);
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn check(v: &jsonschema::Validator, event: &Event) -> anyhow::Result<()> {
+    let json = serde_json::to_value(event)?;
+    let errors: Vec<String> = v.iter_errors(&json).map(|e| e.to_string()).collect();
+    ensure!(errors.is_empty(), "{json}: {errors:?}");
+    Ok(())
+}
+
+async fn commands_and_replies_match_the_published_schemas(backend: Backend) -> anyhow::Result<()> {
+    let command = validator("command.schema.json")?;
+    let reply = validator("reply.schema.json")?;
+    let mut bed = Bed::new(backend).await?;
+    let mut taps = Vec::new();
+    for topic in ["inventory", "payment", "shipping", support::REPLIES] {
+        taps.push(
+            bed.broker
+                .subscribe(
+                    &Topic::try_from(topic)?,
+                    SubscribeOptions::new("schema-tap")?,
+                )
+                .await?,
+        );
+    }
+    bed.participants(
+        script(|cmd| {
+            if cmd.saga.step == "ship" {
+                Act::Fail { retryable: false }
+            } else {
+                Act::Succeed
+            }
+        }),
+        up(),
+    )
+    .await?;
+    let c = bed.coordinator(defs(5_000, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    ensure!(settled(&c, "o-1", WAIT).await? == "compensated");
+    // 5 commands (3 forward, 2 compensations) and their 5 replies.
+    let mut commands = 0;
+    let mut replies = 0;
+    for (i, tap) in taps.iter_mut().enumerate() {
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {
+            let mut d = d?;
+            if i == 3 {
+                check(&reply, d.event())?;
+                replies += 1;
+            } else {
+                check(&command, d.event())?;
+                commands += 1;
+            }
+            d.ack().await?;
+        }
+    }
+    ensure!(
+        commands == 5 && replies == 5,
+        "{commands} commands, {replies} replies"
+    );
+    // The schemas do reject what breaks the protocol.
+    let bad = CloudEventBuilder::new("payment.charge", "/sagas/order")
+        .json_data(&1)
+        .build()?;
+    ensure!(!command.is_valid(&serde_json::to_value(&bad)?));
+    let failure = CloudEventBuilder::new("x.failed", "/p")
+        .saga("o-1", "charge", 1)
+        .extension("sagaphase", "forward")
+        .causation_id("c")
+        .json_data(&serde_json::json!({ "error": { "message": "no code" } }))
+        .build()?;
+    ensure!(!reply.is_valid(&serde_json::to_value(&failure)?));
+    bed.finish().await;
+    Ok(())
+}
