@@ -487,43 +487,48 @@ impl Relay {
             }
 
             let mut worked = false;
-            let mut more = false;
             // The partitions due now, `concurrency` of them at a time; each
             // partition has at most one batch in flight, so its order holds.
-            let due: Vec<i32> = owned
+            // A partition whose batch came back full goes straight back in
+            // the queue, so a busy partition never waits for a slow one.
+            let mut queue: std::collections::VecDeque<i32> = owned
                 .iter()
                 .copied()
                 .filter(|p| backoff.get(p).is_none_or(|b| b.until <= Instant::now()))
                 .collect();
             let lease_due = next_lease;
             let this = &*self;
-            let mut batches = futures_util::stream::iter(due)
-                .map(|part| async move {
-                    if shutdown.is_cancelled() || Instant::now() >= lease_due {
-                        return (part, None);
-                    }
-                    (
-                        part,
-                        Some(this.relay_batch(part, batch_limit, shutdown).await),
-                    )
-                })
-                .buffer_unordered(self.config.concurrency);
+            let batch = |part: i32| async move {
+                (part, this.relay_batch(part, batch_limit, shutdown).await)
+            };
+            let mut in_flight = futures_util::stream::FuturesUnordered::new();
             let mut abandoned = false;
-            while let Some((part, outcome)) = batches.next().await {
+            loop {
+                while in_flight.len() < self.config.concurrency
+                    && !shutdown.is_cancelled()
+                    && Instant::now() < lease_due
+                    && let Some(part) = queue.pop_front()
+                {
+                    in_flight.push(batch(part));
+                }
+                let Some((part, outcome)) = in_flight.next().await else {
+                    break;
+                };
                 match outcome {
-                    None => {}
-                    Some(Ok(progress)) => {
+                    Ok(progress) => {
                         backoff.remove(&part);
                         if progress.rows > 0 {
                             worked = true;
-                            more |= progress.rows >= self.config.batch_size;
                             report.published += progress.published as u64;
                             report.parked += progress.parked as u64;
                             report.batches += 1;
                         }
+                        if progress.rows >= self.config.batch_size {
+                            queue.push_back(part);
+                        }
                     }
-                    Some(Err(BatchError::Abandoned)) => abandoned = true,
-                    Some(Err(BatchError::Failed(e))) => {
+                    Err(BatchError::Abandoned) => abandoned = true,
+                    Err(BatchError::Failed(e)) => {
                         report.failures += 1;
                         metrics::counter!("outbox_relay_failures_total").increment(1);
                         let b = backoff.entry(part).or_insert(Backoff {
@@ -541,10 +546,12 @@ impl Relay {
                     }
                 }
             }
-            drop(batches);
+            drop(in_flight);
             if abandoned {
                 break;
             }
+            // Partitions left with a full batch (the lease tick came first).
+            let more = !queue.is_empty();
 
             if let Retention::Keep(keep) = self.config.retention
                 && Instant::now() >= next_purge
