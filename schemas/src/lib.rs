@@ -1,9 +1,16 @@
-//! Event contracts for the event backbone.
-//!
-//! This crate is where the schema registry lives (see `DESIGN.md` §6 of the
-//! project): subjects keyed by CloudEvent `type`, versioned JSON Schemas with
-//! compatibility rules, validation at publish and consume time, and the
-//! Confluent Schema Registry REST API. It depends on no other crate of the
-//! workspace, so services can validate contracts without a broker.
-//!
-//! It has no public items yet.
+//! Event contracts.
+pub mod compat;
+pub mod config;
+pub mod error;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod validate;
+
+pub use crate::compat::CompatibilityLevel;
+pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::registry::{
+    Registry, RegistryOptions, SubjectVersion, VersionSpec, canonical_json, schema_for,
+};
+pub use crate::store::Store;
+pub use crate::validate::{CompiledSchema, SchemaSource};
