@@ -5,22 +5,24 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker_adapters::ErrorKind;
+use broker_adapters::middleware::DeadLetterLayer;
 use broker_adapters::middleware::dead_letter::DeadLetterInfo;
 use broker_adapters::middleware::validation::{ValidateLayer, ValidatingPublisher};
-use broker_adapters::middleware::DeadLetterLayer;
 use broker_adapters::prelude::*;
-use broker_adapters::ErrorKind;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
 const TYPE: &str = "com.example.order.placed";
-const CONTRACT: &str =
-    r#"{"type": "object", "properties": {"total": {"type": "number", "minimum": 0}}, "required": ["total"]}"#;
+const CONTRACT: &str = r#"{"type": "object", "properties": {"total": {"type": "number", "minimum": 0}}, "required": ["total"]}"#;
 
 fn setup(e: schemas::Error) -> broker_adapters::Error {
-    broker_adapters::Error::new(ErrorKind::Config { key: "registry".into(), reason: e.to_string() })
+    broker_adapters::Error::new(ErrorKind::Config {
+        key: "registry".into(),
+        reason: e.to_string(),
+    })
 }
 
 #[tokio::test]
@@ -29,7 +31,9 @@ async fn publish_refuses_invalid_data() -> broker_adapters::Result<()> {
     registry.register(TYPE, CONTRACT).await.map_err(setup)?;
     let broker = MemoryBroker::new();
     let orders = Topic::from_static("orders");
-    let mut sub = broker.subscribe(&orders, SubscribeOptions::new("g")?).await?;
+    let mut sub = broker
+        .subscribe(&orders, SubscribeOptions::new("g")?)
+        .await?;
     let publisher = ValidatingPublisher::new(broker.clone(), Arc::new(registry));
 
     let error = publisher
@@ -43,18 +47,43 @@ async fn publish_refuses_invalid_data() -> broker_adapters::Result<()> {
         .publish_json(&orders, "com.example.unknown", "/shop", &json!({}))
         .await
         .expect_err("no contract");
-    assert!(matches!(error.kind(), ErrorKind::SchemaRegistry { retryable: false, .. }), "{error:?}");
+    assert!(
+        matches!(
+            error.kind(),
+            ErrorKind::SchemaRegistry {
+                retryable: false,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     // A batch is all or nothing.
-    let good = CloudEventBuilder::new(TYPE, "/shop").json_data(&json!({"total": 1})).build()?;
-    let bad = CloudEventBuilder::new(TYPE, "/shop").json_data(&json!({})).build()?;
-    assert!(publisher.publish_batch(&orders, vec![good.clone(), bad]).await.is_err());
+    let good = CloudEventBuilder::new(TYPE, "/shop")
+        .json_data(&json!({"total": 1}))
+        .build()?;
+    let bad = CloudEventBuilder::new(TYPE, "/shop")
+        .json_data(&json!({}))
+        .build()?;
+    assert!(
+        publisher
+            .publish_batch(&orders, vec![good.clone(), bad])
+            .await
+            .is_err()
+    );
 
     publisher.publish(&orders, good.clone()).await?;
-    let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next()).await.expect("delivered").expect("open")?;
+    let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")?;
     // Nothing invalid was sent: the first event on the topic is the good one.
     assert_eq!(delivery.event().id(), good.id());
     assert_eq!(
-        delivery.event().dataschema().map(ToString::to_string).as_deref(),
+        delivery
+            .event()
+            .dataschema()
+            .map(ToString::to_string)
+            .as_deref(),
         Some("http://127.0.0.1:8081/schemas/ids/1")
     );
     Ok(())
@@ -67,31 +96,52 @@ async fn consume_dead_letters_invalid_data() -> broker_adapters::Result<()> {
     let broker = MemoryBroker::new();
     let orders = Topic::from_static("orders");
     let dlq = Topic::from_static("orders.dlq");
-    let subscription = broker.subscribe(&orders, SubscribeOptions::new("billing")?).await?;
-    let mut dead_letters = broker.subscribe(&dlq, SubscribeOptions::new("ops")?).await?;
+    let subscription = broker
+        .subscribe(&orders, SubscribeOptions::new("billing")?)
+        .await?;
+    let mut dead_letters = broker
+        .subscribe(&dlq, SubscribeOptions::new("ops")?)
+        .await?;
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = Arc::clone(&handled);
     let handler = tower::service_fn(move |received: Received| {
         let seen = Arc::clone(&seen);
         async move {
-            seen.lock().map_err(|_| HandlerError::permanent("poisoned"))?.push(received.event.id().to_owned());
+            seen.lock()
+                .map_err(|_| HandlerError::permanent("poisoned"))?
+                .push(received.event.id().to_owned());
             Ok::<(), HandlerError>(())
         }
     });
     let stack = ServiceBuilder::new()
-        .layer(DeadLetterLayer::new(Arc::new(broker.clone()), dlq.clone(), NonZeroU32::MIN))
+        .layer(DeadLetterLayer::new(
+            Arc::new(broker.clone()),
+            dlq.clone(),
+            NonZeroU32::MIN,
+        ))
         .layer(ValidateLayer::new(Arc::new(registry)))
         .service(handler);
     // Published without validation, as a producer without the middleware would.
-    let bad = broker.publish_json(&orders, TYPE, "/shop", &json!({"total": "lots"})).await?;
-    let good = broker.publish_json(&orders, TYPE, "/shop", &json!({"total": 3})).await?;
+    let bad = broker
+        .publish_json(&orders, TYPE, "/shop", &json!({"total": "lots"}))
+        .await?;
+    let good = broker
+        .publish_json(&orders, TYPE, "/shop", &json!({"total": 3}))
+        .await?;
     let shutdown = CancellationToken::new();
     let consumer = tokio::spawn(Consumer::new(subscription, stack).run(shutdown.clone()));
 
-    let mut dead = tokio::time::timeout(Duration::from_secs(5), dead_letters.next()).await.expect("dead-lettered").expect("open")?;
+    let mut dead = tokio::time::timeout(Duration::from_secs(5), dead_letters.next())
+        .await
+        .expect("dead-lettered")
+        .expect("open")?;
     assert_eq!(dead.event().id(), bad);
     let info = DeadLetterInfo::from_event(dead.event())?.expect("dead-letter info");
-    assert!(info.reason.contains("does not match its schema") && info.reason.contains("/total"), "{}", info.reason);
+    assert!(
+        info.reason.contains("does not match its schema") && info.reason.contains("/total"),
+        "{}",
+        info.reason
+    );
     dead.ack().await?;
     for _ in 0..100 {
         if handled.lock().map(|h| h.len()).unwrap_or(0) == 1 {

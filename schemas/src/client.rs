@@ -131,7 +131,12 @@ impl RegistryClient {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base_url))
@@ -144,14 +149,16 @@ impl RegistryClient {
                 .header(CONTENT_TYPE, REGISTRY_CONTENT_TYPE)
                 .body(body.to_string());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Remote {
-                url: self.base_url.to_string(),
-                reason: "request failed".into(),
-                retryable: true,
-            }, e))?;
+        let response = request.send().await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Remote {
+                    url: self.base_url.to_string(),
+                    reason: "request failed".into(),
+                    retryable: true,
+                },
+                e,
+            )
+        })?;
         let status = response.status();
         let bytes = response
             .bytes()
@@ -165,13 +172,26 @@ impl RegistryClient {
             return Err(self.remote(format!("HTTP {status}"), status.is_server_error()));
         };
         let kind = match body.error_code {
-            40401 => ErrorKind::SubjectNotFound { subject: body.message },
-            40402 => ErrorKind::VersionNotFound { version: body.message },
+            40401 => ErrorKind::SubjectNotFound {
+                subject: body.message,
+            },
+            40402 => ErrorKind::VersionNotFound {
+                version: body.message,
+            },
             40403 => ErrorKind::SchemaNotFound { what: body.message },
-            42201 => ErrorKind::InvalidSchema { reason: body.message },
-            42202 => ErrorKind::InvalidVersion { version: body.message },
-            42203 => ErrorKind::InvalidCompatibilityLevel { level: body.message },
-            409 => ErrorKind::Incompatible { subject: String::new(), messages: vec![body.message] },
+            42201 => ErrorKind::InvalidSchema {
+                reason: body.message,
+            },
+            42202 => ErrorKind::InvalidVersion {
+                version: body.message,
+            },
+            42203 => ErrorKind::InvalidCompatibilityLevel {
+                level: body.message,
+            },
+            409 => ErrorKind::Incompatible {
+                subject: String::new(),
+                messages: vec![body.message],
+            },
             401 => ErrorKind::Unauthorized,
             code => ErrorKind::Remote {
                 url: self.base_url.to_string(),
@@ -197,7 +217,11 @@ impl RegistryClient {
     pub async fn register(&self, subject: &str, schema: &Value) -> Result<u32> {
         let body = json!({ "schema": schema.to_string(), "schemaType": SCHEMA_TYPE_JSON });
         let answer = self
-            .call(reqwest::Method::POST, &format!("/subjects/{}/versions", encode(subject)), Some(body))
+            .call(
+                reqwest::Method::POST,
+                &format!("/subjects/{}/versions", encode(subject)),
+                Some(body),
+            )
             .await?;
         let registered: RegisteredBody =
             serde_json::from_value(answer).map_err(|e| self.remote(e.to_string(), false))?;
@@ -222,7 +246,12 @@ impl RegistryClient {
     /// # Errors
     ///
     /// The subject or version does not exist, or the registry could not be reached.
-    pub async fn check_compatibility(&self, subject: &str, version: &str, schema: &Value) -> Result<Vec<String>> {
+    pub async fn check_compatibility(
+        &self,
+        subject: &str,
+        version: &str,
+        schema: &Value,
+    ) -> Result<Vec<String>> {
         let body = json!({ "schema": schema.to_string(), "schemaType": SCHEMA_TYPE_JSON });
         let path = format!(
             "/compatibility/subjects/{}/versions/{}?verbose=true",
@@ -253,13 +282,24 @@ impl SchemaSource for RegistryClient {
             return Ok(Arc::clone(compiled));
         }
         let answer = self
-            .call(reqwest::Method::GET, &format!("/subjects/{}/versions/latest", encode(subject)), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/subjects/{}/versions/latest", encode(subject)),
+                None,
+            )
             .await?;
-        let body: SchemaBody = serde_json::from_value(answer).map_err(|e| self.remote(e.to_string(), false))?;
-        let id = body.id.ok_or_else(|| self.remote("answer has no id", false))?;
+        let body: SchemaBody =
+            serde_json::from_value(answer).map_err(|e| self.remote(e.to_string(), false))?;
+        let id = body
+            .id
+            .ok_or_else(|| self.remote("answer has no id", false))?;
         let version = body.version.unwrap_or_default();
         let cached = if self.cache_enabled {
-            self.cache.by_id.read().ok().and_then(|m| m.get(&id).cloned())
+            self.cache
+                .by_id
+                .read()
+                .ok()
+                .and_then(|m| m.get(&id).cloned())
         } else {
             None
         };
@@ -292,8 +332,11 @@ impl SchemaSource for RegistryClient {
         {
             return Ok(Arc::clone(c));
         }
-        let answer = self.call(reqwest::Method::GET, &format!("/schemas/ids/{id}"), None).await?;
-        let body: SchemaBody = serde_json::from_value(answer).map_err(|e| self.remote(e.to_string(), false))?;
+        let answer = self
+            .call(reqwest::Method::GET, &format!("/schemas/ids/{id}"), None)
+            .await?;
+        let body: SchemaBody =
+            serde_json::from_value(answer).map_err(|e| self.remote(e.to_string(), false))?;
         let compiled = Arc::new(self.compile(id, &body.schema)?);
         if self.cache_enabled
             && let Ok(mut m) = self.cache.by_id.write()

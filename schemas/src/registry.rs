@@ -155,10 +155,32 @@ struct State {
     subjects: BTreeMap<String, Vec<VersionEntry>>,
     global: Option<CompatibilityLevel>,
     levels: HashMap<String, CompatibilityLevel>,
+    /// The latest live version of each subject, compiled, kept up to date
+    /// by every write so the validation path only reads.
+    latest: HashMap<String, Arc<CompiledSchema>>,
 }
 
 impl State {
-    fn live(&self, subject: &str) -> Option<impl Iterator<Item = &VersionEntry>> {
+    fn refresh_latest(&mut self, subject: &str) {
+        let latest = self
+            .live(subject)
+            .and_then(|mut live| live.next_back().copied())
+            .and_then(|v| {
+                self.schemas
+                    .get(&v.id)
+                    .map(|e| Arc::new(e.compiled.for_subject(subject, v.version)))
+            });
+        match latest {
+            Some(compiled) => {
+                self.latest.insert(subject.to_owned(), compiled);
+            }
+            None => {
+                self.latest.remove(subject);
+            }
+        }
+    }
+
+    fn live(&self, subject: &str) -> Option<impl DoubleEndedIterator<Item = &VersionEntry>> {
         let versions = self.subjects.get(subject)?;
         if versions.iter().all(|v| v.deleted) {
             return None;
@@ -298,6 +320,10 @@ impl Registry {
             } else {
                 state.levels.insert(subject, level);
             }
+        }
+        let subjects: Vec<String> = state.subjects.keys().cloned().collect();
+        for subject in subjects {
+            state.refresh_latest(&subject);
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -459,6 +485,7 @@ impl Registry {
                     id,
                     deleted: false,
                 });
+            state.refresh_latest(subject);
         })?;
         tracing::info!(subject, version, id, "schema registered");
         Ok(SubjectVersion {
@@ -693,6 +720,7 @@ impl Registry {
                     v.deleted = true;
                 }
             }
+            state.refresh_latest(subject);
         })?;
         Ok(version)
     }
@@ -751,6 +779,7 @@ impl Registry {
                     v.deleted = true;
                 }
             }
+            state.refresh_latest(subject);
         })?;
         Ok(versions)
     }

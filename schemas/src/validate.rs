@@ -20,7 +20,7 @@ pub struct CompiledSchema {
     version: Option<u32>,
     schema: Arc<Value>,
     url: String,
-    validator: jsonschema::Validator,
+    validator: Arc<jsonschema::Validator>,
 }
 
 impl fmt::Debug for CompiledSchema {
@@ -51,7 +51,7 @@ impl CompiledSchema {
     ///
     /// [`ErrorKind::InvalidSchema`].
     pub fn new(id: u32, schema: Arc<Value>, url: String) -> Result<Self> {
-        let validator = compile(&schema)?;
+        let validator = Arc::new(compile(&schema)?);
         Ok(Self {
             id,
             subject: None,
@@ -71,7 +71,7 @@ impl CompiledSchema {
             version: Some(version),
             schema: Arc::clone(&self.schema),
             url: self.url.clone(),
-            validator: self.validator.clone(),
+            validator: Arc::clone(&self.validator),
         }
     }
 

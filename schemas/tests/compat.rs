@@ -9,96 +9,309 @@ use serde_json::{Value, json};
 fn table() -> Vec<(&'static str, Value, Value, Vec<&'static str>)> {
     let obj = |props: Value, required: Value| json!({"type": "object", "properties": props, "required": required});
     vec![
-        ("identical", json!({"type": "string"}), json!({"type": "string"}), vec![]),
-        ("true reads all", json!(true), json!({"type": "string"}), vec![]),
-        ("false writer", json!({"type": "string"}), json!(false), vec![]),
-        ("false reader", json!(false), json!({"type": "string"}), vec!["#: schema rejects everything the writer allows"]),
-        ("type changed", json!({"type": "string"}), json!({"type": "number"}),
-            vec!["#/type: type number no longer allowed (now string)"]),
-        ("integer widened to number", json!({"type": "number"}), json!({"type": "integer"}), vec![]),
-        ("number narrowed to integer", json!({"type": "integer"}), json!({"type": "number"}),
-            vec!["#/type: type number no longer allowed (now integer)"]),
-        ("union extended", json!({"type": ["string", "null"]}), json!({"type": "string"}), vec![]),
-        ("union narrowed", json!({"type": "string"}), json!({"type": ["string", "null"]}),
-            vec!["#/type: type null no longer allowed (now string)"]),
-        ("type added", json!({"type": "string"}), json!({}), vec!["#: type narrowed from any to string"]),
-        ("enum extended", json!({"enum": ["a", "b"]}), json!({"enum": ["a"]}), vec![]),
-        ("enum narrowed", json!({"enum": ["a"]}), json!({"enum": ["a", "b"]}),
-            vec!["#/enum: value \"b\" removed from enum"]),
-        ("enum added", json!({"type": "string", "enum": ["a"]}), json!({"type": "string"}), vec!["#/enum: enum added"]),
-        ("const to enum", json!({"enum": ["a", "b"]}), json!({"const": "a"}), vec![]),
-        ("optional property added, open writer", obj(json!({"a": {"type": "string"}, "b": {"type": "string"}}), json!([])),
-            obj(json!({"a": {"type": "string"}}), json!([])), vec![]),
-        ("property newly required",
-            obj(json!({"a": {"type": "string"}, "b": {"type": "string"}}), json!(["a", "b"])),
-            obj(json!({"a": {"type": "string"}, "b": {"type": "string"}}), json!(["a"])),
-            vec!["#/required/1: property \"b\" newly required"]),
-        ("required dropped", obj(json!({"a": {"type": "string"}}), json!([])), obj(json!({"a": {"type": "string"}}), json!(["a"])), vec![]),
-        ("nested required", json!({"type": "object", "properties": {"order": obj(json!({"id": {"type": "string"}, "total": {"type": "number"}}), json!(["id", "total"]))}}),
+        (
+            "identical",
+            json!({"type": "string"}),
+            json!({"type": "string"}),
+            vec![],
+        ),
+        (
+            "true reads all",
+            json!(true),
+            json!({"type": "string"}),
+            vec![],
+        ),
+        (
+            "false writer",
+            json!({"type": "string"}),
+            json!(false),
+            vec![],
+        ),
+        (
+            "false reader",
+            json!(false),
+            json!({"type": "string"}),
+            vec!["#: schema rejects everything the writer allows"],
+        ),
+        (
+            "type changed",
+            json!({"type": "string"}),
+            json!({"type": "number"}),
+            vec!["#/type: type number no longer allowed (now string)"],
+        ),
+        (
+            "integer widened to number",
+            json!({"type": "number"}),
+            json!({"type": "integer"}),
+            vec![],
+        ),
+        (
+            "number narrowed to integer",
+            json!({"type": "integer"}),
+            json!({"type": "number"}),
+            vec!["#/type: type number no longer allowed (now integer)"],
+        ),
+        (
+            "union extended",
+            json!({"type": ["string", "null"]}),
+            json!({"type": "string"}),
+            vec![],
+        ),
+        (
+            "union narrowed",
+            json!({"type": "string"}),
+            json!({"type": ["string", "null"]}),
+            vec!["#/type: type null no longer allowed (now string)"],
+        ),
+        (
+            "type added",
+            json!({"type": "string"}),
+            json!({}),
+            vec!["#: type narrowed from any to string"],
+        ),
+        (
+            "enum extended",
+            json!({"enum": ["a", "b"]}),
+            json!({"enum": ["a"]}),
+            vec![],
+        ),
+        (
+            "enum narrowed",
+            json!({"enum": ["a"]}),
+            json!({"enum": ["a", "b"]}),
+            vec!["#/enum: value \"b\" removed from enum"],
+        ),
+        (
+            "enum added",
+            json!({"type": "string", "enum": ["a"]}),
+            json!({"type": "string"}),
+            vec!["#/enum: enum added"],
+        ),
+        (
+            "const to enum",
+            json!({"enum": ["a", "b"]}),
+            json!({"const": "a"}),
+            vec![],
+        ),
+        (
+            "optional property added, open writer",
+            obj(
+                json!({"a": {"type": "string"}, "b": {"type": "string"}}),
+                json!([]),
+            ),
+            obj(json!({"a": {"type": "string"}}), json!([])),
+            vec![],
+        ),
+        (
+            "property newly required",
+            obj(
+                json!({"a": {"type": "string"}, "b": {"type": "string"}}),
+                json!(["a", "b"]),
+            ),
+            obj(
+                json!({"a": {"type": "string"}, "b": {"type": "string"}}),
+                json!(["a"]),
+            ),
+            vec!["#/required/1: property \"b\" newly required"],
+        ),
+        (
+            "required dropped",
+            obj(json!({"a": {"type": "string"}}), json!([])),
+            obj(json!({"a": {"type": "string"}}), json!(["a"])),
+            vec![],
+        ),
+        (
+            "nested required",
+            json!({"type": "object", "properties": {"order": obj(json!({"id": {"type": "string"}, "total": {"type": "number"}}), json!(["id", "total"]))}}),
             json!({"type": "object", "properties": {"order": obj(json!({"id": {"type": "string"}, "total": {"type": "number"}}), json!(["id"]))}}),
-            vec!["#/properties/order/required/1: property \"total\" newly required"]),
-        ("nested type", json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}}}),
+            vec!["#/properties/order/required/1: property \"total\" newly required"],
+        ),
+        (
+            "nested type",
+            json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}}}),
             json!({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}),
-            vec!["#/properties/a/properties/b/type: type integer no longer allowed (now string)"]),
-        ("closed reader, writer open", json!({"type": "object", "additionalProperties": false}), json!({"type": "object"}),
-            vec!["#/additionalProperties: additional properties no longer allowed"]),
-        ("closed reader drops a property", json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            vec!["#/properties/a/properties/b/type: type integer no longer allowed (now string)"],
+        ),
+        (
+            "closed reader, writer open",
+            json!({"type": "object", "additionalProperties": false}),
+            json!({"type": "object"}),
+            vec!["#/additionalProperties: additional properties no longer allowed"],
+        ),
+        (
+            "closed reader drops a property",
+            json!({"type": "object", "properties": {}, "additionalProperties": false}),
             json!({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": false}),
-            vec!["#/properties/a: property \"a\" removed from a closed content model"]),
-        ("closed writer, reader adds property", json!({"type": "object", "properties": {"a": {"type": "string"}}}),
-            json!({"type": "object", "additionalProperties": false}), vec![]),
-        ("reader opens", json!({"type": "object"}), json!({"type": "object", "additionalProperties": false}), vec![]),
-        ("additionalProperties schema narrowed", json!({"type": "object", "additionalProperties": {"type": "string"}}),
-            json!({"type": "object", "additionalProperties": {"type": ["string", "number"]}}),
-            vec!["#/additionalProperties/type: type number no longer allowed (now string)"]),
-        ("additionalProperties schema reads writer property", json!({"type": "object", "additionalProperties": {"type": "string"}}),
-            json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": false}),
-            vec!["#/additionalProperties/type: type integer no longer allowed (now string)"]),
-        ("writer additionalProperties schema covers reader property", json!({"type": "object", "properties": {"a": {"type": "integer"}}}),
+            vec!["#/properties/a: property \"a\" removed from a closed content model"],
+        ),
+        (
+            "closed writer, reader adds property",
+            json!({"type": "object", "properties": {"a": {"type": "string"}}}),
+            json!({"type": "object", "additionalProperties": false}),
+            vec![],
+        ),
+        (
+            "reader opens",
+            json!({"type": "object"}),
+            json!({"type": "object", "additionalProperties": false}),
+            vec![],
+        ),
+        (
+            "additionalProperties schema narrowed",
             json!({"type": "object", "additionalProperties": {"type": "string"}}),
-            vec!["#/properties/a/type: type string no longer allowed (now integer)"]),
-        ("items", json!({"type": "array", "items": {"type": "string"}}), json!({"type": "array", "items": {"type": "integer"}}),
-            vec!["#/items/type: type integer no longer allowed (now string)"]),
-        ("items added", json!({"type": "array", "items": {"type": "string"}}), json!({"type": "array"}),
-            vec!["#/items: type narrowed from any to string"]),
-        ("items removed", json!({"type": "array"}), json!({"type": "array", "items": {"type": "string"}}), vec![]),
-        ("minItems raised", json!({"type": "array", "minItems": 2}), json!({"type": "array", "minItems": 1}),
-            vec!["#/minItems: minItems raised from 1 to 2"]),
-        ("maxItems lowered", json!({"type": "array", "maxItems": 2}), json!({"type": "array", "maxItems": 3}),
-            vec!["#/maxItems: maxItems lowered from 3 to 2"]),
-        ("maxItems added", json!({"type": "array", "maxItems": 2}), json!({"type": "array"}),
-            vec!["#/maxItems: maxItems lowered from none to 2"]),
-        ("minLength lowered", json!({"type": "string", "minLength": 1}), json!({"type": "string", "minLength": 2}), vec![]),
-        ("minLength raised", json!({"type": "string", "minLength": 3}), json!({"type": "string", "minLength": 2}),
-            vec!["#/minLength: minLength raised from 2 to 3"]),
-        ("maxLength raised", json!({"type": "string", "maxLength": 10}), json!({"type": "string", "maxLength": 5}), vec![]),
-        ("maxLength lowered", json!({"type": "string", "maxLength": 5}), json!({"type": "string", "maxLength": 10}),
-            vec!["#/maxLength: maxLength lowered from 10 to 5"]),
-        ("minimum lowered", json!({"type": "number", "minimum": 0}), json!({"type": "number", "minimum": 1}), vec![]),
-        ("minimum raised", json!({"type": "number", "minimum": 1}), json!({"type": "number", "minimum": 0}),
-            vec!["#/minimum: minimum raised from 0 to 1"]),
-        ("minimum added", json!({"type": "number", "minimum": 1}), json!({"type": "number"}),
-            vec!["#/minimum: minimum raised from none to 1"]),
-        ("maximum lowered", json!({"type": "number", "maximum": 1}), json!({"type": "number", "maximum": 2}),
-            vec!["#/maximum: maximum lowered from 2 to 1"]),
-        ("exclusiveMinimum made inclusive", json!({"type": "number", "minimum": 0}), json!({"type": "number", "exclusiveMinimum": 0}), vec![]),
-        ("minimum made exclusive", json!({"type": "number", "exclusiveMinimum": 0}), json!({"type": "number", "minimum": 0}),
-            vec!["#/minimum: minimum raised from 0 to 0 (exclusive)"]),
-        ("draft 4 exclusiveMaximum", json!({"type": "number", "maximum": 5, "exclusiveMaximum": true}), json!({"type": "number", "maximum": 5}),
-            vec!["#/maximum: maximum lowered from 5 to 5 (exclusive)"]),
-        ("$ref to definitions", json!({"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "definitions": {"A": {"type": "string"}}}),
+            json!({"type": "object", "additionalProperties": {"type": ["string", "number"]}}),
+            vec!["#/additionalProperties/type: type number no longer allowed (now string)"],
+        ),
+        (
+            "additionalProperties schema reads writer property",
+            json!({"type": "object", "additionalProperties": {"type": "string"}}),
+            json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": false}),
+            vec!["#/additionalProperties/type: type integer no longer allowed (now string)"],
+        ),
+        (
+            "writer additionalProperties schema covers reader property",
+            json!({"type": "object", "properties": {"a": {"type": "integer"}}}),
+            json!({"type": "object", "additionalProperties": {"type": "string"}}),
+            vec!["#/properties/a/type: type string no longer allowed (now integer)"],
+        ),
+        (
+            "items",
+            json!({"type": "array", "items": {"type": "string"}}),
+            json!({"type": "array", "items": {"type": "integer"}}),
+            vec!["#/items/type: type integer no longer allowed (now string)"],
+        ),
+        (
+            "items added",
+            json!({"type": "array", "items": {"type": "string"}}),
+            json!({"type": "array"}),
+            vec!["#/items: type narrowed from any to string"],
+        ),
+        (
+            "items removed",
+            json!({"type": "array"}),
+            json!({"type": "array", "items": {"type": "string"}}),
+            vec![],
+        ),
+        (
+            "minItems raised",
+            json!({"type": "array", "minItems": 2}),
+            json!({"type": "array", "minItems": 1}),
+            vec!["#/minItems: minItems raised from 1 to 2"],
+        ),
+        (
+            "maxItems lowered",
+            json!({"type": "array", "maxItems": 2}),
+            json!({"type": "array", "maxItems": 3}),
+            vec!["#/maxItems: maxItems lowered from 3 to 2"],
+        ),
+        (
+            "maxItems added",
+            json!({"type": "array", "maxItems": 2}),
+            json!({"type": "array"}),
+            vec!["#/maxItems: maxItems lowered from none to 2"],
+        ),
+        (
+            "minLength lowered",
+            json!({"type": "string", "minLength": 1}),
+            json!({"type": "string", "minLength": 2}),
+            vec![],
+        ),
+        (
+            "minLength raised",
+            json!({"type": "string", "minLength": 3}),
+            json!({"type": "string", "minLength": 2}),
+            vec!["#/minLength: minLength raised from 2 to 3"],
+        ),
+        (
+            "maxLength raised",
+            json!({"type": "string", "maxLength": 10}),
+            json!({"type": "string", "maxLength": 5}),
+            vec![],
+        ),
+        (
+            "maxLength lowered",
+            json!({"type": "string", "maxLength": 5}),
+            json!({"type": "string", "maxLength": 10}),
+            vec!["#/maxLength: maxLength lowered from 10 to 5"],
+        ),
+        (
+            "minimum lowered",
+            json!({"type": "number", "minimum": 0}),
+            json!({"type": "number", "minimum": 1}),
+            vec![],
+        ),
+        (
+            "minimum raised",
+            json!({"type": "number", "minimum": 1}),
+            json!({"type": "number", "minimum": 0}),
+            vec!["#/minimum: minimum raised from 0 to 1"],
+        ),
+        (
+            "minimum added",
+            json!({"type": "number", "minimum": 1}),
+            json!({"type": "number"}),
+            vec!["#/minimum: minimum raised from none to 1"],
+        ),
+        (
+            "maximum lowered",
+            json!({"type": "number", "maximum": 1}),
+            json!({"type": "number", "maximum": 2}),
+            vec!["#/maximum: maximum lowered from 2 to 1"],
+        ),
+        (
+            "exclusiveMinimum made inclusive",
+            json!({"type": "number", "minimum": 0}),
+            json!({"type": "number", "exclusiveMinimum": 0}),
+            vec![],
+        ),
+        (
+            "minimum made exclusive",
+            json!({"type": "number", "exclusiveMinimum": 0}),
+            json!({"type": "number", "minimum": 0}),
+            vec!["#/minimum: minimum raised from 0 to 0 (exclusive)"],
+        ),
+        (
+            "draft 4 exclusiveMaximum",
+            json!({"type": "number", "maximum": 5, "exclusiveMaximum": true}),
+            json!({"type": "number", "maximum": 5}),
+            vec!["#/maximum: maximum lowered from 5 to 5 (exclusive)"],
+        ),
+        (
+            "$ref to definitions",
+            json!({"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "definitions": {"A": {"type": "string"}}}),
             json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"type": "integer"}}}),
-            vec!["#/properties/a/type: type integer no longer allowed (now string)"]),
-        ("$ref equal", json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"type": "string"}}}),
-            json!({"type": "object", "properties": {"a": {"type": "string"}}}), vec![]),
-        ("recursive $ref", json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}, "v": {"type": "number"}}}}}),
+            vec!["#/properties/a/type: type integer no longer allowed (now string)"],
+        ),
+        (
+            "$ref equal",
+            json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"type": "string"}}}),
+            json!({"type": "object", "properties": {"a": {"type": "string"}}}),
+            vec![],
+        ),
+        (
+            "recursive $ref",
+            json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}, "v": {"type": "number"}}}}}),
             json!({"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}, "v": {"type": "integer"}}}}}),
-            vec![]),
-        ("unresolvable $ref", json!({"$ref": "#/$defs/missing"}), json!({"type": "string"}),
-            vec!["#: cannot resolve $ref \"#/$defs/missing\""]),
-        ("anyOf extended", json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}), json!({"type": "string"}), vec![]),
-        ("anyOf narrowed", json!({"anyOf": [{"type": "string"}]}), json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
-            vec!["#/anyOf/0/type: type integer no longer allowed (now string)"]),
+            vec![],
+        ),
+        (
+            "unresolvable $ref",
+            json!({"$ref": "#/$defs/missing"}),
+            json!({"type": "string"}),
+            vec!["#: cannot resolve $ref \"#/$defs/missing\""],
+        ),
+        (
+            "anyOf extended",
+            json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
+            json!({"type": "string"}),
+            vec![],
+        ),
+        (
+            "anyOf narrowed",
+            json!({"anyOf": [{"type": "string"}]}),
+            json!({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
+            vec!["#/anyOf/0/type: type integer no longer allowed (now string)"],
+        ),
     ]
 }
 
@@ -106,7 +319,10 @@ fn table() -> Vec<(&'static str, Value, Value, Vec<&'static str>)> {
 fn each_rule() {
     let mut failures = Vec::new();
     for (name, reader, writer, expected) in table() {
-        let got: Vec<String> = check(&reader, &writer).iter().map(ToString::to_string).collect();
+        let got: Vec<String> = check(&reader, &writer)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         if got != expected {
             failures.push(format!("{name}: expected {expected:?}, got {got:?}"));
         }
@@ -124,16 +340,35 @@ fn levels_pick_directions_and_versions() {
     // v2 drops the requirement: backward, not forward.
     assert!(check_level(CompatibilityLevel::Backward, &v2, std::slice::from_ref(&v1)).is_empty());
     let forward = check_level(CompatibilityLevel::Forward, &v2, std::slice::from_ref(&v1));
-    assert_eq!(forward, vec!["forward (version 1 reading the new schema): #/required/0: property \"a\" newly required"]);
-    assert_eq!(check_level(CompatibilityLevel::Full, &v2, std::slice::from_ref(&v1)).len(), 1);
+    assert_eq!(
+        forward,
+        vec![
+            "forward (version 1 reading the new schema): #/required/0: property \"a\" newly required"
+        ]
+    );
+    assert_eq!(
+        check_level(CompatibilityLevel::Full, &v2, std::slice::from_ref(&v1)).len(),
+        1
+    );
     assert!(check_level(CompatibilityLevel::None, &v3, &[v1.clone(), v2.clone()]).is_empty());
     // Transitive levels look past the latest version.
     let v1b = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
     let v2b = json!({"type": "object", "properties": {"a": {"type": ["integer", "string"]}}});
     let v3b = json!({"type": "object", "properties": {"a": {"type": ["string", "integer"]}}});
     let v4b = json!({"type": "object", "properties": {"a": {"type": "string"}}});
-    assert!(check_level(CompatibilityLevel::Forward, &v4b, &[v1b.clone(), v2b.clone(), v3b.clone()]).is_empty());
-    let transitive = check_level(CompatibilityLevel::ForwardTransitive, &v4b, &[v1b, v2b, v3b]);
+    assert!(
+        check_level(
+            CompatibilityLevel::Forward,
+            &v4b,
+            &[v1b.clone(), v2b.clone(), v3b.clone()]
+        )
+        .is_empty()
+    );
+    let transitive = check_level(
+        CompatibilityLevel::ForwardTransitive,
+        &v4b,
+        &[v1b, v2b, v3b],
+    );
     assert_eq!(transitive.len(), 1, "{transitive:?}");
     assert!(transitive[0].starts_with("forward (version 1"));
 }
@@ -141,8 +376,14 @@ fn levels_pick_directions_and_versions() {
 #[test]
 fn level_names() {
     for level in CompatibilityLevel::ALL {
-        assert_eq!(level.as_str().parse::<CompatibilityLevel>().ok(), Some(level));
-        assert_eq!(serde_json::to_value(level).ok(), Some(Value::from(level.as_str())));
+        assert_eq!(
+            level.as_str().parse::<CompatibilityLevel>().ok(),
+            Some(level)
+        );
+        assert_eq!(
+            serde_json::to_value(level).ok(),
+            Some(Value::from(level.as_str()))
+        );
     }
     assert!("backward_transitive".parse::<CompatibilityLevel>().is_ok());
     assert!("SIDEWAYS".parse::<CompatibilityLevel>().is_err());
@@ -169,7 +410,12 @@ fn object(inner: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
     )
         .prop_map(|(props, pick, closed)| {
             let names: Vec<String> = props.keys().cloned().collect();
-            let required: Vec<String> = names.iter().zip(&pick).filter(|(_, r)| **r).map(|(n, _)| n.clone()).collect();
+            let required: Vec<String> = names
+                .iter()
+                .zip(&pick)
+                .filter(|(_, r)| **r)
+                .map(|(n, _)| n.clone())
+                .collect();
             let mut schema = json!({"type": "object", "properties": props, "required": required});
             if let Some(closed) = closed {
                 schema["additionalProperties"] = json!(!closed);

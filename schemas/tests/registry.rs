@@ -2,7 +2,8 @@
 
 use schemas::{CompatibilityLevel, ErrorKind, Registry, RegistryOptions, Store, VersionSpec};
 
-const V1: &str = r#"{"type":"object","properties":{"order":{"type":"string"}},"required":["order"]}"#;
+const V1: &str =
+    r#"{"type":"object","properties":{"order":{"type":"string"}},"required":["order"]}"#;
 const V1_REORDERED: &str = r#"{ "required": ["order"], "properties": { "order": { "type": "string" } }, "type": "object" }"#;
 const V2: &str = r#"{"type":"object","properties":{"order":{"type":"string"},"total":{"type":"number"}},"required":["order"]}"#;
 const V3_BREAKING: &str = r#"{"type":"object","properties":{"order":{"type":"string"},"total":{"type":"number"}},"required":["order","total"]}"#;
@@ -29,48 +30,124 @@ async fn semantics(registry: &Registry) -> schemas::Result<()> {
     assert_eq!(registry.versions(s, false)?, vec![1, 2]);
     assert_eq!(registry.version(s, VersionSpec::Latest)?.id, 2);
     assert_eq!(registry.lookup(s, V1_REORDERED)?.version, 1);
-    assert_eq!(registry.schema_versions(1)?, vec![("com.example.order.placed".into(), 1), ("other".into(), 1)]);
+    assert_eq!(
+        registry.schema_versions(1)?,
+        vec![("com.example.order.placed".into(), 1), ("other".into(), 1)]
+    );
 
     // Incompatible under BACKWARD; fine under NONE for this subject only.
-    assert!(matches!(kind(registry.register(s, V3_BREAKING).await), ErrorKind::Incompatible { .. }));
-    registry.set_compatibility(Some(s), CompatibilityLevel::None).await?;
+    assert!(matches!(
+        kind(registry.register(s, V3_BREAKING).await),
+        ErrorKind::Incompatible { .. }
+    ));
+    registry
+        .set_compatibility(Some(s), CompatibilityLevel::None)
+        .await?;
     assert_eq!(registry.compatibility(s)?, CompatibilityLevel::None);
-    assert_eq!(registry.compatibility("other")?, CompatibilityLevel::Backward);
+    assert_eq!(
+        registry.compatibility("other")?,
+        CompatibilityLevel::Backward
+    );
     let c = registry.register(s, V3_BREAKING).await?;
     assert_eq!((c.id, c.version), (3, 3));
-    assert_eq!(registry.delete_compatibility(s).await?, CompatibilityLevel::None);
-    registry.set_compatibility(None, CompatibilityLevel::Full).await?;
+    assert_eq!(
+        registry.delete_compatibility(s).await?,
+        CompatibilityLevel::None
+    );
+    registry
+        .set_compatibility(None, CompatibilityLevel::Full)
+        .await?;
     assert_eq!(registry.compatibility(s)?, CompatibilityLevel::Full);
 
     // Errors.
-    assert!(matches!(kind(registry.version("nope", VersionSpec::Latest)), ErrorKind::SubjectNotFound { .. }));
-    assert!(matches!(kind(registry.version(s, VersionSpec::Number(9))), ErrorKind::VersionNotFound { .. }));
-    assert!(matches!(kind(registry.schema(99)), ErrorKind::SchemaNotFound { .. }));
-    assert!(matches!(kind(registry.lookup(s, r#"{"type":"null"}"#)), ErrorKind::SchemaNotFound { .. }));
-    assert!(matches!(kind(registry.register(s, "{not json").await), ErrorKind::InvalidSchema { .. }));
-    assert!(matches!(kind(registry.register(s, r#"{"type": 12}"#).await), ErrorKind::InvalidSchema { .. }));
-    assert!(matches!(kind(registry.register(s, r#"{"$ref": "https://example.invalid/s.json"}"#).await), ErrorKind::InvalidSchema { .. }));
-    assert!(matches!(kind("0".parse::<VersionSpec>()), ErrorKind::InvalidVersion { .. }));
+    assert!(matches!(
+        kind(registry.version("nope", VersionSpec::Latest)),
+        ErrorKind::SubjectNotFound { .. }
+    ));
+    assert!(matches!(
+        kind(registry.version(s, VersionSpec::Number(9))),
+        ErrorKind::VersionNotFound { .. }
+    ));
+    assert!(matches!(
+        kind(registry.schema(99)),
+        ErrorKind::SchemaNotFound { .. }
+    ));
+    assert!(matches!(
+        kind(registry.lookup(s, r#"{"type":"null"}"#)),
+        ErrorKind::SchemaNotFound { .. }
+    ));
+    assert!(matches!(
+        kind(registry.register(s, "{not json").await),
+        ErrorKind::InvalidSchema { .. }
+    ));
+    assert!(matches!(
+        kind(registry.register(s, r#"{"type": 12}"#).await),
+        ErrorKind::InvalidSchema { .. }
+    ));
+    assert!(matches!(
+        kind(
+            registry
+                .register(s, r#"{"$ref": "https://example.invalid/s.json"}"#)
+                .await
+        ),
+        ErrorKind::InvalidSchema { .. }
+    ));
+    assert!(matches!(
+        kind("0".parse::<VersionSpec>()),
+        ErrorKind::InvalidVersion { .. }
+    ));
 
     // Deletes: a version, softly then for good.
     assert!(matches!(
-        kind(registry.delete_version(s, VersionSpec::Number(3), true).await),
+        kind(
+            registry
+                .delete_version(s, VersionSpec::Number(3), true)
+                .await
+        ),
         ErrorKind::VersionNotSoftDeleted { .. }
     ));
-    assert_eq!(registry.delete_version(s, VersionSpec::Number(3), false).await?, 3);
+    assert_eq!(
+        registry
+            .delete_version(s, VersionSpec::Number(3), false)
+            .await?,
+        3
+    );
     assert_eq!(registry.versions(s, false)?, vec![1, 2]);
     assert_eq!(registry.versions(s, true)?, vec![1, 2, 3]);
-    assert!(matches!(kind(registry.version(s, VersionSpec::Number(3))), ErrorKind::VersionNotFound { .. }));
-    assert_eq!(registry.delete_version(s, VersionSpec::Number(3), true).await?, 3);
+    // Validation follows the latest live version.
+    assert_eq!(registry.latest_compiled(s)?.version(), Some(2));
+    assert!(matches!(
+        kind(registry.version(s, VersionSpec::Number(3))),
+        ErrorKind::VersionNotFound { .. }
+    ));
+    assert_eq!(
+        registry
+            .delete_version(s, VersionSpec::Number(3), true)
+            .await?,
+        3
+    );
     assert_eq!(registry.versions(s, true)?, vec![1, 2]);
     // The schema itself stays reachable by id.
     assert_eq!(registry.schema(3)?.id(), 3);
 
     // A subject: hard delete only after a soft one.
-    assert!(matches!(kind(registry.delete_subject(s, true).await), ErrorKind::SubjectNotSoftDeleted { .. }));
+    assert!(matches!(
+        kind(registry.delete_subject(s, true).await),
+        ErrorKind::SubjectNotSoftDeleted { .. }
+    ));
     assert_eq!(registry.delete_subject(s, false).await?, vec![1, 2]);
-    assert!(matches!(kind(registry.delete_subject(s, false).await), ErrorKind::SubjectSoftDeleted { .. }));
-    assert!(matches!(kind(registry.version(s, VersionSpec::Latest)), ErrorKind::SubjectNotFound { .. }));
+    assert!(matches!(
+        kind(registry.delete_subject(s, false).await),
+        ErrorKind::SubjectSoftDeleted { .. }
+    ));
+    assert!(matches!(
+        kind(registry.version(s, VersionSpec::Latest)),
+        ErrorKind::SubjectNotFound { .. }
+    ));
+    assert!(matches!(
+        kind(registry.latest_compiled(s)),
+        ErrorKind::SubjectNotFound { .. }
+    ));
     assert_eq!(registry.subjects(false)?, vec!["other".to_owned()]);
     assert_eq!(registry.subjects(true)?.len(), 2);
     assert_eq!(registry.delete_subject(s, true).await?, vec![1, 2]);
@@ -90,7 +167,8 @@ async fn in_memory() -> schemas::Result<()> {
 async fn on_sqlite_and_reopened() -> schemas::Result<()> {
     let dir = std::env::temp_dir().join(format!("registry-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| schemas::Error::with_source(ErrorKind::Store { operation: "mkdir" }, e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| schemas::Error::with_source(ErrorKind::Store { operation: "mkdir" }, e))?;
     let url = format!("sqlite:{}", dir.join("registry.db").display());
     let store = Store::connect(&url).await?;
     let registry = Registry::open(store.clone(), RegistryOptions::default()).await?;
@@ -101,7 +179,10 @@ async fn on_sqlite_and_reopened() -> schemas::Result<()> {
     let store = Store::connect(&url).await?;
     let reopened = Registry::open(store.clone(), RegistryOptions::default()).await?;
     assert_eq!(reopened.subjects(true)?, registry.subjects(true)?);
-    assert_eq!(reopened.versions("com.example.order.placed", true)?, vec![1]);
+    assert_eq!(
+        reopened.versions("com.example.order.placed", true)?,
+        vec![1]
+    );
     assert_eq!(reopened.versions("other", false)?, vec![1]);
     assert_eq!(reopened.global_compatibility()?, CompatibilityLevel::Full);
     assert_eq!(reopened.schema_text(3)?, registry.schema_text(3)?);
@@ -115,10 +196,16 @@ async fn on_sqlite_and_reopened() -> schemas::Result<()> {
 
 #[tokio::test]
 async fn size_limit() -> schemas::Result<()> {
-    let registry = Registry::with_options(RegistryOptions { max_schema_bytes: 64, ..RegistryOptions::default() });
+    let registry = Registry::with_options(RegistryOptions {
+        max_schema_bytes: 64,
+        ..RegistryOptions::default()
+    });
     let big = format!(r#"{{"type":"string","description":"{}"}}"#, "x".repeat(100));
     let error = registry.register("s", &big).await.unwrap_err();
-    assert!(matches!(error.kind(), ErrorKind::SchemaTooLarge { limit: 64, .. }));
+    assert!(matches!(
+        error.kind(),
+        ErrorKind::SchemaTooLarge { limit: 64, .. }
+    ));
     assert_eq!((error.error_code(), error.http_status()), (42201, 413));
     Ok(())
 }
@@ -141,19 +228,31 @@ struct Line {
 #[tokio::test]
 async fn contracts_from_rust_types() -> schemas::Result<()> {
     let registry = Registry::in_memory();
-    let registered = registry.register_type::<OrderPlaced>("com.example.order.placed").await?;
+    let registered = registry
+        .register_type::<OrderPlaced>("com.example.order.placed")
+        .await?;
     let schema = registry.schema(registered.id)?;
     let good = serde_json::to_value(OrderPlaced {
         order: "o-1".into(),
         total: 12.5,
-        lines: vec![Line { sku: "a".into(), quantity: 2 }],
+        lines: vec![Line {
+            sku: "a".into(),
+            quantity: 2,
+        }],
     })
     .map_err(|e| schemas::Error::with_source(ErrorKind::Store { operation: "json" }, e))?;
     schema.validate(&good)?;
-    let bad = serde_json::json!({"order": "o-1", "total": 1, "lines": [{"sku": "a", "quantity": -1}]});
+    let bad =
+        serde_json::json!({"order": "o-1", "total": 1, "lines": [{"sku": "a", "quantity": -1}]});
     let error = schema.validate(&bad).unwrap_err();
     assert!(error.to_string().contains("/lines/0/quantity"), "{error}");
     // Registering the same type again is a no-op.
-    assert_eq!(registry.register_type::<OrderPlaced>("com.example.order.placed").await?.version, 1);
+    assert_eq!(
+        registry
+            .register_type::<OrderPlaced>("com.example.order.placed")
+            .await?
+            .version,
+        1
+    );
     Ok(())
 }

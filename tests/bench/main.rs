@@ -24,6 +24,7 @@ mod codec;
 mod kafka;
 mod memory;
 mod nats;
+mod registry;
 
 use std::time::Duration;
 
@@ -60,6 +61,7 @@ enum Which {
     Memory,
     Kafka,
     Nats,
+    Registry,
 }
 
 /// One measured figure.
@@ -126,6 +128,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Which::Nats) {
         figures.extend(nats::run(args.events, args.size, rounds).await?);
+    }
+    if run(Which::Registry) {
+        figures.extend(registry::run(args.size, rounds).await?);
     }
     eprintln!();
     eprintln!(

@@ -64,10 +64,28 @@ async fn confluent_python_client_against_the_binary() -> anyhow::Result<()> {
     let (ok, steps, output) =
         tokio::task::spawn_blocking(move || run_peer(&url, "com.example.order.placed")).await??;
     let expected = [
-        "register", "register again", "get by id", "latest", "lookup", "types", "compatible",
-        "incompatible", "rejected", "register v2", "versions", "global config", "set config",
-        "subject config", "register under NONE", "missing version", "missing subject",
-        "avro refused", "delete version", "soft delete subject", "hard delete subject", "subjects",
+        "register",
+        "register again",
+        "get by id",
+        "latest",
+        "lookup",
+        "types",
+        "compatible",
+        "incompatible",
+        "rejected",
+        "register v2",
+        "versions",
+        "global config",
+        "set config",
+        "subject config",
+        "register under NONE",
+        "missing version",
+        "missing subject",
+        "avro refused",
+        "delete version",
+        "soft delete subject",
+        "hard delete subject",
+        "subjects",
     ];
     let done: Vec<&str> = steps.iter().filter_map(|s| s["step"].as_str()).collect();
     let failed: Vec<&Value> = steps.iter().filter(|s| s["ok"] != json!(true)).collect();
@@ -75,12 +93,21 @@ async fn confluent_python_client_against_the_binary() -> anyhow::Result<()> {
         ok && failed.is_empty() && done == expected,
         "the Confluent client saw a difference: failed steps {failed:?}\nfull output:\n{output}"
     );
-    let rejected = steps.iter().find(|s| s["step"] == "rejected").cloned().unwrap_or_default();
+    let rejected = steps
+        .iter()
+        .find(|s| s["step"] == "rejected")
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(rejected["http_status"], json!(409), "{rejected}");
 
     // The binary's own surface.
     let http = reqwest::Client::new();
-    let health: Value = http.get(format!("{base}/health")).send().await?.json().await?;
+    let health: Value = http
+        .get(format!("{base}/health"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(health, json!({"status": "UP"}));
     let body = json!({"schema": "{\"type\": \"string\"}", "schemaType": "JSON"}).to_string();
     let anonymous = http
@@ -129,7 +156,12 @@ async fn confluent_python_client_against_the_binary() -> anyhow::Result<()> {
         .json()
         .await?;
     assert_eq!(again["id"], kept["id"]);
-    let subjects: Value = http.get(format!("{base}/subjects")).send().await?.json().await?;
+    let subjects: Value = http
+        .get(format!("{base}/subjects"))
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(subjects, json!(["kept"]));
     registry.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -11,21 +11,33 @@ use schemas::{CompatibilityLevel, Registry, RegistryOptions, Store, VersionSpec}
 async fn registry_on_postgres() -> anyhow::Result<()> {
     let url = e2e::require(Server::Postgres)?;
     let schema = e2e::unique_name("registry");
-    let admin = sqlx::PgPool::connect(&url).await.map_err(|e| Server::Postgres.unreachable(e))?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&admin).await?;
+    let admin = sqlx::PgPool::connect(&url)
+        .await
+        .map_err(|e| Server::Postgres.unreachable(e))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await?;
     let separator = if url.contains('?') { '&' } else { '?' };
     let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
 
-    let store = Store::connect(&scoped).await.context("connecting the registry store")?;
+    let store = Store::connect(&scoped)
+        .await
+        .context("connecting the registry store")?;
     let registry = Registry::open(store.clone(), RegistryOptions::default()).await?;
     let v1 = r#"{"type":"object","properties":{"a":{"type":"string"}}}"#;
     let v2 = r#"{"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}}}"#;
     assert_eq!(registry.register("s", v1).await?.id, 1);
     assert_eq!(registry.register("s", v2).await?.version, 2);
     assert_eq!(registry.register("t", v2).await?.id, 2);
-    registry.set_compatibility(None, CompatibilityLevel::Full).await?;
-    registry.set_compatibility(Some("t"), CompatibilityLevel::None).await?;
-    registry.delete_version("s", VersionSpec::Number(1), false).await?;
+    registry
+        .set_compatibility(None, CompatibilityLevel::Full)
+        .await?;
+    registry
+        .set_compatibility(Some("t"), CompatibilityLevel::None)
+        .await?;
+    registry
+        .delete_version("s", VersionSpec::Number(1), false)
+        .await?;
     registry.delete_subject("t", false).await?;
     registry.delete_subject("t", true).await?;
 
@@ -44,6 +56,8 @@ async fn registry_on_postgres() -> anyhow::Result<()> {
 
     store.close().await;
     store2.close().await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await?;
     Ok(())
 }

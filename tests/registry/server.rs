@@ -16,7 +16,14 @@ pub(crate) fn binary() -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let output = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "-p", "schemas", "--bin", "schema-registry", "--message-format=json"])
+        .args([
+            "build",
+            "-p",
+            "schemas",
+            "--bin",
+            "schema-registry",
+            "--message-format=json",
+        ])
         .output()
         .context("running cargo build for the schema-registry binary")?;
     if !output.status.success() {

@@ -142,13 +142,25 @@ pub fn validate_event(event: &Event, schema: &CompiledSchema) -> Result<()> {
         None => schema.validate(&Value::Null),
         Some(Data::Json(value)) => schema.validate(value),
         Some(Data::String(text)) => {
-            let value: Value = serde_json::from_str(text)
-                .map_err(|e| Error::with_source(ErrorKind::Decode { what: "event data as JSON" }, e))?;
+            let value: Value = serde_json::from_str(text).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Decode {
+                        what: "event data as JSON",
+                    },
+                    e,
+                )
+            })?;
             schema.validate(&value)
         }
         Some(Data::Binary(bytes)) => {
-            let value: Value = serde_json::from_slice(bytes)
-                .map_err(|e| Error::with_source(ErrorKind::Decode { what: "event data as JSON" }, e))?;
+            let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Decode {
+                        what: "event data as JSON",
+                    },
+                    e,
+                )
+            })?;
             schema.validate(&value)
         }
     };
