@@ -21,6 +21,11 @@
 //! reader schema where it is, e.g. `#/properties/order/required/1: property
 //! "total" newly required`.
 //!
+//! Any other keyword that constrains data (`allOf`, `not`,
+//! `patternProperties`, `if`/`then`/`else`, `uniqueItems`, ...) is not
+//! analyzed: a reader that adds or changes one is reported as incompatible,
+//! since its compatibility cannot be proven.
+//!
 //! One rule is lenient on purpose, as Confluent's lenient policy is: a
 //! property the reader declares that an open writer did not declare is
 //! accepted, on the assumption that writers did not emit undeclared fields.
@@ -172,7 +177,12 @@ pub fn check_level(level: CompatibilityLevel, new: &Value, existing: &[Value]) -
     let against: Vec<(usize, &Value)> = if level.transitive() {
         existing.iter().enumerate().collect()
     } else {
-        existing.iter().enumerate().last().into_iter().collect()
+        existing
+            .iter()
+            .enumerate()
+            .next_back()
+            .into_iter()
+            .collect()
     };
     let mut messages = Vec::new();
     for (index, old) in against {
@@ -192,6 +202,48 @@ pub fn check_level(level: CompatibilityLevel, new: &Value, existing: &[Value]) -
 }
 
 const MAX_DEPTH: usize = 64;
+
+/// Keywords the checker analyzes, or that do not constrain data.
+const UNDERSTOOD: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "$ref",
+    "anyOf",
+    "oneOf",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "definitions",
+    "$defs",
+    "$schema",
+    "$id",
+    "id",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$comment",
+    "readOnly",
+    "writeOnly",
+    "deprecated",
+    "contentMediaType",
+    "contentEncoding",
+];
 
 struct Checker<'a> {
     reader_root: &'a Value,
@@ -397,6 +449,18 @@ impl Checker<'_> {
             _ => {}
         }
         let both = |ty: &str| allows(&rt, ty) && allows(&wt, ty);
+
+        // Constraints the checker does not analyze (allOf, not,
+        // patternProperties, if/then/else, ...): a reader that adds or
+        // changes one cannot be proven to read what the writer allows.
+        for (key, value) in r {
+            if !UNDERSTOOD.contains(&key.as_str()) && w.get(key) != Some(value) {
+                self.report(
+                    format!("{path}/{}", escape(key)),
+                    format!("keyword \"{key}\" added or changed (not analyzed)"),
+                );
+            }
+        }
 
         self.enums(r, w, path);
 

@@ -46,13 +46,13 @@
 //! let v3 = v2.replace(r#"["order"]"#, r#"["order", "total"]"#);
 //! let problems = registry.check_compatibility(subject, VersionSpec::Latest, &v3)?;
 //! assert!(problems[0].contains(r#"#/required/1: property "total" newly required"#));
-//! let refused = registry.register(subject, &v3).await.unwrap_err();
+//! let refused = registry.register(subject, &v3).await.expect_err("fails");
 //! assert!(matches!(refused.kind(), ErrorKind::Incompatible { .. }));
 //!
 //! // Event data is validated against the latest version.
 //! let schema = registry.latest_compiled(subject)?;
 //! schema.validate(&json!({"order": "o-1"}))?;
-//! let error = schema.validate(&json!({"order": 7})).unwrap_err();
+//! let error = schema.validate(&json!({"order": 7})).expect_err("fails");
 //! assert!(error.to_string().contains("/order"));
 //! # Ok(())
 //! # }

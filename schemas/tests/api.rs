@@ -387,19 +387,19 @@ async fn client_and_cache() -> schemas::Result<()> {
     let error = client
         .register("numbers", &json!({"type": "object", "required": ["n"]}))
         .await
-        .unwrap_err();
+        .expect_err("fails");
     assert!(matches!(error.kind(), ErrorKind::Incompatible { .. }));
-    let error = client.latest("missing").await.unwrap_err();
+    let error = client.latest("missing").await.expect_err("fails");
     assert!(matches!(error.kind(), ErrorKind::SubjectNotFound { .. }));
     let error = RegistryClient::new(&server.base)
         .register("x", &v1)
         .await
-        .unwrap_err();
+        .expect_err("fails");
     assert!(matches!(error.kind(), ErrorKind::Unauthorized));
     let error = RegistryClient::new("http://127.0.0.1:1")
         .latest("x")
         .await
-        .unwrap_err();
+        .expect_err("fails");
     assert!(error.is_retryable());
     Ok(())
 }

@@ -350,7 +350,7 @@ fn levels_pick_directions_and_versions() {
         check_level(CompatibilityLevel::Full, &v2, std::slice::from_ref(&v1)).len(),
         1
     );
-    assert!(check_level(CompatibilityLevel::None, &v3, &[v1.clone(), v2.clone()]).is_empty());
+    assert!(check_level(CompatibilityLevel::None, &v3, &[v1, v2]).is_empty());
     // Transitive levels look past the latest version.
     let v1b = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
     let v2b = json!({"type": "object", "properties": {"a": {"type": ["integer", "string"]}}});

@@ -48,7 +48,7 @@
 //! assert_eq!(schema.as_deref(), Some("http://127.0.0.1:8081/schemas/ids/1"));
 //!
 //! let bad = serde_json::json!({"total": "twelve"});
-//! let error = publisher.publish_json(&orders, "com.example.order.placed", "/shop", &bad).await.unwrap_err();
+//! let error = publisher.publish_json(&orders, "com.example.order.placed", "/shop", &bad).await.expect_err("fails");
 //! assert!(matches!(error.kind(), ErrorKind::InvalidEvent { .. }));
 //! assert!(error.to_string().contains("/total"));
 //! # Ok(())
