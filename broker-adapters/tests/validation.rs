@@ -155,3 +155,85 @@ async fn consume_dead_letters_invalid_data() -> broker_adapters::Result<()> {
     assert_eq!(report.acked, 2);
     Ok(())
 }
+
+/// The same middleware on a remote registry, through the HTTP client and its
+/// cache: the consumer checks each event against the schema its
+/// `dataschema` names, even after the subject has moved on.
+#[tokio::test]
+async fn remote_registry_through_the_client() -> broker_adapters::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| {
+            broker_adapters::Error::with_source(ErrorKind::Closed { what: "listener" }, e)
+        })?;
+    let base = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .map_err(|e| broker_adapters::Error::with_source(
+                ErrorKind::Closed { what: "listener" },
+                e
+            ))?
+    );
+    let registry = schemas::Registry::with_options(schemas::RegistryOptions {
+        base_url: base.clone(),
+        ..schemas::RegistryOptions::default()
+    });
+    let app = schemas::server::router(registry, schemas::server::ServerOptions::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(schemas::server::serve(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    let client = schemas::RegistryClient::new(&base).with_latest_ttl(Duration::ZERO);
+    let contract: serde_json::Value = serde_json::from_str(CONTRACT)
+        .map_err(|e| broker_adapters::Error::with_source(ErrorKind::Encode, e))?;
+    let v1 = client.register(TYPE, &contract).await.map_err(setup)?;
+
+    let broker = MemoryBroker::new();
+    let orders = Topic::from_static("orders");
+    let mut sub = broker
+        .subscribe(&orders, SubscribeOptions::new("g")?)
+        .await?;
+    let source: Arc<dyn schemas::SchemaSource> = Arc::new(client.clone());
+    let publisher = ValidatingPublisher::new(broker.clone(), Arc::clone(&source));
+    publisher
+        .publish_json(&orders, TYPE, "/shop", &json!({"total": 2}))
+        .await?;
+    let error = publisher
+        .publish_json(&orders, TYPE, "/shop", &json!({"total": "two"}))
+        .await
+        .expect_err("invalid");
+    assert!(matches!(error.kind(), ErrorKind::InvalidEvent { .. }));
+
+    // v2 (compatible) makes the note a required-free string field; an
+    // event written under v1 is still checked against v1.
+    let mut v2_doc = contract.clone();
+    v2_doc["properties"]["note"] = json!({"type": "string"});
+    let v2 = client.register(TYPE, &v2_doc).await.map_err(setup)?;
+    assert_ne!(v1, v2);
+    let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")?;
+    assert_eq!(
+        delivery.event().dataschema().map(ToString::to_string),
+        Some(format!("{base}/schemas/ids/{v1}"))
+    );
+    let schema = source.by_id(v1).await.map_err(setup)?;
+    broker_adapters::middleware::validation::validate_event(delivery.event(), &schema)?;
+    // Publishing now stamps v2.
+    publisher
+        .publish_json(&orders, TYPE, "/shop", &json!({"total": 3, "note": "gift"}))
+        .await?;
+    let delivery = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("delivered")
+        .expect("open")?;
+    assert_eq!(
+        delivery.event().dataschema().map(ToString::to_string),
+        Some(format!("{base}/schemas/ids/{v2}"))
+    );
+    let _ = stop.send(());
+    let _ = server.await;
+    Ok(())
+}
