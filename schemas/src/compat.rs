@@ -32,8 +32,10 @@
 //! Without it, adding an optional field would never be backward compatible
 //! under an open content model.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt;
+use std::rc::Rc;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -165,6 +167,7 @@ pub fn check(reader: &Value, writer: &Value) -> Vec<Incompatibility> {
         writer_root: writer,
         seen: HashSet::new(),
         out: Vec::new(),
+        budget: Rc::new(Cell::new(MAX_STEPS)),
     };
     checker.walk(reader, "#".into(), writer, "#".into(), "#".into(), 0);
     checker.out
@@ -202,6 +205,9 @@ pub fn check_level(level: CompatibilityLevel, new: &Value, existing: &[Value]) -
 }
 
 const MAX_DEPTH: usize = 64;
+
+/// The most schema pairs one check compares.
+const MAX_STEPS: usize = 200_000;
 
 /// Keywords the checker analyzes, or that do not constrain data.
 const UNDERSTOOD: &[&str] = &[
@@ -252,6 +258,9 @@ struct Checker<'a> {
     /// again (recursive `$ref`s) adds nothing new.
     seen: HashSet<(String, String)>,
     out: Vec<Incompatibility>,
+    /// Comparisons left, shared with the sub-checkers of `anyOf`/`oneOf`, so
+    /// a schema crafted to explode the search is refused, not run.
+    budget: Rc<Cell<usize>>,
 }
 
 /// The JSON types a schema allows; `None` when `type` is absent.
@@ -380,6 +389,12 @@ impl Checker<'_> {
             self.report(&path, "schemas nested too deeply to compare");
             return;
         }
+        let left = self.budget.get();
+        if left == 0 {
+            self.report(&path, "schemas too complex to compare");
+            return;
+        }
+        self.budget.set(left - 1);
         let Some((reader, rloc)) = self.deref(self.reader_root, reader, rloc, &path) else {
             return;
         };
@@ -418,7 +433,7 @@ impl Checker<'_> {
             return;
         }
 
-        if self.combinators(r, rloc, w, wloc, path, depth) {
+        if self.combinators((reader, r), rloc, (writer, w), wloc, path, depth) {
             return;
         }
 
@@ -523,59 +538,47 @@ impl Checker<'_> {
     /// alternative of the reader. Returns whether the schemas were handled.
     fn combinators(
         &mut self,
-        r: &Map<String, Value>,
+        (reader, r): (&Value, &Map<String, Value>),
         rloc: &str,
-        w: &Map<String, Value>,
+        (writer, w): (&Value, &Map<String, Value>),
         wloc: &str,
         path: &str,
         depth: usize,
     ) -> bool {
-        let alternatives = |m: &Map<String, Value>| {
-            ["anyOf", "oneOf"]
-                .into_iter()
-                .find_map(|k| m.get(k).and_then(Value::as_array).map(|a| (k, a.clone())))
-        };
         let ralt = alternatives(r);
         let walt = alternatives(w);
         if ralt.is_none() && walt.is_none() {
             return false;
         }
-        let rs: Vec<(Value, String, String)> = match &ralt {
+        // A side without alternatives is one alternative: itself (it has no
+        // anyOf/oneOf, so walking it does not come back here).
+        let rs: Vec<(&Value, String, String)> = match ralt {
             Some((k, a)) => a
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    (
-                        v.clone(),
-                        format!("{rloc}/{k}/{i}"),
-                        format!("{path}/{k}/{i}"),
-                    )
-                })
+                .map(|(i, v)| (v, format!("{rloc}/{k}/{i}"), format!("{path}/{k}/{i}")))
                 .collect(),
-            None => vec![(Value::Object(r.clone()), rloc.to_owned(), path.to_owned())],
+            None => vec![(reader, rloc.to_owned(), path.to_owned())],
         };
-        let ws: Vec<(Value, String)> = match &walt {
+        let ws: Vec<(&Value, String)> = match walt {
             Some((k, a)) => a
                 .iter()
                 .enumerate()
-                .map(|(i, v)| (v.clone(), format!("{wloc}/{k}/{i}")))
+                .map(|(i, v)| (v, format!("{wloc}/{k}/{i}")))
                 .collect(),
-            None => vec![(Value::Object(w.clone()), wloc.to_owned())],
+            None => vec![(writer, wloc.to_owned())],
         };
         for (wv, wl) in &ws {
             let mut best: Option<Vec<Incompatibility>> = None;
             for (rv, rl, rp) in &rs {
-                let saved = std::mem::take(&mut self.out);
                 let mut sub = Checker {
                     reader_root: self.reader_root,
                     writer_root: self.writer_root,
                     seen: self.seen.clone(),
                     out: Vec::new(),
+                    budget: Rc::clone(&self.budget),
                 };
-                let rv = strip_combinators(rv);
-                let wv = strip_combinators(wv);
-                sub.walk(&rv, rl.clone(), &wv, wl.clone(), rp.clone(), depth + 1);
-                self.out = saved;
+                sub.walk(rv, rl.clone(), wv, wl.clone(), rp.clone(), depth + 1);
                 if sub.out.is_empty() {
                     best = Some(Vec::new());
                     break;
@@ -814,14 +817,9 @@ impl Checker<'_> {
     }
 }
 
-fn strip_combinators(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut m = m.clone();
-            m.remove("anyOf");
-            m.remove("oneOf");
-            Value::Object(m)
-        }
-        other => other.clone(),
-    }
+/// The `anyOf` (or else `oneOf`) alternatives of a schema.
+fn alternatives(m: &Map<String, Value>) -> Option<(&'static str, &Vec<Value>)> {
+    ["anyOf", "oneOf"]
+        .into_iter()
+        .find_map(|k| m.get(k).and_then(Value::as_array).map(|a| (k, a)))
 }

@@ -474,3 +474,28 @@ proptest! {
         prop_assert!(problems.iter().any(|p| p.contains("property \"zz_req\" newly required")), "{problems:?}");
     }
 }
+
+#[test]
+fn exploding_alternatives_are_refused_not_run() {
+    // Nested anyOf of 8 alternatives, 5 deep (32768 leaves, under 1 MiB):
+    // 8^10 pairs if searched naively.
+    let mut reader = json!({"type": "string"});
+    let mut writer = json!({"type": "integer"});
+    for _ in 0..5 {
+        let alts = |inner: &Value| {
+            (0..8)
+                .map(|i| json!({"type": "object", "properties": {format!("p{i}"): inner.clone()}, "required": [format!("p{i}")]}))
+                .collect::<Vec<_>>()
+        };
+        reader = json!({"anyOf": alts(&reader)});
+        writer = json!({"anyOf": alts(&writer)});
+    }
+    let started = std::time::Instant::now();
+    let problems = check(&reader, &writer);
+    assert!(!problems.is_empty());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
