@@ -55,8 +55,9 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -86,6 +87,8 @@ pub fn subject_from_type() -> SubjectFn {
 struct Config {
     source: Arc<dyn SchemaSource>,
     subject: SubjectFn,
+    /// Parsed schema URLs by schema id: ids never change meaning.
+    urls: Arc<RwLock<HashMap<u32, Url>>>,
 }
 
 impl fmt::Debug for Config {
@@ -101,7 +104,30 @@ impl Config {
         Self {
             source,
             subject: subject_from_type(),
+            urls: Arc::default(),
         }
+    }
+
+    /// The URL of `schema`, parsed once per schema id.
+    fn url(&self, schema: &CompiledSchema) -> Result<Url> {
+        if let Ok(urls) = self.urls.read()
+            && let Some(url) = urls.get(&schema.id())
+        {
+            return Ok(url.clone());
+        }
+        let url = Url::parse(schema.url()).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config {
+                    key: "schema registry base URL".into(),
+                    reason: format!("`{}` is not a URL", schema.url()),
+                },
+                e,
+            )
+        })?;
+        if let Ok(mut urls) = self.urls.write() {
+            urls.insert(schema.id(), url.clone());
+        }
+        Ok(url)
     }
 
     /// The schema to check `event` against when consuming it.
@@ -211,15 +237,7 @@ impl<P> ValidatingPublisher<P> {
     async fn check(&self, event: &mut Event) -> Result<()> {
         let schema = self.config.published_schema(event).await?;
         validate_event(event, &schema)?;
-        let url = Url::parse(schema.url()).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "schema registry base URL".into(),
-                    reason: format!("`{}` is not a URL", schema.url()),
-                },
-                e,
-            )
-        })?;
+        let url = self.config.url(&schema)?;
         event.set_dataschema(Some(url));
         Ok(())
     }
