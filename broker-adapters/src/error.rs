@@ -98,6 +98,15 @@ pub enum ErrorKind {
         /// The Cargo feature that would enable it.
         feature: &'static str,
     },
+    /// The schema of an event's data could not be had from the schema
+    /// registry (unknown subject, registry unreachable).
+    #[error("no schema for subject `{subject}` from the schema registry")]
+    SchemaRegistry {
+        /// The subject looked up.
+        subject: String,
+        /// Whether the registry reported the failure as transient.
+        retryable: bool,
+    },
     /// The broker rejected or failed an operation.
     #[error("the {system} broker failed the {operation}")]
     Broker {
@@ -147,7 +156,9 @@ impl Error {
             ErrorKind::Connection { .. }
             | ErrorKind::Timeout { .. }
             | ErrorKind::Backpressure { .. } => true,
-            ErrorKind::Broker { retryable, .. } => *retryable,
+            ErrorKind::Broker { retryable, .. } | ErrorKind::SchemaRegistry { retryable, .. } => {
+                *retryable
+            }
             _ => false,
         }
     }

@@ -31,6 +31,7 @@ mod nats;
 mod outbox;
 mod raw_sql;
 mod saga;
+mod registry;
 
 use std::time::Duration;
 
@@ -72,6 +73,7 @@ enum Which {
     Nats,
     Outbox,
     Saga,
+    Registry,
 }
 
 /// One measured figure.
@@ -164,6 +166,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Which::Saga) {
         figures.extend(saga::run(args.sagas).await?);
+    }
+    if run(Which::Registry) {
+        figures.extend(registry::run(args.size, rounds).await?);
     }
     eprintln!();
     eprintln!(

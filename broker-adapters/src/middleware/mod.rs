@@ -90,6 +90,9 @@ pub mod metrics;
 pub mod retry;
 pub mod timeout;
 pub mod trace;
+#[cfg(feature = "validation")]
+#[cfg_attr(docsrs, doc(cfg(feature = "validation")))]
+pub mod validation;
 
 #[cfg(test)]
 mod test_support;
@@ -101,3 +104,5 @@ pub use self::metrics::{Metrics, MetricsLayer};
 pub use self::retry::{Retry, RetryLayer, RetryPolicy};
 pub use self::timeout::{Timeout, TimeoutLayer};
 pub use self::trace::{Trace, TraceLayer, TracingPublisher};
+#[cfg(feature = "validation")]
+pub use self::validation::{Validate, ValidateLayer, ValidatingPublisher};

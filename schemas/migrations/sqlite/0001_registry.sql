@@ -1,0 +1,15 @@
+CREATE TABLE IF NOT EXISTS registry_schemas (
+    id INTEGER PRIMARY KEY NOT NULL,
+    canonical TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS registry_versions (
+    subject TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    schema_id INTEGER NOT NULL REFERENCES registry_schemas (id),
+    deleted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (subject, version)
+);
+CREATE TABLE IF NOT EXISTS registry_config (
+    subject TEXT PRIMARY KEY NOT NULL,
+    level TEXT NOT NULL
+);
