@@ -289,6 +289,10 @@ impl RelayConfig {
     }
 }
 
+/// How many times a relay looks again after an in-process signal, at
+/// doubling intervals from 1 ms.
+const RECHECKS: u32 = 8;
+
 /// A row loaded for publishing.
 #[derive(Debug)]
 pub(crate) struct StoredRow {
@@ -567,8 +571,12 @@ impl Relay {
             // the end of the earliest backoff.
             let mut until = Instant::now()
                 + if rechecks > 0 {
+                    // 1, 2, 4, … 128 ms after the signal: a commit that
+                    // follows the signal closely is seen within about a
+                    // millisecond, a slow one within a quarter second.
+                    let delay = Duration::from_millis(1 << (RECHECKS - rechecks));
                     rechecks -= 1;
-                    Duration::from_millis(20)
+                    delay
                 } else {
                     self.config.poll_interval
                 };
@@ -586,7 +594,7 @@ impl Relay {
                     // An in-process signal may come before the enqueueing
                     // transaction committed: look again shortly a few times.
                     if signalled {
-                        rechecks = 10;
+                        rechecks = RECHECKS;
                     }
                 }
             }
