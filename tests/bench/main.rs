@@ -30,8 +30,8 @@ mod memory;
 mod nats;
 mod outbox;
 mod raw_sql;
-mod saga;
 mod registry;
+mod saga;
 
 use std::time::Duration;
 
