@@ -296,6 +296,38 @@ impl<M> Dispatcher<M> {
     }
 }
 
+/// Waits for what a dispatcher-backed subscription yields next. `try_next`
+/// returns it (`Ok`), or when to look again (`Err`; `None`: only once
+/// `changed` is notified, after a push or a settle).
+pub(crate) async fn next_when_ready<T>(
+    changed: &tokio::sync::Notify,
+    mut try_next: impl FnMut() -> Result<T, Option<Instant>>,
+) -> T {
+    // The common case, something buffered, needs no waiter registration.
+    if let Ok(found) = try_next() {
+        return found;
+    }
+    loop {
+        // Registered before looking, so a change in between is not missed.
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let wake_at = match try_next() {
+            Ok(found) => return found,
+            Err(wake_at) => wake_at,
+        };
+        match wake_at {
+            Some(at) => {
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
 /// The outcome of [`Dispatcher::settle`].
 #[derive(Debug)]
 pub(crate) enum Settled<M> {

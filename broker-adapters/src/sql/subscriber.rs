@@ -727,27 +727,7 @@ type Next = Option<Result<Delivery>>;
 
 impl Member {
     async fn next_delivery(&self) -> Option<Result<Delivery>> {
-        if let Ok(found) = self.try_next() {
-            return found;
-        }
-        loop {
-            let changed = self.shared.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let wake_at = match self.try_next() {
-                Ok(found) => return found,
-                Err(wake_at) => wake_at,
-            };
-            match wake_at {
-                Some(at) => {
-                    tokio::select! {
-                        () = &mut changed => {}
-                        () = tokio::time::sleep_until(at) => {}
-                    }
-                }
-                None => changed.await,
-            }
-        }
+        crate::dispatch::next_when_ready(&self.shared.changed, || self.try_next()).await
     }
 
     /// The next delivery or the end of the stream (`Ok`), or when to look
