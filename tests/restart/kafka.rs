@@ -10,7 +10,7 @@
 //! cargo test -p e2e --test restart_kafka
 //! ```
 //!
-//! or `bash tests/run.sh --slow`.
+//! or `bash .ci/run --slow`.
 //!
 //! Status: Tansu 0.6's SQLite storage panics inside the broker under this
 //! workload (`tansu-storage` `service.rs:337` "entered unreachable code" on a
