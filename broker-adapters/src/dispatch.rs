@@ -328,6 +328,52 @@ pub(crate) async fn next_when_ready<T>(
     }
 }
 
+/// Finishes subscribing a member whose pump task is running: waits at most
+/// `join_wait` until `joined` says the member holds its partitions
+/// (`Some(Ok(()))`) or cannot (`Some(Err(_))`; `None`: not yet, look again
+/// once `changed` is notified). A member that does not join stops its pump
+/// and fails; one that does yields `deliveries`, built with the guard that
+/// stops the pump when the subscription is dropped. Closing the
+/// subscription stops the pump and waits for it (its last commit).
+pub(crate) async fn join_then_subscribe<D>(
+    changed: &tokio::sync::Notify,
+    join_wait: Duration,
+    mut joined: impl FnMut() -> Option<crate::Result<()>>,
+    stop: tokio_util::sync::CancellationToken,
+    pump: tokio::task::JoinHandle<crate::Result<()>>,
+    what: &'static str,
+    deliveries: impl FnOnce(tokio_util::sync::DropGuard) -> D,
+) -> crate::Result<crate::Subscription>
+where
+    D: futures_util::Stream<Item = crate::Result<crate::Delivery>> + Send + 'static,
+{
+    use crate::error::{Error, ErrorKind};
+    let outcome =
+        tokio::time::timeout(join_wait, next_when_ready(changed, || joined().ok_or(None)))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(ErrorKind::Timeout {
+                    operation: "joining the consumer group",
+                    after: join_wait,
+                }))
+            });
+    if let Err(e) = outcome {
+        stop.cancel();
+        let _ = pump.await;
+        return Err(e);
+    }
+    let deliveries = deliveries(stop.clone().drop_guard());
+    Ok(
+        crate::Subscription::new(Box::pin(deliveries)).with_close(move || {
+            Box::pin(async move {
+                stop.cancel();
+                pump.await
+                    .map_err(|e| Error::with_source(ErrorKind::Closed { what }, e))?
+            })
+        }),
+    )
+}
+
 /// The outcome of [`Dispatcher::settle`].
 #[derive(Debug)]
 pub(crate) enum Settled<M> {

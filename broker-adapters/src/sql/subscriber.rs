@@ -187,64 +187,37 @@ pub(super) async fn subscribe(
     // Return once the member owns its share of the partitions, so events
     // published from now on are seen by the group.
     let join_wait = config.lease * 2 + Duration::from_secs(10);
-    let joined = tokio::time::timeout(join_wait, async {
-        loop {
-            let changed = shared.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
-                let mut state = shared.lock();
-                if let Some(e) = state.failure.take() {
-                    return Err(e);
-                }
-                if state.done {
-                    return Err(Error::closed("sql subscription"));
-                }
-                if state.joined {
-                    return Ok(());
-                }
+    let member_shared = Arc::clone(&shared);
+    crate::dispatch::join_then_subscribe(
+        &shared.changed,
+        join_wait,
+        || {
+            let mut state = shared.lock();
+            if let Some(e) = state.failure.take() {
+                return Some(Err(e));
             }
-            changed.await;
-        }
-    })
-    .await;
-    let failed = match joined {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(Error::new(ErrorKind::Timeout {
-            operation: "joining the consumer group",
-            after: join_wait,
-        })),
-    };
-    if let Some(e) = failed {
-        stop.cancel();
-        let _ = pump.await;
-        return Err(e);
-    }
-
-    let member = Member {
-        shared,
-        topic: topic.clone(),
-        options,
-        _stop: stop.clone().drop_guard(),
-    };
-    let deliveries = stream::unfold(member, |member| async move {
-        let next = member.next_delivery().await?;
-        Some((next, member))
-    });
-    Ok(Subscription::new(Box::pin(deliveries)).with_close(move || {
-        Box::pin(async move {
-            stop.cancel();
-            pump.await.map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Closed {
-                        what: "sql subscription",
-                    },
-                    e,
-                )
-            })?
-        })
-    }))
+            if state.done {
+                return Some(Err(Error::closed("sql subscription")));
+            }
+            state.joined.then_some(Ok(()))
+        },
+        stop,
+        pump,
+        "sql subscription",
+        |stop| {
+            let member = Member {
+                shared: member_shared,
+                topic: topic.clone(),
+                options,
+                _stop: stop,
+            };
+            stream::unfold(member, |member| async move {
+                let next = member.next_delivery().await?;
+                Some((next, member))
+            })
+        },
+    )
+    .await
 }
 
 /// Reads rows, holds leases, commits.
