@@ -20,7 +20,7 @@ use tracing::warn;
 use crate::error::{BoxError, Error, ErrorKind, Result};
 use crate::inbox::{Inbox, Processed};
 use crate::outbox::{Outbox, OutboxConfig, encode};
-use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wakeup};
+use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wake, Wakeup};
 
 /// The channel `enqueue` notifies and relays listen on; the payload is the
 /// schema of the outbox table.
@@ -89,7 +89,7 @@ impl Outbox<Postgres> {
         Ok(Self {
             pool,
             config,
-            signal: Arc::new(watch::Sender::new(0)),
+            signal: Arc::new(watch::Sender::new(crate::outbox::Signal::default())),
         })
     }
 
@@ -213,7 +213,7 @@ struct PgWakeup {
 
 #[async_trait]
 impl Wakeup for PgWakeup {
-    async fn wait(&mut self, max: Duration) -> bool {
+    async fn wait(&mut self, max: Duration) -> Wake {
         let started = tokio::time::Instant::now();
         if self.listener.is_none() {
             // Bounded by `max`, so a database that does not answer delays
@@ -232,16 +232,20 @@ impl Wakeup for PgWakeup {
         let max = max.saturating_sub(started.elapsed());
         let Some(listener) = self.listener.as_mut() else {
             tokio::time::sleep(max).await;
-            return false;
+            return Wake::Timeout;
         };
         match tokio::time::timeout(max, listener.recv()).await {
-            Ok(Ok(_)) => true,
+            Ok(Ok(_)) => {
+                // One look at the tables serves every commit notified so far.
+                while listener.next_buffered().is_some() {}
+                Wake::Committed
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "LISTEN connection lost; reconnecting");
                 self.listener = None;
-                false
+                Wake::Timeout
             }
-            Err(_) => false,
+            Err(_) => Wake::Timeout,
         }
     }
 }
@@ -344,6 +348,19 @@ impl RelayStore for PgRelayStore {
             .await
             .map_err(err)?;
         tx.commit().await.map_err(err)
+    }
+
+    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>> {
+        sqlx::query_scalar(concat!(
+            "select l.part from orchestrator_outbox_leases l where l.owner = $1 and l.expires_ms > ",
+            now_ms!(),
+            " and exists (select 1 from orchestrator_outbox o where o.part = l.part \
+             and o.published_ms is null and o.failed_ms is null) order by l.part"
+        ))
+        .bind(relay)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::db("look for pending outbox rows", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {

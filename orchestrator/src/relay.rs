@@ -39,9 +39,13 @@
 //! PostgreSQL: `enqueue` calls `pg_notify` in the caller's transaction, so
 //! the relays' `LISTEN` is told exactly when it commits. SQLite: `enqueue`
 //! signals the relays of the same process (before the caller commits, so a
-//! woken relay looks again a few times at short intervals). Both poll every
-//! [`RelayConfig::poll_interval`] as the fallback, which is also how relays
-//! in other processes learn of SQLite rows.
+//! woken relay looks again a few times at short intervals), and a caller
+//! that calls `Outbox::committed` after its commit has them look at once.
+//! Both poll every [`RelayConfig::poll_interval`] as the fallback, which is
+//! also how relays in other processes learn of SQLite rows.
+//!
+//! Each look is one statement that names the relay's partitions holding
+//! pending rows; only those are loaded, so an idle partition costs nothing.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -309,6 +313,9 @@ pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
     async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>>;
     /// Gives up every lease and the heartbeat.
     async fn release(&self, relay: &str) -> Result<()>;
+    /// Of the partitions whose lease `relay` holds, those with pending
+    /// rows, sorted: one statement, so an idle partition costs no round trip.
+    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>>;
     /// The oldest pending rows of `part`, if `relay` holds its lease.
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>>;
     /// Marks rows published: deletes them, or stamps them when `keep`.
@@ -319,11 +326,24 @@ pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
     async fn purge(&self, keep_ms: i64, limit: i64) -> Result<u64>;
 }
 
+/// Why a relay's wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The time was up.
+    Timeout,
+    /// A transaction that enqueued rows committed (PostgreSQL `NOTIFY`, or
+    /// `Outbox::committed`).
+    Committed,
+    /// Rows were enqueued in a transaction that may not have committed yet
+    /// (SQLite's in-process signal from `enqueue`).
+    Enqueued,
+}
+
 /// How a relay learns that rows were enqueued.
 #[async_trait]
 pub(crate) trait Wakeup: fmt::Debug + Send + Sync + 'static {
-    /// Waits at most `max`; `true` when woken by a signal.
-    async fn wait(&mut self, max: Duration) -> bool;
+    /// Waits at most `max`, and says why it returned.
+    async fn wait(&mut self, max: Duration) -> Wake;
 }
 
 /// What a relay did, returned when it stops.
@@ -495,9 +515,19 @@ impl Relay {
             // partition has at most one batch in flight, so its order holds.
             // A partition whose batch came back full goes straight back in
             // the queue, so a busy partition never waits for a slow one.
-            let mut queue: std::collections::VecDeque<i32> = owned
-                .iter()
-                .copied()
+            let busy = if owned.is_empty() {
+                Vec::new()
+            } else {
+                match self.store.pending_parts(&self.id).await {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        warn!(error = %e, "could not look for pending rows");
+                        Vec::new()
+                    }
+                }
+            };
+            let mut queue: std::collections::VecDeque<i32> = busy
+                .into_iter()
                 .filter(|p| backoff.get(p).is_none_or(|b| b.until <= Instant::now()))
                 .collect();
             let lease_due = next_lease;
@@ -590,10 +620,10 @@ impl Relay {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                signalled = self.wakeup.wait(max) => {
+                wake = self.wakeup.wait(max) => {
                     // An in-process signal may come before the enqueueing
                     // transaction committed: look again shortly a few times.
-                    if signalled {
+                    if wake == Wake::Enqueued {
                         rechecks = RECHECKS;
                     }
                 }

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use crate::error::{BoxError, Error, ErrorKind, Result};
 use crate::inbox::{Inbox, Processed};
 use crate::outbox::{Outbox, OutboxConfig, encode};
-use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wakeup};
+use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wake, Wakeup};
 
 /// How long a connection waits for another writer before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,7 +146,7 @@ impl Outbox<Sqlite> {
         Ok(Self {
             pool,
             config,
-            signal: Arc::new(watch::Sender::new(0)),
+            signal: Arc::new(watch::Sender::new(crate::outbox::Signal::default())),
         })
     }
 
@@ -254,6 +254,7 @@ impl Outbox<Sqlite> {
                 pool: self.pool.clone(),
             }),
             wakeup: Box::new(SignalWakeup {
+                seen: *self.signal.borrow(),
                 signal: self.signal.subscribe(),
             }),
             publisher,
@@ -264,16 +265,28 @@ impl Outbox<Sqlite> {
 
 #[derive(Debug)]
 struct SignalWakeup {
-    signal: watch::Receiver<u64>,
+    signal: watch::Receiver<crate::outbox::Signal>,
+    seen: crate::outbox::Signal,
 }
 
 #[async_trait]
 impl Wakeup for SignalWakeup {
-    async fn wait(&mut self, max: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(max, self.signal.changed()).await,
-            Ok(Ok(()))
-        )
+    async fn wait(&mut self, max: Duration) -> Wake {
+        match tokio::time::timeout(max, self.signal.changed()).await {
+            Ok(Ok(())) => {
+                let now = *self.signal.borrow_and_update();
+                // Any `enqueue` since the last look may belong to a
+                // transaction still open: the relay then looks again shortly.
+                let wake = if now.enqueued == self.seen.enqueued {
+                    Wake::Committed
+                } else {
+                    Wake::Enqueued
+                };
+                self.seen = now;
+                wake
+            }
+            _ => Wake::Timeout,
+        }
     }
 }
 
@@ -374,6 +387,19 @@ impl RelayStore for SqliteRelayStore {
             .await
             .map_err(err)?;
         tx.commit().await.map_err(err)
+    }
+
+    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>> {
+        sqlx::query_scalar(concat!(
+            "select l.part from orchestrator_outbox_leases l where l.owner = ?1 and l.expires_ms > ",
+            now_ms!(),
+            " and exists (select 1 from orchestrator_outbox o where o.part = l.part \
+             and o.published_ms is null and o.failed_ms is null) order by l.part"
+        ))
+        .bind(relay)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| Error::db("look for pending outbox rows", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {

@@ -56,6 +56,7 @@ both!(
     graceful_shutdown_abandons_a_hung_batch_after_the_grace_time,
     poison_row_blocks_its_partition_by_default_and_is_parked_on_request,
     enqueue_wakes_an_idle_relay_without_polling,
+    a_late_commit_wakes_the_relay_at_once,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -664,6 +665,45 @@ async fn enqueue_wakes_an_idle_relay_without_polling(backend: Backend) -> anyhow
         println!(
             "{backend:?}: woken and published in {:?}",
             enqueued.elapsed()
+        );
+    }
+    relay.shutdown().await?;
+    db.close().await
+}
+
+/// A transaction that commits long after its `enqueue` (past the relay's
+/// short looks after the in-process signal) is still published at once:
+/// PostgreSQL's `NOTIFY` comes with the commit, and on SQLite the caller
+/// says `Outbox::committed`. Without either, the relay would wait for its
+/// two-minute poll.
+async fn a_late_commit_wakes_the_relay_at_once(backend: Backend) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let config = fast_relay("r1")
+        .lease_ttl(Duration::from_secs(120))
+        .poll_interval(Duration::from_secs(120));
+    let relay = db.relay(broker.clone(), config)?.spawn();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while db.owned("r1").await? < 16 {
+        ensure!(tokio::time::Instant::now() < deadline, "no leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..2 {
+        let tx = db.begin_open(&topic, &event("k", n)?).await?;
+        // The relay's looks after the signal end 255 ms after it.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        ensure!(sink.events().len() == n, "published before its commit");
+        let committed = tokio::time::Instant::now();
+        tx.commit().await?;
+        db.committed();
+        sink.wait_for(n + 1, Duration::from_secs(3))
+            .await
+            .context("the relay was not woken by the late commit")?;
+        println!(
+            "{backend:?}: published {:?} after the commit",
+            committed.elapsed()
         );
     }
     relay.shutdown().await?;

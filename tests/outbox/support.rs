@@ -165,6 +165,14 @@ impl Db {
         Ok(())
     }
 
+    /// Tells this process's relays that a transaction committed.
+    pub(crate) fn committed(&self) {
+        match self {
+            Db::Pg { outbox, .. } => outbox.committed(),
+            Db::Lite { outbox, .. } => outbox.committed(),
+        }
+    }
+
     pub(crate) fn relay(
         &self,
         publisher: Arc<dyn Publisher>,

@@ -133,6 +133,7 @@ macro_rules! participant_impl {
                 let event = cmd.reply_event(&reply, &self.source)?;
                 self.outbox.enqueue(&mut tx, &cmd.reply_to, &event).await?;
                 tx.commit().await.map_err(err)?;
+                self.outbox.committed();
                 metrics::counter!("inbox_handled_total", "consumer" => self.name.clone()).increment(1);
                 Ok(Processed::Handled(reply))
             }

@@ -143,6 +143,7 @@ macro_rules! saga_store {
                 }
                 self.write(&mut tx, ctx, saga_id, def, t, 1).await?;
                 tx.commit().await.map_err(err)?;
+                self.outbox.committed();
                 metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
                 Ok(())
             }
@@ -215,6 +216,9 @@ macro_rules! saga_store {
                 }
                 self.write(&mut tx, ctx, saga_id, def, &t, seq + 1).await?;
                 tx.commit().await.map_err(err)?;
+                if !t.commands.is_empty() {
+                    self.outbox.committed();
+                }
                 Ok(Handled::Applied(t.note))
             }
 
