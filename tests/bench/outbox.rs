@@ -138,6 +138,8 @@ impl Db {
                     outbox.enqueue(&mut tx, topic, e).await?;
                 }
                 tx.commit().await?;
+                // Wakes this process's relays now that the rows are visible.
+                outbox.committed();
             }
         }
         Ok(Instant::now())
