@@ -97,14 +97,9 @@ impl OutboxConfig {
 pub struct Outbox<DB: sqlx::Database> {
     pub(crate) pool: sqlx::Pool<DB>,
     pub(crate) config: OutboxConfig,
-    pub(crate) signal: Arc<watch::Sender<Signal>>,
-}
-
-/// The in-process wake-up: how many `enqueue` and `committed` calls so far.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Signal {
-    pub(crate) enqueued: u64,
-    pub(crate) committed: u64,
+    /// The in-process wake-up: how many `enqueue` calls so far; a
+    /// `committed` call wakes the relays without changing it.
+    pub(crate) signal: Arc<watch::Sender<u64>>,
 }
 
 impl<DB: sqlx::Database> Clone for Outbox<DB> {
@@ -139,8 +134,7 @@ impl<DB: sqlx::Database> Outbox<DB> {
 
     /// Tells the relays of this process that rows were enqueued.
     pub(crate) fn signal(&self) {
-        self.signal
-            .send_modify(|s| s.enqueued = s.enqueued.wrapping_add(1));
+        self.signal.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Tells the relays of this process that a transaction that enqueued
@@ -149,8 +143,8 @@ impl<DB: sqlx::Database> Outbox<DB> {
     /// and, at the latest, at its poll interval. PostgreSQL relays are told
     /// by the commit itself (`NOTIFY`), and ignore this.
     pub fn committed(&self) {
-        self.signal
-            .send_modify(|s| s.committed = s.committed.wrapping_add(1));
+        // `send_modify` wakes the receivers even though nothing changed.
+        self.signal.send_modify(|_| {});
     }
 
     /// The partition an event goes to: see [`partition_of`].

@@ -89,7 +89,7 @@ impl Outbox<Postgres> {
         Ok(Self {
             pool,
             config,
-            signal: Arc::new(watch::Sender::new(crate::outbox::Signal::default())),
+            signal: Arc::new(watch::Sender::new(0)),
         })
     }
 

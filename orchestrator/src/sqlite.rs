@@ -146,7 +146,7 @@ impl Outbox<Sqlite> {
         Ok(Self {
             pool,
             config,
-            signal: Arc::new(watch::Sender::new(crate::outbox::Signal::default())),
+            signal: Arc::new(watch::Sender::new(0)),
         })
     }
 
@@ -265,8 +265,9 @@ impl Outbox<Sqlite> {
 
 #[derive(Debug)]
 struct SignalWakeup {
-    signal: watch::Receiver<crate::outbox::Signal>,
-    seen: crate::outbox::Signal,
+    signal: watch::Receiver<u64>,
+    /// The `enqueue` count at the last wake-up.
+    seen: u64,
 }
 
 #[async_trait]
@@ -277,7 +278,7 @@ impl Wakeup for SignalWakeup {
                 let now = *self.signal.borrow_and_update();
                 // Any `enqueue` since the last look may belong to a
                 // transaction still open: the relay then looks again shortly.
-                let wake = if now.enqueued == self.seen.enqueued {
+                let wake = if now == self.seen {
                     Wake::Committed
                 } else {
                     Wake::Enqueued

@@ -9,8 +9,9 @@
 //!   `insert` + `commit` in a loop).
 //! - `saga sagas/s`: whole sagas per second, same run.
 //! - `step latency p50/p99`: time from one transition to the next of a saga
-//!   (command enqueued → reply applied), on the database clock in ms, at a
-//!   light load (8 sagas in flight); the baseline column is the target.
+//!   (command enqueued → reply applied), on the database clock in ms, with
+//!   one saga in flight and at a light load (8 sagas in flight); the
+//!   baseline column is the target.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -336,7 +337,12 @@ pub(crate) async fn run(sagas: usize) -> anyhow::Result<Vec<Figure>> {
         let prefix = format!("{}.", e2e::unique_name("bench_saga"));
         let coordinators = if backend == "sqlite" { 1 } else { 4 };
         let running = setup(&db, transport, &prefix, coordinators).await?;
-        // Light load first: latency.
+        // One saga at a time: the latency of the path alone.
+        drive(&running.coordinator, "single", 100, 1)
+            .await
+            .context("one at a time")?;
+        let single = step_latencies(&db, "single").await?;
+        // Light load: latency.
         drive(&running.coordinator, "light", 200, 8)
             .await
             .context("light load")?;
@@ -364,18 +370,16 @@ pub(crate) async fn run(sagas: usize) -> anyhow::Result<Vec<Figure>> {
         } else {
             10.0
         };
-        figures.push(Figure {
-            bench: format!("saga {label} step p50 ms"),
-            ours: pct(&lat, 0.5),
-            baseline: target,
-            unit: "ms",
-        });
-        figures.push(Figure {
-            bench: format!("saga {label} step p99 ms"),
-            ours: pct(&lat, 0.99),
-            baseline: target,
-            unit: "ms",
-        });
+        for (load, lat) in [("1 in flight", &single), ("8 in flight", &lat)] {
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                figures.push(Figure {
+                    bench: format!("saga {label} step {name} ms, {load}"),
+                    ours: pct(lat, q),
+                    baseline: target,
+                    unit: "ms",
+                });
+            }
+        }
     }
     if let Ok(url) = e2e::require(e2e::Server::Postgres) {
         let admin = PgPoolOptions::new()

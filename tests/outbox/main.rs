@@ -638,21 +638,27 @@ async fn poison_row_blocks_its_partition_by_default_and_is_parked_on_request(
     db.close().await
 }
 
-async fn enqueue_wakes_an_idle_relay_without_polling(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
+/// A relay holding every partition, whose poll and lease renewal do not
+/// come within a test, and a sink on `topic`.
+async fn idle_relay(db: &Db, topic: &Topic) -> anyhow::Result<(Sink, orchestrator::RelayHandle)> {
     let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
-    // Neither the poll nor the lease renewal comes within the test.
+    let sink = Sink::start(&broker, topic).await?;
     let config = fast_relay("r1")
         .lease_ttl(Duration::from_secs(120))
         .poll_interval(Duration::from_secs(120));
-    let relay = db.relay(broker.clone(), config)?.spawn();
+    let relay = db.relay(broker, config)?.spawn();
     let deadline = tokio::time::Instant::now() + WAIT;
     while db.owned("r1").await? < 16 {
         ensure!(tokio::time::Instant::now() < deadline, "no leases");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok((sink, relay))
+}
+
+async fn enqueue_wakes_an_idle_relay_without_polling(backend: Backend) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let topic = Topic::from_static("orders");
+    let (sink, relay) = idle_relay(&db, &topic).await?;
     // Let the relay go idle, then wake it three times.
     for n in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -678,18 +684,8 @@ async fn enqueue_wakes_an_idle_relay_without_polling(backend: Backend) -> anyhow
 /// two-minute poll.
 async fn a_late_commit_wakes_the_relay_at_once(backend: Backend) -> anyhow::Result<()> {
     let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
     let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
-    let config = fast_relay("r1")
-        .lease_ttl(Duration::from_secs(120))
-        .poll_interval(Duration::from_secs(120));
-    let relay = db.relay(broker.clone(), config)?.spawn();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while db.owned("r1").await? < 16 {
-        ensure!(tokio::time::Instant::now() < deadline, "no leases");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (sink, relay) = idle_relay(&db, &topic).await?;
     for n in 0..2 {
         let tx = db.begin_open(&topic, &event("k", n)?).await?;
         // The relay's looks after the signal end 255 ms after it.
