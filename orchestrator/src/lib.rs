@@ -43,7 +43,7 @@
 //!
 //! // 1. The order and its event commit together.
 //! let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new()).await?;
-//! let mut tx = pool.begin().await?;
+//! let mut tx = sqlite::begin_write(&pool).await?;
 //! sqlx::query("insert into orders (id) values ('o-1')").execute(&mut *tx).await?;
 //! let placed = CloudEventBuilder::new("com.example.order.placed", "/orders")
 //!     .partition_key("o-1")
@@ -51,6 +51,7 @@
 //!     .build()?;
 //! outbox.enqueue(&mut *tx, &orders, &placed).await?;
 //! tx.commit().await?;
+//! outbox.committed();
 //!
 //! // 2. A relay publishes it.
 //! let relay = outbox.relay(broker.clone(), RelayConfig::new())?.spawn();

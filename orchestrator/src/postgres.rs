@@ -32,6 +32,14 @@ macro_rules! now_ms {
     };
 }
 
+/// Begins a transaction, naming what it is for in its errors.
+pub(crate) async fn begin_for(
+    pool: &PgPool,
+    operation: &'static str,
+) -> Result<sqlx::Transaction<'static, Postgres>> {
+    pool.begin().await.map_err(|e| Error::db(operation, e))
+}
+
 /// Applies the embedded migrations (outbox, leases, inbox tables) to the
 /// schema first on the connections' `search_path`.
 ///
@@ -350,17 +358,42 @@ impl RelayStore for PgRelayStore {
         tx.commit().await.map_err(err)
     }
 
-    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>> {
-        sqlx::query_scalar(concat!(
-            "select l.part from orchestrator_outbox_leases l where l.owner = $1 and l.expires_ms > ",
+    async fn load_pending(
+        &self,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        limit: i64,
+    ) -> Result<Vec<StoredRow>> {
+        let rows = sqlx::query(concat!(
+            "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
-            " and exists (select 1 from orchestrator_outbox o where o.part = l.part \
-             and o.published_ms is null and o.failed_ms is null) order by l.part"
+            " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
+             select p.part, p.id, p.topic, p.payload, p.created_ms from orchestrator_outbox p \
+             where p.part = l.part and p.published_ms is null and p.failed_ms is null \
+             and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
+            now_ms!(),
+            " and l.part <> all($2) order by o.part, o.id"
         ))
         .bind(relay)
+        .bind(skip)
+        .bind(limit)
+        .bind(exclude)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("look for pending outbox rows", e))
+        .map_err(|e| Error::db("load pending outbox rows", e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredRow {
+                    part: r.try_get("part")?,
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    payload: r.try_get("payload")?,
+                    age_ms: r.try_get("age_ms")?,
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| Error::db("read an outbox row", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
@@ -383,6 +416,7 @@ impl RelayStore for PgRelayStore {
         rows.into_iter()
             .map(|r| {
                 Ok(StoredRow {
+                    part,
                     id: r.try_get("id")?,
                     topic: r.try_get("topic")?,
                     payload: r.try_get("payload")?,

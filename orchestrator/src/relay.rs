@@ -44,8 +44,18 @@
 //! Both poll every [`RelayConfig::poll_interval`] as the fallback, which is
 //! also how relays in other processes learn of SQLite rows.
 //!
-//! Each look is one statement that names the relay's partitions holding
-//! pending rows; only those are loaded, so an idle partition costs nothing.
+//! # A look
+//!
+//! Each look is one statement that loads the oldest pending rows (up to 32
+//! per partition) of every partition the relay holds, so an idle partition
+//! costs nothing and a light load costs one read per look. The look
+//! publishes them, `concurrency` partitions at a time, and the rows that
+//! went out are marked in one statement, run beside the next look's read
+//! (which leaves them out). A partition that fills its share of a look has
+//! a backlog: it is drained batch by batch ([`RelayConfig::batch_size`]),
+//! one batch in flight per partition, each loaded, published and marked on
+//! its own, so that loading, publishing and marking overlap across
+//! partitions.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -153,7 +163,8 @@ impl RelayConfig {
     /// How many of its partitions a relay publishes at once (1..=256;
     /// default 4). Each partition still goes out one batch at a time, in
     /// order; more partitions at once keep more events in flight to the
-    /// broker. Postgres pools need at least this many connections.
+    /// broker. While it drains a backlog the relay uses up to this many
+    /// database connections at once (plus one).
     #[must_use]
     pub fn concurrency(mut self, partitions: usize) -> Self {
         self.concurrency = partitions;
@@ -297,9 +308,13 @@ impl RelayConfig {
 /// doubling intervals from 1 ms.
 const RECHECKS: u32 = 8;
 
+/// The most rows of one partition a look loads (see `Relay::look_rows`).
+const LOOK_ROWS: usize = 32;
+
 /// A row loaded for publishing.
 #[derive(Debug)]
 pub(crate) struct StoredRow {
+    pub(crate) part: i32,
     pub(crate) id: i64,
     pub(crate) topic: String,
     pub(crate) payload: String,
@@ -313,9 +328,18 @@ pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
     async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>>;
     /// Gives up every lease and the heartbeat.
     async fn release(&self, relay: &str) -> Result<()>;
-    /// Of the partitions whose lease `relay` holds, those with pending
-    /// rows, sorted: one statement, so an idle partition costs no round trip.
-    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>>;
+    /// The oldest pending rows, at most `limit` per partition, of the
+    /// partitions whose lease `relay` holds, except those in `skip` and the
+    /// rows in `exclude` (published, being marked); sorted by partition,
+    /// then id. One statement, whatever the number of
+    /// partitions, and an idle partition costs nothing.
+    async fn load_pending(
+        &self,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        limit: i64,
+    ) -> Result<Vec<StoredRow>>;
     /// The oldest pending rows of `part`, if `relay` holds its lease.
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>>;
     /// Marks rows published: deletes them, or stamps them when `keep`.
@@ -429,12 +453,60 @@ impl From<Error> for BatchError {
     }
 }
 
-#[derive(Debug, Default)]
-struct Progress {
+/// What publishing one partition's rows of a look did.
+#[derive(Default)]
+struct PartOutcome {
     /// Rows loaded.
     rows: usize,
-    published: usize,
+    /// Ids of the rows the broker acknowledged, to mark.
+    published: Vec<i64>,
+    /// Broker batches that went out.
+    batches: usize,
     parked: usize,
+    /// Why it stopped before the end.
+    error: Option<BatchError>,
+}
+
+impl PartOutcome {
+    fn sent(&mut self, rows: &[StoredRow]) {
+        self.published.extend(rows.iter().map(|r| r.id));
+        self.batches += 1;
+    }
+}
+
+/// What one look did, over all its partitions.
+#[derive(Default)]
+struct Look {
+    /// Partitions whose batch came back full: more rows may wait.
+    full: Vec<i32>,
+    /// Partitions drained without a failure.
+    quiet: Vec<i32>,
+    /// Partitions that failed, to back off.
+    failed: Vec<(i32, Error)>,
+    /// Shutdown abandoned a publish.
+    abandoned: bool,
+    parked: u64,
+    /// What went out, to mark.
+    sent: Sent,
+}
+
+/// Rows published and acknowledged, not yet marked.
+#[derive(Debug, Default)]
+struct Sent {
+    ids: Vec<i64>,
+    batches: u64,
+    parts: Vec<i32>,
+}
+
+/// What marking did.
+enum Marked {
+    Nothing,
+    Done {
+        rows: u64,
+        batches: u64,
+    },
+    /// Not marked: the partitions to back off.
+    Failed(Vec<i32>),
 }
 
 struct Backoff {
@@ -491,10 +563,17 @@ impl Relay {
         let mut next_purge = Instant::now();
         let mut backoff: HashMap<i32, Backoff> = HashMap::new();
         let mut rechecks = 0u32;
-        let batch_limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
+        let look_limit = i64::try_from(self.look_rows()).unwrap_or(i64::MAX);
+        // Published and acknowledged, not yet marked: marked while the next
+        // look loads (which leaves them out).
+        let mut sent = Sent::default();
         info!("relay started");
         while !shutdown.is_cancelled() {
             if Instant::now() >= next_lease {
+                // Marked before the leases may move, so a partition handed
+                // over carries no published row to its next owner.
+                let marked = self.mark(&std::mem::take(&mut sent)).await;
+                self.count_marked(marked, &mut report, &mut backoff);
                 match self.store.tick_leases(&self.id, ttl_ms).await {
                     Ok(parts) => {
                         if parts != owned {
@@ -510,82 +589,67 @@ impl Relay {
                 next_lease = Instant::now() + self.config.renew_interval();
             }
 
-            let mut worked = false;
-            // The partitions due now, `concurrency` of them at a time; each
-            // partition has at most one batch in flight, so its order holds.
-            // A partition whose batch came back full goes straight back in
-            // the queue, so a busy partition never waits for a slow one.
-            let busy = if owned.is_empty() {
-                Vec::new()
-            } else {
-                match self.store.pending_parts(&self.id).await {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        warn!(error = %e, "could not look for pending rows");
-                        Vec::new()
-                    }
-                }
-            };
-            let mut queue: std::collections::VecDeque<i32> = busy
-                .into_iter()
-                .filter(|p| backoff.get(p).is_none_or(|b| b.until <= Instant::now()))
+            // One look loads the pending rows of every owned partition that
+            // is not backing off (one statement), while the rows the last
+            // look published are marked (one statement).
+            let marking = std::mem::take(&mut sent);
+            let mut worked = !marking.ids.is_empty();
+            let mut more = false;
+            let now = Instant::now();
+            let skip: Vec<i32> = backoff
+                .iter()
+                .filter(|(_, b)| b.until > now)
+                .map(|(p, _)| *p)
                 .collect();
-            let lease_due = next_lease;
-            let this = &*self;
-            let batch = |part: i32| async move {
-                (part, this.relay_batch(part, batch_limit, shutdown).await)
+            let load = async {
+                if owned.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.store
+                        .load_pending(&self.id, &skip, &marking.ids, look_limit)
+                        .await
+                }
             };
-            let mut in_flight = futures_util::stream::FuturesUnordered::new();
-            let mut abandoned = false;
-            loop {
-                while in_flight.len() < self.config.concurrency
-                    && !shutdown.is_cancelled()
-                    && Instant::now() < lease_due
-                    && let Some(part) = queue.pop_front()
-                {
-                    in_flight.push(batch(part));
-                }
-                let Some((part, outcome)) = in_flight.next().await else {
-                    break;
-                };
-                match outcome {
-                    Ok(progress) => {
-                        backoff.remove(&part);
-                        if progress.rows > 0 {
-                            worked = true;
-                            report.published += progress.published as u64;
-                            report.parked += progress.parked as u64;
-                            report.batches += 1;
-                        }
-                        if progress.rows >= self.config.batch_size {
-                            queue.push_back(part);
-                        }
+            let (marked, loaded) = tokio::join!(self.mark(&marking), load);
+            self.count_marked(marked, &mut report, &mut backoff);
+            match loaded {
+                Ok(rows) if !rows.is_empty() => {
+                    worked = true;
+                    let look = self.relay_rows(rows, shutdown).await;
+                    for part in look.full.iter().chain(&look.quiet) {
+                        backoff.remove(part);
                     }
-                    Err(BatchError::Abandoned) => abandoned = true,
-                    Err(BatchError::Failed(e)) => {
-                        report.failures += 1;
-                        metrics::counter!("outbox_relay_failures_total").increment(1);
-                        let b = backoff.entry(part).or_insert(Backoff {
-                            attempts: 0,
-                            until: Instant::now(),
-                        });
-                        b.attempts = b.attempts.saturating_add(1);
-                        let delay = self
-                            .config
-                            .backoff_min
-                            .saturating_mul(1u32 << b.attempts.min(16).saturating_sub(1))
-                            .min(self.config.backoff_max);
-                        b.until = Instant::now() + delay;
-                        warn!(partition = part, attempts = b.attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
+                    for (part, e) in &look.failed {
+                        let (attempts, delay) = self.back_off(&mut backoff, *part);
+                        warn!(partition = *part, attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
+                    }
+                    report.failures += look.failed.len() as u64;
+                    metrics::counter!("outbox_relay_failures_total")
+                        .increment(look.failed.len() as u64);
+                    report.parked += look.parked;
+                    sent = look.sent;
+                    if look.abandoned {
+                        break;
+                    }
+                    if !look.full.is_empty() {
+                        // A backlog: its partitions are drained one batch
+                        // after another each, `concurrency` at a time, so
+                        // loading, publishing and marking overlap across
+                        // partitions. This look's rows are marked first.
+                        let marked = self.mark(&std::mem::take(&mut sent)).await;
+                        self.count_marked(marked, &mut report, &mut backoff);
+                        let abandoned = self
+                            .drain(look.full, next_lease, &mut report, &mut backoff, shutdown)
+                            .await;
+                        if abandoned {
+                            break;
+                        }
+                        more = true;
                     }
                 }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "could not load pending outbox rows"),
             }
-            drop(in_flight);
-            if abandoned {
-                break;
-            }
-            // Partitions left with a full batch (the lease tick came first).
-            let more = !queue.is_empty();
 
             if let Retention::Keep(keep) = self.config.retention
                 && Instant::now() >= next_purge
@@ -594,7 +658,9 @@ impl Relay {
                 next_purge = Instant::now() + self.config.purge_interval;
             }
 
-            if more && !shutdown.is_cancelled() {
+            // A partition came back full, or rows wait to be marked: look
+            // again at once.
+            if more || !sent.ids.is_empty() {
                 continue;
             }
             // Sleep until a wake-up, the poll interval, the next lease tick or
@@ -629,64 +695,249 @@ impl Relay {
                 }
             }
         }
+        // What went out is marked before the leases are released.
+        let marked = self.mark(&sent).await;
+        self.count_marked(marked, &mut report, &mut backoff);
         report
     }
 
-    async fn relay_batch(
+    /// Marks the rows in `done` (deleted or stamped, by the retention
+    /// policy) in one statement; returns what it marked, or
+    /// on failure the partitions to back off (their rows go out again, at
+    /// least once, with the same event ids).
+    async fn mark(&self, done: &Sent) -> Marked {
+        if done.ids.is_empty() {
+            return Marked::Nothing;
+        }
+        let keep = matches!(self.config.retention, Retention::Keep(_));
+        match self.store.finish(&done.ids, keep).await {
+            Ok(()) => {
+                metrics::counter!("outbox_published_total").increment(done.ids.len() as u64);
+                metrics::counter!("outbox_batches_total").increment(done.batches);
+                Marked::Done {
+                    rows: done.ids.len() as u64,
+                    batches: done.batches,
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, rows = done.ids.len(), "could not mark published rows; they will be published again");
+                Marked::Failed(done.parts.clone())
+            }
+        }
+    }
+
+    fn count_marked(
+        &self,
+        marked: Marked,
+        report: &mut RelayReport,
+        backoff: &mut HashMap<i32, Backoff>,
+    ) {
+        match marked {
+            Marked::Nothing => {}
+            Marked::Done { rows, batches } => {
+                report.published += rows;
+                report.batches += batches;
+            }
+            Marked::Failed(parts) => {
+                report.failures += parts.len() as u64;
+                metrics::counter!("outbox_relay_failures_total").increment(parts.len() as u64);
+                for part in parts {
+                    self.back_off(backoff, part);
+                }
+            }
+        }
+    }
+
+    /// The most rows of one partition a look loads: a partition with more
+    /// is drained batch by batch (see [`drain`](Self::drain)), so a look
+    /// stays short and a backlog's loading, publishing and marking overlap.
+    fn look_rows(&self) -> usize {
+        self.config.batch_size.min(LOOK_ROWS)
+    }
+
+    /// Drains the partitions in `queue`: one batch in flight per partition
+    /// (so its order holds), `concurrency` partitions at a time, each batch
+    /// loaded, published and marked on its own; a partition whose batch
+    /// came back full goes back in the queue. Stops when the queue is
+    /// empty, at `until` (the lease tick) or at shutdown; returns whether a
+    /// publish was abandoned.
+    async fn drain(
+        &self,
+        queue: Vec<i32>,
+        until: Instant,
+        report: &mut RelayReport,
+        backoff: &mut HashMap<i32, Backoff>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
+        let mut queue: std::collections::VecDeque<i32> = queue.into();
+        let batch = |part: i32| async move {
+            let outcome = match self.store.load_batch(&self.id, part, limit).await {
+                Ok(rows) => self.relay_part(part, rows, shutdown).await,
+                Err(e) => PartOutcome {
+                    error: Some(BatchError::Failed(e)),
+                    ..PartOutcome::default()
+                },
+            };
+            let sent = Sent {
+                ids: outcome.published.clone(),
+                batches: outcome.batches as u64,
+                parts: vec![part],
+            };
+            (part, outcome, self.mark(&sent).await)
+        };
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        let mut abandoned = false;
+        loop {
+            while in_flight.len() < self.config.concurrency
+                && !shutdown.is_cancelled()
+                && Instant::now() < until
+                && let Some(part) = queue.pop_front()
+            {
+                in_flight.push(batch(part));
+            }
+            let Some((part, outcome, marked)) = in_flight.next().await else {
+                break;
+            };
+            let unmarked = matches!(marked, Marked::Failed(_));
+            self.count_marked(marked, report, backoff);
+            report.parked += outcome.parked as u64;
+            match outcome.error {
+                None if unmarked => {}
+                None => {
+                    backoff.remove(&part);
+                    if outcome.rows >= self.config.batch_size {
+                        queue.push_back(part);
+                    }
+                }
+                Some(BatchError::Abandoned) => abandoned = true,
+                Some(BatchError::Failed(e)) => {
+                    report.failures += 1;
+                    metrics::counter!("outbox_relay_failures_total").increment(1);
+                    let (attempts, delay) = self.back_off(backoff, part);
+                    warn!(partition = part, attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
+                }
+            }
+        }
+        abandoned
+    }
+
+    /// Backs `part` off once more: returns its failures in a row and the
+    /// delay.
+    fn back_off(&self, backoff: &mut HashMap<i32, Backoff>, part: i32) -> (u32, Duration) {
+        let b = backoff.entry(part).or_insert(Backoff {
+            attempts: 0,
+            until: Instant::now(),
+        });
+        b.attempts = b.attempts.saturating_add(1);
+        let delay = self
+            .config
+            .backoff_min
+            .saturating_mul(1u32 << b.attempts.min(16).saturating_sub(1))
+            .min(self.config.backoff_max);
+        b.until = Instant::now() + delay;
+        (b.attempts, delay)
+    }
+
+    /// Publishes the rows of one look, `concurrency` partitions at a time,
+    /// each in id order; what went out is returned for marking.
+    async fn relay_rows(&self, rows: Vec<StoredRow>, shutdown: &CancellationToken) -> Look {
+        let mut parts: Vec<(i32, Vec<StoredRow>)> = Vec::new();
+        for row in rows {
+            match parts.last_mut() {
+                Some((part, rows)) if *part == row.part => rows.push(row),
+                _ => parts.push((row.part, vec![row])),
+            }
+        }
+        let mut look = Look::default();
+        let mut outcomes =
+            futures_util::stream::iter(parts.into_iter().map(|(part, rows)| async move {
+                (part, self.relay_part(part, rows, shutdown).await)
+            }))
+            .buffer_unordered(self.config.concurrency);
+        while let Some((part, outcome)) = outcomes.next().await {
+            look.parked += outcome.parked as u64;
+            match outcome.error {
+                None if outcome.rows >= self.look_rows() => look.full.push(part),
+                None => look.quiet.push(part),
+                Some(BatchError::Abandoned) => look.abandoned = true,
+                Some(BatchError::Failed(e)) => look.failed.push((part, e)),
+            }
+            if !outcome.published.is_empty() {
+                look.sent.ids.extend(outcome.published);
+                look.sent.batches += outcome.batches as u64;
+                look.sent.parts.push(part);
+            }
+        }
+        look
+    }
+
+    /// Publishes the rows of one partition, in id order: consecutive rows
+    /// of one topic go out as one batch. Stops at the first failure; what
+    /// went out before it is returned for marking.
+    async fn relay_part(
         &self,
         part: i32,
-        limit: i64,
+        rows: Vec<StoredRow>,
         shutdown: &CancellationToken,
-    ) -> Result<Progress, BatchError> {
-        let rows = self.store.load_batch(&self.id, part, limit).await?;
-        let Some(first) = rows.first() else {
-            return Ok(Progress::default());
+    ) -> PartOutcome {
+        let mut outcome = PartOutcome {
+            rows: rows.len(),
+            ..PartOutcome::default()
         };
-        let span = info_span!("outbox_batch", partition = part, rows = rows.len());
+        let Some(first) = rows.first() else {
+            return outcome;
+        };
         metrics::histogram!("outbox_relay_lag_seconds").record(first.age_ms as f64 / 1000.0);
+        let span = info_span!("outbox_batch", partition = part, rows = rows.len());
         async {
-            let mut progress = Progress {
-                rows: rows.len(),
-                ..Progress::default()
-            };
-            // Consecutive rows of one topic go out as one batch, in id order.
             let mut rest = &rows[..];
             while let Some(head) = rest.first() {
                 let run = rest.iter().take_while(|r| r.topic == head.topic).count();
                 let (chunk, tail) = rest.split_at(run);
                 rest = tail;
                 match self.publish_rows(chunk, shutdown).await {
-                    Ok(()) => self.mark(chunk, &mut progress).await?,
+                    Ok(()) => outcome.sent(chunk),
                     Err(BatchError::Failed(e)) if !e.is_retryable() => {
                         // Find the row the broker refuses: one at a time, so
                         // the rows before it go out.
                         for row in chunk {
                             let one = std::slice::from_ref(row);
                             match self.publish_rows(one, shutdown).await {
-                                Ok(()) => self.mark(one, &mut progress).await?,
+                                Ok(()) => outcome.sent(one),
                                 Err(BatchError::Failed(e))
                                     if !e.is_retryable() && self.config.poison == Poison::Block =>
                                 {
-                                    return Err(BatchError::Failed(e));
+                                    outcome.error = Some(BatchError::Failed(e));
+                                    return;
                                 }
                                 Err(BatchError::Failed(e)) if !e.is_retryable() => {
                                     let reason = format!("{e}");
-                                    self.store.park(row.id, &reason).await?;
-                                    progress.parked += 1;
+                                    if let Err(e) = self.store.park(row.id, &reason).await {
+                                        outcome.error = Some(BatchError::Failed(e));
+                                        return;
+                                    }
+                                    outcome.parked += 1;
                                     metrics::counter!("outbox_parked_total").increment(1);
                                     error!(row = row.id, error = %reason, "outbox row refused for good; parked");
                                 }
-                                Err(other) => return Err(other),
+                                Err(other) => {
+                                    outcome.error = Some(other);
+                                    return;
+                                }
                             }
                         }
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        outcome.error = Some(e);
+                        return;
+                    }
                 }
             }
-            Ok(progress)
         }
         .instrument(span)
-        .await
+        .await;
+        outcome
     }
 
     /// Publishes `rows` (one topic) as one batch.
@@ -744,17 +995,6 @@ impl Relay {
             })
             .into()),
         }
-    }
-
-    /// Marks published rows (delete or stamp, by the retention policy).
-    async fn mark(&self, rows: &[StoredRow], progress: &mut Progress) -> Result<(), BatchError> {
-        let keep = matches!(self.config.retention, Retention::Keep(_));
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        self.store.finish(&ids, keep).await?;
-        progress.published += rows.len();
-        metrics::counter!("outbox_published_total").increment(rows.len() as u64);
-        metrics::counter!("outbox_batches_total").increment(1);
-        Ok(())
     }
 
     async fn purge(&self, keep: Duration) {

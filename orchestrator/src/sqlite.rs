@@ -14,12 +14,23 @@
 //! write lock until it ends, so a long open transaction makes every other
 //! writer, the relays' marking of published rows included, wait (up to the
 //! busy timeout; past it the relay backs off and publishes that batch again
-//! later, at least once). Keep business transactions short, and start those
-//! that read before they write with `pool.begin_with("BEGIN IMMEDIATE")`, or
-//! their first write can fail with "database is locked".
+//! later, at least once). Keep business transactions short.
+//!
+//! Within one process, writers take turns in a [`WriteQueue`] before they
+//! touch the lock: a connection that finds the lock taken sleeps in SQLite's
+//! busy handler (1, 2, 5, 10 … 100 ms) and looks again, so writers that
+//! meet at the lock wait for those sleeps, not for each other. Every write
+//! of this crate waits for its turn first; start your own transactions that
+//! write (those that enqueue outbox rows, say) with [`begin_write`], which
+//! waits for the turn and then begins with `BEGIN IMMEDIATE` (so a
+//! transaction that reads before it writes cannot fail with "database is
+//! locked"). Writers in other processes still meet at the lock, under the
+//! busy timeout.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::str::FromStr as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,8 +40,8 @@ use futures_util::future::BoxFuture;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row as _, Sqlite, SqliteConnection};
-use tokio::sync::watch;
+use sqlx::{Row as _, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{BoxError, Error, ErrorKind, Result};
 use crate::inbox::{Inbox, Processed};
@@ -95,6 +106,147 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
         .map_err(|e| Error::db("open the SQLite database", e))
 }
 
+/// This process's writers of one SQLite database, in line: one writes at a
+/// time, the others wait for their turn in arrival order (see the [module
+/// docs](self) for why).
+///
+/// Every pool of this process on the same database file gets the same
+/// queue ([`of`](Self::of) keys it by the file name the pool was opened
+/// with).
+#[derive(Debug, Clone)]
+pub struct WriteQueue {
+    line: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A writer's turn in a [`WriteQueue`]; the next writer's turn comes when
+/// it is dropped.
+#[derive(Debug)]
+pub struct WriteTurn {
+    _held: OwnedMutexGuard<()>,
+}
+
+type Lines = HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>;
+
+static LINES: LazyLock<Mutex<Lines>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl WriteQueue {
+    /// The queue of the database `pool` writes to.
+    pub fn of(pool: &SqlitePool) -> Self {
+        let file = pool.connect_options().get_filename().to_path_buf();
+        let mut lines = LINES.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(line) = lines.get(&file).and_then(Weak::upgrade) {
+            return Self { line };
+        }
+        lines.retain(|_, line| line.strong_count() > 0);
+        let line = Arc::new(tokio::sync::Mutex::new(()));
+        lines.insert(file, Arc::downgrade(&line));
+        Self { line }
+    }
+
+    /// Waits for this writer's turn, at most [`BUSY_TIMEOUT`] (as long as
+    /// SQLite would wait for the lock).
+    ///
+    /// # Errors
+    ///
+    /// A retryable [`ErrorKind::Database`] when the turn did not come in
+    /// time (another writer of this process kept its transaction open).
+    pub async fn turn(&self, operation: &'static str) -> Result<WriteTurn> {
+        match tokio::time::timeout(BUSY_TIMEOUT, Arc::clone(&self.line).lock_owned()).await {
+            Ok(held) => Ok(WriteTurn { _held: held }),
+            Err(_) => Err(Error::with_source(
+                ErrorKind::Database {
+                    operation,
+                    retryable: true,
+                },
+                format!(
+                    "database is locked: another writer of this process kept a transaction \
+                     open for more than {BUSY_TIMEOUT:?}"
+                ),
+            )),
+        }
+    }
+}
+
+/// A write transaction begun in its turn (see [`begin_write`]). It derefs
+/// to the connection, so `&mut *tx` runs statements in it, and it rolls
+/// back when dropped without [`commit`](Self::commit). The next writer's
+/// turn comes when it ends.
+#[derive(Debug)]
+pub struct WriteTx {
+    // Dropped first: the rollback of an abandoned transaction is queued on
+    // the connection before the next writer's turn comes.
+    tx: Transaction<'static, Sqlite>,
+    _turn: WriteTurn,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+impl WriteTx {
+    /// Commits, and hands the turn to the next writer.
+    ///
+    /// # Errors
+    ///
+    /// The commit failed (nothing was written).
+    pub async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls back, and hands the turn to the next writer.
+    ///
+    /// # Errors
+    ///
+    /// The rollback failed; the connection is closed, which ends the
+    /// transaction.
+    pub async fn rollback(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+/// Waits for this process's turn to write to the database of `pool` (its
+/// [`WriteQueue`]), then begins a transaction with `BEGIN IMMEDIATE`. Use it
+/// for transactions that enqueue outbox rows or write anything else: they
+/// then never meet this crate's writers at SQLite's lock.
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::SqlitePool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut tx = orchestrator::sqlite::begin_write(&pool).await?;
+/// sqlx::query("insert into orders (id) values (1)")
+///     .execute(&mut *tx)
+///     .await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// The turn did not come within [`BUSY_TIMEOUT`], or the transaction could
+/// not begin.
+pub async fn begin_write(pool: &SqlitePool) -> Result<WriteTx> {
+    begin_write_for(pool, "begin a write transaction").await
+}
+
+/// [`begin_write`], naming what the transaction is for in its errors.
+pub(crate) async fn begin_write_for(pool: &SqlitePool, operation: &'static str) -> Result<WriteTx> {
+    let turn = WriteQueue::of(pool).turn(operation).await?;
+    let tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(|e| Error::db(operation, e))?;
+    Ok(WriteTx { tx, _turn: turn })
+}
+
 /// Applies the embedded migrations (outbox, leases, inbox tables).
 ///
 /// # Errors
@@ -119,7 +271,7 @@ impl Outbox<Sqlite> {
     pub async fn sqlite(pool: SqlitePool, config: OutboxConfig) -> Result<Self> {
         config.validate()?;
         let err = |e| Error::db("create the outbox partitions", e);
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = begin_write_for(&pool, "create the outbox partitions").await?;
         let existing: i64 = sqlx::query_scalar("select count(*) from orchestrator_outbox_leases")
             .fetch_one(&mut *tx)
             .await
@@ -152,8 +304,10 @@ impl Outbox<Sqlite> {
 
     /// Writes `event` for `topic` into the outbox on `conn`, normally the
     /// caller's open transaction (`&mut *tx`): the row becomes visible when
-    /// it commits and vanishes if it rolls back. Wakes the relays of this
-    /// process.
+    /// it commits and vanishes if it rolls back. Begin that transaction with
+    /// [`begin_write`], so it takes its turn with the relays' writes, and
+    /// call [`committed`](Outbox::committed) after the commit, so this
+    /// process's relays look at once.
     ///
     /// # Errors
     ///
@@ -210,6 +364,9 @@ impl Outbox<Sqlite> {
     ///
     /// A database failure.
     pub async fn requeue_parked(&self) -> Result<u64> {
+        let _turn = WriteQueue::of(&self.pool)
+            .turn("requeue parked outbox rows")
+            .await?;
         let done = sqlx::query(
             "update orchestrator_outbox set failed_ms = null, last_error = null \
              where failed_ms is not null",
@@ -300,7 +457,7 @@ struct SqliteRelayStore {
 impl RelayStore for SqliteRelayStore {
     async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>> {
         let err = |e| Error::db("renew the partition leases", e);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = begin_write_for(&self.pool, "renew the partition leases").await?;
         let now: i64 = sqlx::query_scalar(concat!("select ", now_ms!()))
             .fetch_one(&mut *tx)
             .await
@@ -374,7 +531,7 @@ impl RelayStore for SqliteRelayStore {
 
     async fn release(&self, relay: &str) -> Result<()> {
         let err = |e| Error::db("release the partition leases", e);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let mut tx = begin_write_for(&self.pool, "release the partition leases").await?;
         sqlx::query(
             "update orchestrator_outbox_leases set owner = null, expires_ms = 0 where owner = ?1",
         )
@@ -390,17 +547,43 @@ impl RelayStore for SqliteRelayStore {
         tx.commit().await.map_err(err)
     }
 
-    async fn pending_parts(&self, relay: &str) -> Result<Vec<i32>> {
-        sqlx::query_scalar(concat!(
-            "select l.part from orchestrator_outbox_leases l where l.owner = ?1 and l.expires_ms > ",
+    async fn load_pending(
+        &self,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        limit: i64,
+    ) -> Result<Vec<StoredRow>> {
+        let rows = sqlx::query(concat!(
+            "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
-            " and exists (select 1 from orchestrator_outbox o where o.part = l.part \
-             and o.published_ms is null and o.failed_ms is null) order by l.part"
+            " - o.created_ms as age_ms from orchestrator_outbox_leases l \
+             join orchestrator_outbox o on o.id in ( \
+             select p.id from orchestrator_outbox p \
+             where p.part = l.part and p.published_ms is null and p.failed_ms is null \
+             and p.id not in (select value from json_each(?4)) order by p.id limit ?3) where l.owner = ?1 and l.expires_ms > ",
+            now_ms!(),
+            " and l.part not in (select value from json_each(?2)) order by o.part, o.id"
         ))
         .bind(relay)
+        .bind(json_list(skip))
+        .bind(limit)
+        .bind(json_list(exclude))
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("look for pending outbox rows", e))
+        .map_err(|e| Error::db("load pending outbox rows", e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredRow {
+                    part: r.try_get("part")?,
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    payload: r.try_get("payload")?,
+                    age_ms: r.try_get("age_ms")?,
+                })
+            })
+            .collect::<std::result::Result<_, sqlx::Error>>()
+            .map_err(|e| Error::db("read an outbox row", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
@@ -423,6 +606,7 @@ impl RelayStore for SqliteRelayStore {
         rows.into_iter()
             .map(|r| {
                 Ok(StoredRow {
+                    part,
                     id: r.try_get("id")?,
                     topic: r.try_get("topic")?,
                     payload: r.try_get("payload")?,
@@ -434,6 +618,9 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
+        let _turn = WriteQueue::of(&self.pool)
+            .turn("mark outbox rows published")
+            .await?;
         let query = if keep {
             sqlx::query(concat!(
                 "update orchestrator_outbox set published_ms = ",
@@ -454,6 +641,9 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn park(&self, id: i64, error: &str) -> Result<()> {
+        let _turn = WriteQueue::of(&self.pool)
+            .turn("park an outbox row")
+            .await?;
         sqlx::query(concat!(
             "update orchestrator_outbox set failed_ms = ",
             now_ms!(),
@@ -468,6 +658,9 @@ impl RelayStore for SqliteRelayStore {
     }
 
     async fn purge(&self, keep_ms: i64, limit: i64) -> Result<u64> {
+        let _turn = WriteQueue::of(&self.pool)
+            .turn("purge published outbox rows")
+            .await?;
         let done = sqlx::query(concat!(
             "delete from orchestrator_outbox where id in (select id from orchestrator_outbox \
              where published_ms is not null and published_ms < ",
@@ -523,11 +716,7 @@ impl Inbox<Sqlite> {
             ) -> BoxFuture<'c, std::result::Result<T, BoxError>>
             + Send,
     {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| Error::db("begin an inbox transaction", e))?;
+        let mut tx = begin_write_for(&self.pool, "begin an inbox transaction").await?;
         let inserted = sqlx::query(concat!(
             "insert into orchestrator_inbox (consumer, event_id, processed_ms) values (?1, ?2, ",
             now_ms!(),
@@ -571,6 +760,9 @@ impl Inbox<Sqlite> {
     ///
     /// A database failure.
     pub async fn purge(&self, older_than: Duration, limit: u64) -> Result<u64> {
+        let _turn = WriteQueue::of(&self.pool)
+            .turn("purge inbox records")
+            .await?;
         let done = sqlx::query(concat!(
             "delete from orchestrator_inbox where rowid in (select rowid from orchestrator_inbox \
              where processed_ms < ",
@@ -600,5 +792,59 @@ impl Inbox<Sqlite> {
         .await
         .map_err(|e| Error::db("look up an inbox event", e))?;
         Ok(found.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pool(file: &std::path::Path) -> SqlitePool {
+        connect(&format!("sqlite://{}", file.display()))
+            .await
+            .expect("open the database")
+    }
+
+    #[tokio::test]
+    async fn writers_of_one_file_take_turns_across_pools() {
+        let dir = std::env::temp_dir().join(format!("write-queue-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (a, b, other) = (
+            pool(&dir.join("one.db")).await,
+            pool(&dir.join("one.db")).await,
+            pool(&dir.join("two.db")).await,
+        );
+        // A turn taken through one pool, no transaction open yet…
+        let turn = WriteQueue::of(&a).turn("test").await.expect("first turn");
+        // …makes a writer through another pool on the same file wait…
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move {
+                let mut tx = begin_write(&b).await?;
+                sqlx::query("create table t (x integer)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| Error::db("write", e))?;
+                tx.commit().await.map_err(|e| Error::db("commit", e))
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "the second writer did not wait");
+        // …while a writer of another file goes on.
+        let mut elsewhere = begin_write(&other).await.expect("other file");
+        sqlx::query("create table u (x integer)")
+            .execute(&mut *elsewhere)
+            .await
+            .expect("write elsewhere");
+        elsewhere.commit().await.expect("commit elsewhere");
+        drop(turn);
+        waiting
+            .await
+            .expect("task")
+            .expect("the second writer's turn came once the first ended");
+        for p in [a, b, other] {
+            p.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

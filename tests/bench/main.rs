@@ -63,6 +63,9 @@ struct Args {
     /// Sagas per saga benchmark run.
     #[arg(long, default_value_t = 2_000)]
     sagas: usize,
+    /// Which saga set-ups to run (all by default).
+    #[arg(long, value_enum)]
+    saga_on: Vec<saga::SagaOn>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
         figures.extend(outbox::run(args.events, args.size, rounds).await?);
     }
     if run(Which::Saga) {
-        figures.extend(saga::run(args.sagas).await?);
+        figures.extend(saga::run(args.sagas, &args.saga_on).await?);
     }
     if run(Which::Registry) {
         figures.extend(registry::run(args.size, rounds).await?);

@@ -133,7 +133,8 @@ impl Db {
                 tx.commit().await?;
             }
             Self::Lite(outbox) => {
-                let mut tx = outbox.pool().begin().await?;
+                // In turn with this process's other writers (the relay's).
+                let mut tx = orchestrator::sqlite::begin_write(outbox.pool()).await?;
                 for e in events {
                     outbox.enqueue(&mut tx, topic, e).await?;
                 }

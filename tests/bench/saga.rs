@@ -318,14 +318,33 @@ fn pct(v: &[i64], p: f64) -> f64 {
     v[i.min(v.len() - 1)] as f64
 }
 
-pub(crate) async fn run(sagas: usize) -> anyhow::Result<Vec<Figure>> {
+/// A saga set-up of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SagaOn {
+    /// SQLite, in-memory broker.
+    Sqlite,
+    /// PostgreSQL, in-memory broker.
+    Postgres,
+    /// PostgreSQL, NATS JetStream.
+    PostgresNats,
+}
+
+pub(crate) async fn run(sagas: usize, only: &[SagaOn]) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
     let mut pg_schemas = Vec::new();
-    for (label, transport, backend) in [
-        ("sqlite", Transport::Memory, "sqlite"),
-        ("postgres", Transport::Memory, "postgres"),
-        ("postgres+nats", Transport::Nats, "postgres"),
+    for (on, label, transport, backend) in [
+        (SagaOn::Sqlite, "sqlite", Transport::Memory, "sqlite"),
+        (SagaOn::Postgres, "postgres", Transport::Memory, "postgres"),
+        (
+            SagaOn::PostgresNats,
+            "postgres+nats",
+            Transport::Nats,
+            "postgres",
+        ),
     ] {
+        if !only.is_empty() && !only.contains(&on) {
+            continue;
+        }
         let db = if backend == "sqlite" {
             open_sqlite().await?
         } else {

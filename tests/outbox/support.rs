@@ -209,7 +209,7 @@ impl Db {
                 }
             }
             Db::Lite { pool, outbox, .. } => {
-                let mut tx = pool.begin().await?;
+                let mut tx = orchestrator::sqlite::begin_write(pool).await?;
                 for e in events {
                     sqlx::query("insert into orders (note) values (?)")
                         .bind(e.id())

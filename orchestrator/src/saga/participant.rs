@@ -52,7 +52,7 @@ fn tombstone(cmd: &SagaCommand) -> String {
 }
 
 macro_rules! participant_impl {
-    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:literal, $($begin:tt)+) => {
+    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:literal, $begin:path) => {
         impl Participant<$db> {
             /// A participant called `name` whose replies go out through `outbox`.
             pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
@@ -82,7 +82,7 @@ macro_rules! participant_impl {
             {
                 let mut cmd = SagaCommand::from_event(event)?;
                 let err = |e| Error::db("handle a saga command", e);
-                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                let mut tx = $begin(&self.pool, "handle a saga command").await?;
                 let fresh = sqlx::query(concat!(
                     "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
                     $now, ") on conflict do nothing"
@@ -148,7 +148,7 @@ participant_impl!(
     sqlx::PgConnection,
     postgres,
     "(extract(epoch from clock_timestamp()) * 1000)::bigint",
-    begin()
+    crate::postgres::begin_for
 );
 
 #[cfg(feature = "sqlite")]
@@ -158,5 +158,5 @@ participant_impl!(
     sqlx::SqliteConnection,
     sqlite,
     "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
-    begin_with("BEGIN IMMEDIATE")
+    crate::sqlite::begin_write_for
 );

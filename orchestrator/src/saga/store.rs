@@ -66,7 +66,7 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
 }
 
 macro_rules! saga_store {
-    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $($begin:tt)+) => {
+    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $begin:path) => {
         #[derive(Debug)]
         pub(crate) struct $store {
             pub(crate) pool: $pool,
@@ -127,7 +127,7 @@ macro_rules! saga_store {
             async fn insert(&self, ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<()> {
                 use crate::error::{Error, ErrorKind};
                 let err = |e| Error::db("start a saga", e);
-                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                let mut tx = $begin(&self.pool, "start a saga").await?;
                 let inserted = sqlx::query(concat!(
                     "insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
                      values ($1, $2, $3, 'running', '{}', 0, 0, ", $now, ", ", $now, ") on conflict do nothing"
@@ -159,7 +159,7 @@ macro_rules! saga_store {
                 use sqlx::Row as _;
                 use crate::error::{Error, ErrorKind};
                 let err = |e| Error::db("run a saga transition", e);
-                let mut tx = self.pool.$($begin)+.await.map_err(err)?;
+                let mut tx = $begin(&self.pool, "run a saga transition").await?;
                 if let Some(event_id) = dedupe {
                     let fresh = sqlx::query(concat!(
                         "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
@@ -281,7 +281,7 @@ saga_store!(
     "(extract(epoch from clock_timestamp()) * 1000)::bigint",
     " for update",
     " for update skip locked",
-    begin()
+    crate::postgres::begin_for
 );
 
 #[cfg(feature = "sqlite")]
@@ -292,5 +292,5 @@ saga_store!(
     "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
     "",
     "",
-    begin_with("BEGIN IMMEDIATE")
+    crate::sqlite::begin_write_for
 );
