@@ -83,20 +83,24 @@ macro_rules! participant_impl {
                 let mut cmd = SagaCommand::from_event(event)?;
                 let err = |e| Error::db("handle a saga command", e);
                 let mut tx = $begin(&self.pool, "handle a saga command").await?;
-                let fresh = sqlx::query(concat!(
+                let mark = tombstone(&cmd);
+                // One statement records the command and tells whether its
+                // step was compensated already (the tombstone).
+                let fresh: Option<i64> = sqlx::query_scalar(concat!(
                     "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                    $now, ") on conflict do nothing"
+                    $now, ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
+                     where consumer = $1 and event_id = $3)"
                 ))
                 .bind(&self.name)
                 .bind(&cmd.command_id)
-                .execute(&mut *tx)
+                .bind(&mark)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(err)?;
-                if fresh.rows_affected() == 0 {
+                let Some(tombstones) = fresh else {
                     metrics::counter!("inbox_duplicates_total", "consumer" => self.name.clone()).increment(1);
                     return Ok(Processed::Duplicate);
-                }
-                let mark = tombstone(&cmd);
+                };
                 match cmd.saga.phase {
                     Phase::Compensate => {
                         sqlx::query(concat!(
@@ -109,17 +113,7 @@ macro_rules! participant_impl {
                         .await
                         .map_err(err)?;
                     }
-                    Phase::Forward => {
-                        let found: Option<i32> = sqlx::query_scalar(
-                            "select 1 from orchestrator_inbox where consumer = $1 and event_id = $2",
-                        )
-                        .bind(&self.name)
-                        .bind(&mark)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(err)?;
-                        cmd.compensated = found.is_some();
-                    }
+                    Phase::Forward => cmd.compensated = tombstones > 0,
                 }
                 let reply = handler(&mut tx, &cmd).await.map_err(|e| {
                     Error::with_source(

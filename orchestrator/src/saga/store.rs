@@ -66,7 +66,7 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
 }
 
 macro_rules! saga_store {
-    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $begin:path) => {
+    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $begin:path, $write:expr, $load_fresh:expr) => {
         #[derive(Debug)]
         pub(crate) struct $store {
             pub(crate) pool: $pool,
@@ -88,29 +88,17 @@ macro_rules! saga_store {
                     Error::with_source(crate::error::ErrorKind::Codec { operation: "encode a saga state" }, e)
                 })?;
                 let timer = t.timer.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4));
-                sqlx::query(concat!(
-                    "update orchestrator_sagas set status = $2, state = $3, wake_ms = ", $now,
-                    " + $4, claim_ms = 0, seq = $5, updated_ms = ", $now, " where saga_id = $1"
-                ))
-                .bind(saga_id)
-                .bind(t.state.status.name())
-                .bind(&state)
-                .bind(timer)
-                .bind(seq)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| Error::db("update a saga", e))?;
-                sqlx::query(concat!(
-                    "insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $2, ",
-                    $now, ", $3, $4)"
-                ))
-                .bind(saga_id)
-                .bind(seq)
-                .bind(t.state.status.name())
-                .bind(&t.note)
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| Error::db("append to a saga's history", e))?;
+                // The saga row and its history row in one statement.
+                sqlx::query($write)
+                    .bind(saga_id)
+                    .bind(t.state.status.name())
+                    .bind(&state)
+                    .bind(timer)
+                    .bind(seq)
+                    .bind(&t.note)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| Error::db("update a saga and its history", e))?;
                 for cmd in &t.commands {
                     let (topic, event) =
                         super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic)?;
@@ -160,28 +148,31 @@ macro_rules! saga_store {
                 use crate::error::{Error, ErrorKind};
                 let err = |e| Error::db("run a saga transition", e);
                 let mut tx = $begin(&self.pool, "run a saga transition").await?;
-                if let Some(event_id) = dedupe {
-                    let fresh = sqlx::query(concat!(
-                        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                        $now, ") on conflict do nothing"
+                // With a reply to record, one statement records it in the
+                // inbox and loads (and locks) the saga row.
+                let row = match dedupe {
+                    Some(event_id) => sqlx::query($load_fresh)
+                        .bind(saga_id)
+                        .bind(&ctx.consumer)
+                        .bind(event_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err)?,
+                    None => sqlx::query(concat!(
+                        "select cast(1 as bigint) as fresh, saga_type, version, state, seq, case when wake_ms <= ", $now,
+                        " then 1 else 0 end as due from orchestrator_sagas where saga_id = $1", $lock
                     ))
-                    .bind(&ctx.consumer)
-                    .bind(event_id)
-                    .execute(&mut *tx)
+                    .bind(saga_id)
+                    .fetch_optional(&mut *tx)
                     .await
-                    .map_err(err)?;
-                    if fresh.rows_affected() == 0 {
+                    .map_err(err)?,
+                };
+                if let Some(row) = &row {
+                    let fresh: i64 = row.try_get("fresh").map_err(err)?;
+                    if fresh == 0 {
                         return Ok(Handled::Duplicate);
                     }
                 }
-                let row = sqlx::query(concat!(
-                    "select saga_type, version, state, seq, case when wake_ms <= ", $now,
-                    " then 1 else 0 end as due from orchestrator_sagas where saga_id = $1", $lock
-                ))
-                .bind(saga_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(err)?;
                 let Some(row) = row else {
                     tx.commit().await.map_err(err)?;
                     return Ok(Handled::Ignored(format!("unknown saga `{saga_id}`")));
@@ -274,6 +265,20 @@ macro_rules! saga_store {
 }
 
 #[cfg(feature = "postgres")]
+macro_rules! pg_now {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+#[cfg(feature = "sqlite")]
+macro_rules! lite_now {
+    () => {
+        "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)"
+    };
+}
+
+#[cfg(feature = "postgres")]
 saga_store!(
     PgSagaStore,
     sqlx::Postgres,
@@ -281,7 +286,27 @@ saga_store!(
     "(extract(epoch from clock_timestamp()) * 1000)::bigint",
     " for update",
     " for update skip locked",
-    crate::postgres::begin_for
+    crate::postgres::begin_for,
+    concat!(
+        "with saga as (update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
+        pg_now!(),
+        " + $4, claim_ms = 0, seq = $5, updated_ms = ",
+        pg_now!(),
+        " where saga_id = $1) \
+         insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
+        pg_now!(),
+        ", $2, $6)"
+    ),
+    concat!(
+        "with fresh as (insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($2, $3, ",
+        pg_now!(),
+        ") on conflict do nothing returning 1) \
+         select (select count(*) from fresh) as fresh, saga_type, version, state, seq, \
+         case when wake_ms <= ",
+        pg_now!(),
+        " then 1 else 0 end as due \
+         from orchestrator_sagas where saga_id = $1 for update"
+    )
 );
 
 #[cfg(feature = "sqlite")]
@@ -292,5 +317,27 @@ saga_store!(
     "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
     "",
     "",
-    crate::sqlite::begin_write_for
+    crate::sqlite::begin_write_for,
+    // SQLite runs the statements of one query in order, sharing the
+    // numbered parameters.
+    concat!(
+        "update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
+        lite_now!(),
+        " + $4, claim_ms = 0, seq = $5, updated_ms = ",
+        lite_now!(),
+        " where saga_id = $1; \
+         insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
+        lite_now!(),
+        ", $2, $6)"
+    ),
+    concat!(
+        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($2, $3, ",
+        lite_now!(),
+        ") on conflict do nothing; \
+         select changes() as fresh, saga_type, version, state, seq, \
+         case when wake_ms <= ",
+        lite_now!(),
+        " then 1 else 0 end as due \
+         from orchestrator_sagas where saga_id = $1"
+    )
 );
