@@ -26,11 +26,13 @@ pub struct CoordinatorConfig {
     poll_interval: Duration,
     claim_lease: Duration,
     timer_batch: usize,
+    concurrency: usize,
 }
 
 impl CoordinatorConfig {
     /// Replies are expected on `reply_topic` (told to participants in the
-    /// `sagareplyto` extension); timers polled every 50 ms, claimed for 10 s.
+    /// `sagareplyto` extension); timers polled every 50 ms, claimed for 10 s;
+    /// up to 16 replies applied at once.
     pub fn new(reply_topic: Topic) -> Self {
         Self {
             reply_topic,
@@ -38,6 +40,7 @@ impl CoordinatorConfig {
             poll_interval: Duration::from_millis(50),
             claim_lease: Duration::from_secs(10),
             timer_batch: 100,
+            concurrency: 16,
         }
     }
 
@@ -67,6 +70,18 @@ impl CoordinatorConfig {
     #[must_use]
     pub fn timer_batch(mut self, n: usize) -> Self {
         self.timer_batch = n.max(1);
+        self
+    }
+
+    /// How many replies one running coordinator applies at once (at least
+    /// 1; default 16). Replies of one saga still come one after the other
+    /// (the reply events' partition key is the saga id, and a subscription
+    /// hands out the next event of a key once the previous one is settled);
+    /// replies of different sagas overlap, so one saga's transaction does
+    /// not wait for another's acknowledgement and fetch.
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
         self
     }
 }
@@ -321,36 +336,43 @@ impl Coordinator {
                 }
             })
         };
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         loop {
-            let next = tokio::select! {
+            let room = in_flight.len() < self.config.concurrency;
+            tokio::select! {
                 () = shutdown.cancelled() => break,
-                next = replies.next() => next,
-            };
-            let Some(next) = next else { break };
-            let mut delivery = match next {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(error = %e, "reply subscription failed");
-                    continue;
-                }
-            };
-            let settled = match self.handle_reply(delivery.event()).await {
-                Ok(_) => delivery.ack().await,
-                Err(e) if e.is_retryable() => {
-                    warn!(error = %e, "saga reply failed; redelivering");
-                    delivery.nack(Some(Duration::from_millis(100))).await
-                }
-                Err(e) => {
-                    warn!(error = %e, event = %delivery.event().id(), "saga reply rejected");
-                    delivery.term().await
-                }
-            };
-            if let Err(e) = settled {
-                warn!(error = %e, "could not settle a saga reply");
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                next = replies.next(), if room => match next {
+                    None => break,
+                    Some(Ok(delivery)) => in_flight.push(self.apply_reply(delivery)),
+                    Some(Err(e)) => warn!(error = %e, "reply subscription failed"),
+                },
             }
         }
+        // The replies being applied finish and are settled.
+        while in_flight.next().await.is_some() {}
         timers.abort();
         let _ = timers.await;
+    }
+
+    /// Applies one reply and settles its delivery: acked after its
+    /// transaction committed, nacked on a transient failure, terminated
+    /// when it breaks the protocol.
+    async fn apply_reply(&self, mut delivery: broker_adapters::Delivery) {
+        let settled = match self.handle_reply(delivery.event()).await {
+            Ok(_) => delivery.ack().await,
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "saga reply failed; redelivering");
+                delivery.nack(Some(Duration::from_millis(100))).await
+            }
+            Err(e) => {
+                warn!(error = %e, event = %delivery.event().id(), "saga reply rejected");
+                delivery.term().await
+            }
+        };
+        if let Err(e) = settled {
+            warn!(error = %e, "could not settle a saga reply");
+        }
     }
 
     /// Runs [`run`](Self::run) on a task.
