@@ -191,34 +191,19 @@ async fn setup(
                 .await?;
             let db = db.clone();
             tasks.push(tokio::spawn(async move {
-                while let Some(Ok(mut d)) = sub.next().await {
-                    let ok = |cmd: &orchestrator::saga::SagaCommand| StepReply::Success {
-                        reply_type: format!("{}.done", cmd.command_type),
-                        data: serde_json::Value::Null,
-                    };
-                    let done = match &db {
-                        Db::Pg(pool, outbox) => {
-                            Participant::postgres(pool.clone(), outbox.clone(), name)
-                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
-                                    Box::pin(async move { Ok(ok(cmd)) })
-                                })
-                                .await
-                                .is_ok()
-                        }
-                        Db::Lite(pool, outbox) => {
-                            Participant::sqlite(pool.clone(), outbox.clone(), name)
-                                .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
-                                    Box::pin(async move { Ok(ok(cmd)) })
-                                })
-                                .await
-                                .is_ok()
-                        }
-                    };
-                    let _ = if done {
-                        d.ack().await
-                    } else {
-                        d.nack(None).await
-                    };
+                // Up to PARTICIPANT_CONCURRENCY commands at once, as the
+                // coordinator applies its replies; one saga's commands still
+                // come one after the other (per-key delivery).
+                let mut in_flight = futures_util::stream::FuturesUnordered::new();
+                loop {
+                    let room = in_flight.len() < PARTICIPANT_CONCURRENCY;
+                    tokio::select! {
+                        Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                        next = sub.next(), if room => match next {
+                            Some(Ok(d)) => in_flight.push(participate(db.clone(), name, d)),
+                            _ => break,
+                        },
+                    }
                 }
             }));
         }
@@ -243,6 +228,37 @@ impl Running {
             let _ = r.shutdown().await;
         }
     }
+}
+
+/// Commands one participant handles at once.
+const PARTICIPANT_CONCURRENCY: usize = 16;
+
+/// Handles one command with the library's `Participant` (no-op effect,
+/// success reply) and settles its delivery.
+async fn participate(db: Db, name: &'static str, mut d: Delivery) {
+    let ok = |cmd: &orchestrator::saga::SagaCommand| StepReply::Success {
+        reply_type: format!("{}.done", cmd.command_type),
+        data: serde_json::Value::Null,
+    };
+    let done = match &db {
+        Db::Pg(pool, outbox) => Participant::postgres(pool.clone(), outbox.clone(), name)
+            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                Box::pin(async move { Ok(ok(cmd)) })
+            })
+            .await
+            .is_ok(),
+        Db::Lite(pool, outbox) => Participant::sqlite(pool.clone(), outbox.clone(), name)
+            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+                Box::pin(async move { Ok(ok(cmd)) })
+            })
+            .await
+            .is_ok(),
+    };
+    let _ = if done {
+        d.ack().await
+    } else {
+        d.nack(None).await
+    };
 }
 
 /// Runs `total` sagas with at most `in_flight` open; returns the elapsed time.
