@@ -13,7 +13,7 @@ use broker_adapters::cloudevents::{AttributesReader, Event};
 use broker_adapters::{Publisher, Topic};
 use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgListener, PgPool};
-use sqlx::{PgConnection, Postgres, Row as _};
+use sqlx::{PgConnection, Postgres};
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -365,7 +365,7 @@ impl RelayStore for PgRelayStore {
         exclude: &[i64],
         limit: i64,
     ) -> Result<Vec<StoredRow>> {
-        let rows = sqlx::query(concat!(
+        sqlx::query_as(concat!(
             "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
             " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
@@ -381,24 +381,12 @@ impl RelayStore for PgRelayStore {
         .bind(exclude)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("load pending outbox rows", e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredRow {
-                    part: r.try_get("part")?,
-                    id: r.try_get("id")?,
-                    topic: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    age_ms: r.try_get("age_ms")?,
-                })
-            })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(|e| Error::db("read an outbox row", e))
+        .map_err(|e| Error::db("load pending outbox rows", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
-        let rows = sqlx::query(concat!(
-            "select o.id, o.topic, o.payload, ",
+        sqlx::query_as(concat!(
+            "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
             " - o.created_ms as age_ms from orchestrator_outbox o \
              where o.part = $1 and o.published_ms is null and o.failed_ms is null and exists ( \
@@ -412,19 +400,7 @@ impl RelayStore for PgRelayStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("load an outbox batch", e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredRow {
-                    part,
-                    id: r.try_get("id")?,
-                    topic: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    age_ms: r.try_get("age_ms")?,
-                })
-            })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(|e| Error::db("read an outbox row", e))
+        .map_err(|e| Error::db("load an outbox batch", e))
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {

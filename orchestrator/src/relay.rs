@@ -312,7 +312,7 @@ const RECHECKS: u32 = 8;
 const LOOK_ROWS: usize = 32;
 
 /// A row loaded for publishing.
-#[derive(Debug)]
+#[derive(Debug, sqlx::FromRow)]
 pub(crate) struct StoredRow {
     pub(crate) part: i32,
     pub(crate) id: i64,

@@ -40,7 +40,7 @@ use futures_util::future::BoxFuture;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row as _, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{BoxError, Error, ErrorKind, Result};
@@ -554,7 +554,7 @@ impl RelayStore for SqliteRelayStore {
         exclude: &[i64],
         limit: i64,
     ) -> Result<Vec<StoredRow>> {
-        let rows = sqlx::query(concat!(
+        sqlx::query_as(concat!(
             "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
             " - o.created_ms as age_ms from orchestrator_outbox_leases l \
@@ -571,24 +571,12 @@ impl RelayStore for SqliteRelayStore {
         .bind(json_list(exclude))
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("load pending outbox rows", e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredRow {
-                    part: r.try_get("part")?,
-                    id: r.try_get("id")?,
-                    topic: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    age_ms: r.try_get("age_ms")?,
-                })
-            })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(|e| Error::db("read an outbox row", e))
+        .map_err(|e| Error::db("load pending outbox rows", e))
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
-        let rows = sqlx::query(concat!(
-            "select o.id, o.topic, o.payload, ",
+        sqlx::query_as(concat!(
+            "select o.part, o.id, o.topic, o.payload, ",
             now_ms!(),
             " - o.created_ms as age_ms from orchestrator_outbox o \
              where o.part = ?1 and o.published_ms is null and o.failed_ms is null and exists ( \
@@ -602,19 +590,7 @@ impl RelayStore for SqliteRelayStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| Error::db("load an outbox batch", e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredRow {
-                    part,
-                    id: r.try_get("id")?,
-                    topic: r.try_get("topic")?,
-                    payload: r.try_get("payload")?,
-                    age_ms: r.try_get("age_ms")?,
-                })
-            })
-            .collect::<std::result::Result<_, sqlx::Error>>()
-            .map_err(|e| Error::db("read an outbox row", e))
+        .map_err(|e| Error::db("load an outbox batch", e))
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
