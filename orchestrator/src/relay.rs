@@ -49,7 +49,7 @@
 //! Each look is one statement that loads the oldest pending rows (up to 32
 //! per partition) of every partition the relay holds, so an idle partition
 //! costs nothing and a light load costs one read per look. The look
-//! publishes them, `concurrency` partitions at a time, and the rows that
+//! publishes them, all its partitions at once, and the rows that
 //! went out are marked in one statement, run beside the next look's read
 //! (which leaves them out). A partition that fills its share of a look has
 //! a backlog: it is drained batch by batch ([`RelayConfig::batch_size`]),
@@ -160,11 +160,12 @@ impl RelayConfig {
         self
     }
 
-    /// How many of its partitions a relay publishes at once (1..=256;
+    /// How many partitions with a backlog a relay drains at once (1..=256;
     /// default 4). Each partition still goes out one batch at a time, in
     /// order; more partitions at once keep more events in flight to the
-    /// broker. While it drains a backlog the relay uses up to this many
-    /// database connections at once (plus one).
+    /// broker, and use up to this many database connections at once (plus
+    /// one). A look (at most 32 rows of each partition) publishes all its
+    /// partitions at once.
     #[must_use]
     pub fn concurrency(mut self, partitions: usize) -> Self {
         self.concurrency = partitions;
@@ -839,8 +840,8 @@ impl Relay {
         (b.attempts, delay)
     }
 
-    /// Publishes the rows of one look, `concurrency` partitions at a time,
-    /// each in id order; what went out is returned for marking.
+    /// Publishes the rows of one look, all its partitions at once, each in
+    /// id order; what went out is returned for marking.
     async fn relay_rows(&self, rows: Vec<StoredRow>, shutdown: &CancellationToken) -> Look {
         let mut parts: Vec<(i32, Vec<StoredRow>)> = Vec::new();
         for row in rows {
@@ -850,11 +851,13 @@ impl Relay {
             }
         }
         let mut look = Look::default();
-        let mut outcomes =
-            futures_util::stream::iter(parts.into_iter().map(|(part, rows)| async move {
-                (part, self.relay_part(part, rows, shutdown).await)
-            }))
-            .buffer_unordered(self.config.concurrency);
+        // Every partition of the look at once: a look holds at most
+        // LOOK_ROWS rows of each, and publishing needs no database
+        // connection, so one round of broker acknowledgements covers it.
+        let mut outcomes: futures_util::stream::FuturesUnordered<_> = parts
+            .into_iter()
+            .map(|(part, rows)| async move { (part, self.relay_part(part, rows, shutdown).await) })
+            .collect();
         while let Some((part, outcome)) = outcomes.next().await {
             look.parked += outcome.parked as u64;
             match outcome.error {
