@@ -475,20 +475,25 @@ impl PartOutcome {
     }
 }
 
-/// What one look did, over all its partitions.
+/// What one look left to do, over all its partitions.
 #[derive(Default)]
 struct Look {
     /// Partitions whose batch came back full: more rows may wait.
     full: Vec<i32>,
-    /// Partitions drained without a failure.
-    quiet: Vec<i32>,
-    /// Partitions that failed, to back off.
-    failed: Vec<(i32, Error)>,
     /// Shutdown abandoned a publish.
     abandoned: bool,
-    parked: u64,
     /// What went out, to mark.
     sent: Sent,
+}
+
+/// What a partition calls for once its rows were published.
+enum Next {
+    /// Nothing more now (drained, or backing off after a failure).
+    Done,
+    /// Its batch came back full: more rows may wait.
+    Full,
+    /// Shutdown abandoned a publish.
+    Abandoned,
 }
 
 /// Rows published and acknowledged, not yet marked.
@@ -616,18 +621,9 @@ impl Relay {
             match loaded {
                 Ok(rows) if !rows.is_empty() => {
                     worked = true;
-                    let look = self.relay_rows(rows, shutdown).await;
-                    for part in look.full.iter().chain(&look.quiet) {
-                        backoff.remove(part);
-                    }
-                    for (part, e) in &look.failed {
-                        let (attempts, delay) = self.back_off(&mut backoff, *part);
-                        warn!(partition = *part, attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
-                    }
-                    report.failures += look.failed.len() as u64;
-                    metrics::counter!("outbox_relay_failures_total")
-                        .increment(look.failed.len() as u64);
-                    report.parked += look.parked;
+                    let look = self
+                        .relay_rows(rows, &mut report, &mut backoff, shutdown)
+                        .await;
                     sent = look.sent;
                     if look.abandoned {
                         break;
@@ -740,10 +736,8 @@ impl Relay {
                 report.batches += batches;
             }
             Marked::Failed(parts) => {
-                report.failures += parts.len() as u64;
-                metrics::counter!("outbox_relay_failures_total").increment(parts.len() as u64);
                 for part in parts {
-                    self.back_off(backoff, part);
+                    self.fail(report, backoff, part, None);
                 }
             }
         }
@@ -773,7 +767,7 @@ impl Relay {
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
         let mut queue: std::collections::VecDeque<i32> = queue.into();
         let batch = |part: i32| async move {
-            let outcome = match self.store.load_batch(&self.id, part, limit).await {
+            let mut outcome = match self.store.load_batch(&self.id, part, limit).await {
                 Ok(rows) => self.relay_part(part, rows, shutdown).await,
                 Err(e) => PartOutcome {
                     error: Some(BatchError::Failed(e)),
@@ -781,7 +775,7 @@ impl Relay {
                 },
             };
             let sent = Sent {
-                ids: outcome.published.clone(),
+                ids: std::mem::take(&mut outcome.published),
                 batches: outcome.batches as u64,
                 parts: vec![part],
             };
@@ -802,25 +796,69 @@ impl Relay {
             };
             let unmarked = matches!(marked, Marked::Failed(_));
             self.count_marked(marked, report, backoff);
-            report.parked += outcome.parked as u64;
-            match outcome.error {
-                None if unmarked => {}
-                None => {
-                    backoff.remove(&part);
-                    if outcome.rows >= self.config.batch_size {
-                        queue.push_back(part);
-                    }
-                }
-                Some(BatchError::Abandoned) => abandoned = true,
-                Some(BatchError::Failed(e)) => {
-                    report.failures += 1;
-                    metrics::counter!("outbox_relay_failures_total").increment(1);
-                    let (attempts, delay) = self.back_off(backoff, part);
-                    warn!(partition = part, attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
-                }
+            match self.settle_part(
+                part,
+                outcome,
+                self.config.batch_size,
+                unmarked,
+                report,
+                backoff,
+            ) {
+                Next::Done => {}
+                Next::Full => queue.push_back(part),
+                Next::Abandoned => abandoned = true,
             }
         }
         abandoned
+    }
+
+    /// Accounts for a partition whose rows were published: parked rows
+    /// counted, its backoff cleared on success (unless its rows could not
+    /// be marked, `unmarked`) or extended on failure. A batch of `full_at`
+    /// rows means a backlog.
+    fn settle_part(
+        &self,
+        part: i32,
+        outcome: PartOutcome,
+        full_at: usize,
+        unmarked: bool,
+        report: &mut RelayReport,
+        backoff: &mut HashMap<i32, Backoff>,
+    ) -> Next {
+        report.parked += outcome.parked as u64;
+        match outcome.error {
+            None if unmarked => Next::Done,
+            None => {
+                backoff.remove(&part);
+                if outcome.rows >= full_at {
+                    Next::Full
+                } else {
+                    Next::Done
+                }
+            }
+            Some(BatchError::Abandoned) => Next::Abandoned,
+            Some(BatchError::Failed(e)) => {
+                self.fail(report, backoff, part, Some(&e));
+                Next::Done
+            }
+        }
+    }
+
+    /// Counts a failure of `part` (a publish, logged with `error`, or a
+    /// mark, already logged) and backs the partition off.
+    fn fail(
+        &self,
+        report: &mut RelayReport,
+        backoff: &mut HashMap<i32, Backoff>,
+        part: i32,
+        error: Option<&Error>,
+    ) {
+        report.failures += 1;
+        metrics::counter!("outbox_relay_failures_total").increment(1);
+        let (attempts, delay) = self.back_off(backoff, part);
+        if let Some(e) = error {
+            warn!(partition = part, attempts, ?delay, retryable = e.is_retryable(), error = %e, "batch not published; retrying later");
+        }
     }
 
     /// Backs `part` off once more: returns its failures in a row and the
@@ -842,7 +880,13 @@ impl Relay {
 
     /// Publishes the rows of one look, all its partitions at once, each in
     /// id order; what went out is returned for marking.
-    async fn relay_rows(&self, rows: Vec<StoredRow>, shutdown: &CancellationToken) -> Look {
+    async fn relay_rows(
+        &self,
+        rows: Vec<StoredRow>,
+        report: &mut RelayReport,
+        backoff: &mut HashMap<i32, Backoff>,
+        shutdown: &CancellationToken,
+    ) -> Look {
         let mut parts: Vec<(i32, Vec<StoredRow>)> = Vec::new();
         for row in rows {
             match parts.last_mut() {
@@ -858,18 +902,16 @@ impl Relay {
             .into_iter()
             .map(|(part, rows)| async move { (part, self.relay_part(part, rows, shutdown).await) })
             .collect();
-        while let Some((part, outcome)) = outcomes.next().await {
-            look.parked += outcome.parked as u64;
-            match outcome.error {
-                None if outcome.rows >= self.look_rows() => look.full.push(part),
-                None => look.quiet.push(part),
-                Some(BatchError::Abandoned) => look.abandoned = true,
-                Some(BatchError::Failed(e)) => look.failed.push((part, e)),
-            }
+        while let Some((part, mut outcome)) = outcomes.next().await {
             if !outcome.published.is_empty() {
-                look.sent.ids.extend(outcome.published);
+                look.sent.ids.append(&mut outcome.published);
                 look.sent.batches += outcome.batches as u64;
                 look.sent.parts.push(part);
+            }
+            match self.settle_part(part, outcome, self.look_rows(), false, report, backoff) {
+                Next::Done => {}
+                Next::Full => look.full.push(part),
+                Next::Abandoned => look.abandoned = true,
             }
         }
         look
