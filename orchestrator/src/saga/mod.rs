@@ -34,6 +34,22 @@
 //! - [`Participant`] handles a command once (inbox) and replies through its
 //!   outbox. The wire contract is in `schemas/contracts/saga/`.
 
+/// The database clock in ms since the epoch, as SQL, for the saga tables
+/// (used by the store and participant macros, so declared before them).
+#[cfg(feature = "postgres")]
+macro_rules! pg_now {
+    () => {
+        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    };
+}
+
+#[cfg(feature = "sqlite")]
+macro_rules! lite_now {
+    () => {
+        "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)"
+    };
+}
+
 pub mod coordinator;
 pub mod definition;
 pub mod machine;

@@ -52,7 +52,7 @@ fn tombstone(cmd: &SagaCommand) -> String {
 }
 
 macro_rules! participant_impl {
-    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:literal, $begin:path) => {
+    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:ident, $begin:path) => {
         impl Participant<$db> {
             /// A participant called `name` whose replies go out through `outbox`.
             pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
@@ -88,7 +88,7 @@ macro_rules! participant_impl {
                 // step was compensated already (the tombstone).
                 let fresh: Option<i64> = sqlx::query_scalar(concat!(
                     "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                    $now, ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
+                    $now!(), ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
                      where consumer = $1 and event_id = $3)"
                 ))
                 .bind(&self.name)
@@ -105,7 +105,7 @@ macro_rules! participant_impl {
                     Phase::Compensate => {
                         sqlx::query(concat!(
                             "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                            $now, ") on conflict do nothing"
+                            $now!(), ") on conflict do nothing"
                         ))
                         .bind(&self.name)
                         .bind(&mark)
@@ -141,7 +141,7 @@ participant_impl!(
     sqlx::PgPool,
     sqlx::PgConnection,
     postgres,
-    "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    pg_now,
     crate::postgres::begin_for
 );
 
@@ -151,6 +151,6 @@ participant_impl!(
     sqlx::SqlitePool,
     sqlx::SqliteConnection,
     sqlite,
-    "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
+    lite_now,
     crate::sqlite::begin_write_for
 );

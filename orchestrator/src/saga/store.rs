@@ -66,7 +66,7 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
 }
 
 macro_rules! saga_store {
-    ($store:ident, $db:ty, $pool:ty, $now:literal, $lock:literal, $skip:literal, $begin:path, $write:expr, $load_fresh:expr) => {
+    ($store:ident, $db:ty, $pool:ty, $now:ident, $lock:literal, $skip:literal, $begin:path, $write:expr, $load_fresh:expr) => {
         #[derive(Debug)]
         pub(crate) struct $store {
             pub(crate) pool: $pool,
@@ -118,7 +118,7 @@ macro_rules! saga_store {
                 let mut tx = $begin(&self.pool, "start a saga").await?;
                 let inserted = sqlx::query(concat!(
                     "insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
-                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now, ", ", $now, ") on conflict do nothing"
+                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now!(), ", ", $now!(), ") on conflict do nothing"
                 ))
                 .bind(saga_id)
                 .bind(&def.name)
@@ -159,7 +159,7 @@ macro_rules! saga_store {
                         .await
                         .map_err(err)?,
                     None => sqlx::query(concat!(
-                        "select cast(1 as bigint) as fresh, saga_type, version, state, seq, case when wake_ms <= ", $now,
+                        "select saga_type, version, state, seq, case when wake_ms <= ", $now!(),
                         " then 1 else 0 end as due from orchestrator_sagas where saga_id = $1", $lock
                     ))
                     .bind(saga_id)
@@ -167,7 +167,9 @@ macro_rules! saga_store {
                     .await
                     .map_err(err)?,
                 };
-                if let Some(row) = &row {
+                if dedupe.is_some()
+                    && let Some(row) = &row
+                {
                     let fresh: i64 = row.try_get("fresh").map_err(err)?;
                     if fresh == 0 {
                         return Ok(Handled::Duplicate);
@@ -215,9 +217,9 @@ macro_rules! saga_store {
 
             async fn claim_due(&self, lease_ms: i64, limit: i64) -> Result<Vec<String>> {
                 sqlx::query_scalar(concat!(
-                    "update orchestrator_sagas set claim_ms = ", $now, " + $1 where saga_id in (\
-                     select saga_id from orchestrator_sagas where wake_ms <= ", $now,
-                    " and claim_ms <= ", $now, " order by wake_ms limit $2", $skip, ") returning saga_id"
+                    "update orchestrator_sagas set claim_ms = ", $now!(), " + $1 where saga_id in (\
+                     select saga_id from orchestrator_sagas where wake_ms <= ", $now!(),
+                    " and claim_ms <= ", $now!(), " order by wake_ms limit $2", $skip, ") returning saga_id"
                 ))
                 .bind(lease_ms)
                 .bind(limit)
@@ -265,25 +267,11 @@ macro_rules! saga_store {
 }
 
 #[cfg(feature = "postgres")]
-macro_rules! pg_now {
-    () => {
-        "(extract(epoch from clock_timestamp()) * 1000)::bigint"
-    };
-}
-
-#[cfg(feature = "sqlite")]
-macro_rules! lite_now {
-    () => {
-        "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)"
-    };
-}
-
-#[cfg(feature = "postgres")]
 saga_store!(
     PgSagaStore,
     sqlx::Postgres,
     sqlx::PgPool,
-    "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    pg_now,
     " for update",
     " for update skip locked",
     crate::postgres::begin_for,
@@ -314,7 +302,7 @@ saga_store!(
     SqliteSagaStore,
     sqlx::Sqlite,
     sqlx::SqlitePool,
-    "cast((julianday('now') - 2440587.5) * 86400000.0 as integer)",
+    lite_now,
     "",
     "",
     crate::sqlite::begin_write_for,
