@@ -132,7 +132,9 @@ impl<DB: sqlx::Database> Outbox<DB> {
         &self.pool
     }
 
-    /// Tells the relays of this process that rows were enqueued.
+    /// Tells the relays of this process that rows were enqueued (SQLite's
+    /// wake-up; PostgreSQL relays learn it from `NOTIFY`).
+    #[cfg(feature = "sqlite")]
     pub(crate) fn signal(&self) {
         self.signal.send_modify(|n| *n = n.wrapping_add(1));
     }
