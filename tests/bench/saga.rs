@@ -13,13 +13,13 @@
 //!   one saga in flight and at a light load (8 sagas in flight); the
 //!   baseline column is the target.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use broker_adapters::nats::{NatsBroker, NatsConfig};
 use broker_adapters::prelude::*;
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use orchestrator::saga::{
     Action, Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions, Participant,
@@ -30,6 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use std::str::FromStr;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::Figure;
 
@@ -186,25 +187,22 @@ async fn setup(
     for name in ["inventory", "payment", "shipping"] {
         let topic = Topic::try_from(format!("{prefix}{name}").as_str())?;
         for _ in 0..coordinators {
-            let mut sub = subscriber
+            let sub = subscriber
                 .subscribe(&topic, SubscribeOptions::new(name)?)
                 .await?;
             let db = db.clone();
+            // The library's consumer loop, up to PARTICIPANT_CONCURRENCY
+            // commands at once, as the coordinator applies its replies; one
+            // saga's commands still come one after the other (per-key
+            // delivery).
+            let handler = tower::service_fn(move |received: Received| {
+                participate(db.clone(), name, received)
+            });
+            let consumer = Consumer::new(sub, handler)
+                .concurrency(PARTICIPANT_CONCURRENCY)
+                .retry_delay(Duration::ZERO);
             tasks.push(tokio::spawn(async move {
-                // Up to PARTICIPANT_CONCURRENCY commands at once, as the
-                // coordinator applies its replies; one saga's commands still
-                // come one after the other (per-key delivery).
-                let mut in_flight = futures_util::stream::FuturesUnordered::new();
-                loop {
-                    let room = in_flight.len() < PARTICIPANT_CONCURRENCY;
-                    tokio::select! {
-                        Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                        next = sub.next(), if room => match next {
-                            Some(Ok(d)) => in_flight.push(participate(db.clone(), name, d)),
-                            _ => break,
-                        },
-                    }
-                }
+                let _ = consumer.run(CancellationToken::new()).await;
             }));
         }
     }
@@ -231,34 +229,30 @@ impl Running {
 }
 
 /// Commands one participant handles at once.
-const PARTICIPANT_CONCURRENCY: usize = 16;
+const PARTICIPANT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expect("16 is not zero");
 
 /// Handles one command with the library's `Participant` (no-op effect,
-/// success reply) and settles its delivery.
-async fn participate(db: Db, name: &'static str, mut d: Delivery) {
+/// success reply); a failure is retried.
+async fn participate(db: Db, name: &'static str, received: Received) -> Result<(), HandlerError> {
     let ok = |cmd: &orchestrator::saga::SagaCommand| StepReply::Success {
         reply_type: format!("{}.done", cmd.command_type),
         data: serde_json::Value::Null,
     };
-    let done = match &db {
+    let handled = match &db {
         Db::Pg(pool, outbox) => Participant::postgres(pool.clone(), outbox.clone(), name)
-            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+            .handle(&received.event, |_, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move { Ok(ok(cmd)) })
             })
             .await
-            .is_ok(),
+            .map(|_| ()),
         Db::Lite(pool, outbox) => Participant::sqlite(pool.clone(), outbox.clone(), name)
-            .handle(d.event(), |_, cmd| -> BoxFuture<'_, _> {
+            .handle(&received.event, |_, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move { Ok(ok(cmd)) })
             })
             .await
-            .is_ok(),
+            .map(|_| ()),
     };
-    let _ = if done {
-        d.ack().await
-    } else {
-        d.nack(None).await
-    };
+    handled.map_err(HandlerError::retryable)
 }
 
 /// Runs `total` sagas with at most `in_flight` open; returns the elapsed time.
