@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::error::{BoxError, Error, ErrorKind, Result};
 use crate::inbox::{Inbox, Processed};
-use crate::outbox::{Outbox, OutboxConfig, encode};
+use crate::outbox::{NewRow, Outbox, OutboxConfig, encode};
 use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wake, Wakeup};
 
 /// The channel `enqueue` notifies and relays listen on; the payload is the
@@ -38,6 +38,43 @@ pub(crate) async fn begin_for(
     operation: &'static str,
 ) -> Result<sqlx::Transaction<'static, Postgres>> {
     pool.begin().await.map_err(|e| Error::db(operation, e))
+}
+
+/// The PostgreSQL side of the saga layer's transactions, with the methods
+/// of SQLite's `Trip` (which folds `BEGIN` and `COMMIT` into the first and
+/// last statements): here `BEGIN` is sent when it starts, each statement
+/// on its own.
+pub(crate) struct Trip {
+    tx: sqlx::Transaction<'static, Postgres>,
+}
+
+impl Trip {
+    /// Begins the transaction.
+    pub(crate) async fn start(pool: &PgPool, operation: &'static str) -> Result<Self> {
+        Ok(Self {
+            tx: begin_for(pool, operation).await?,
+        })
+    }
+
+    /// The connection for the first statement.
+    pub(crate) fn open(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// The connection.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Commits.
+    pub(crate) async fn commit(self, operation: &'static str) -> Result<()> {
+        self.tx.commit().await.map_err(|e| Error::db(operation, e))
+    }
+
+    /// Rolls back.
+    pub(crate) async fn rollback(self) {
+        let _ = self.tx.rollback().await;
+    }
 }
 
 /// Applies the embedded migrations (outbox, leases, inbox tables) to the
@@ -117,6 +154,35 @@ impl Outbox<Postgres> {
         event: &Event,
     ) -> Result<()> {
         let row = encode(&self.config, topic, event)?;
+        self.insert(conn, &row).await
+    }
+
+    /// Encodes `events` as outbox rows, checked as [`enqueue`](Self::enqueue)
+    /// checks them.
+    pub(crate) fn rows<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a Topic, &'a Event)>,
+    ) -> Result<Vec<NewRow>> {
+        events
+            .into_iter()
+            .map(|(topic, event)| encode(&self.config, topic, event))
+            .collect()
+    }
+
+    /// Inserts `rows` in `trip` and commits it.
+    pub(crate) async fn commit_with(
+        &self,
+        mut trip: Trip,
+        rows: &[NewRow],
+        operation: &'static str,
+    ) -> Result<()> {
+        for row in rows {
+            self.insert(trip.conn(), row).await?;
+        }
+        trip.commit(operation).await
+    }
+
+    async fn insert(&self, conn: &mut PgConnection, row: &NewRow) -> Result<()> {
         sqlx::query(concat!(
             "with ins as (insert into orchestrator_outbox \
              (event_id, topic, partition_key, part, payload, created_ms) \

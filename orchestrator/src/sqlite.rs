@@ -37,15 +37,16 @@ use async_trait::async_trait;
 use broker_adapters::cloudevents::{AttributesReader, Event};
 use broker_adapters::{Publisher, Topic};
 use futures_util::future::BoxFuture;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, SqliteConnection, Transaction};
+use sqlx::{AssertSqlSafe, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::error::{BoxError, Error, ErrorKind, Result};
 use crate::inbox::{Inbox, Processed};
-use crate::outbox::{Outbox, OutboxConfig, encode};
+use crate::outbox::{NewRow, Outbox, OutboxConfig, encode};
 use crate::relay::{Relay, RelayConfig, RelayStore, StoredRow, Wake, Wakeup};
 
 /// How long a connection waits for another writer before failing.
@@ -247,6 +248,161 @@ pub(crate) async fn begin_write_for(pool: &SqlitePool, operation: &'static str) 
     Ok(WriteTx { tx, _turn: turn })
 }
 
+/// A write transaction of this crate's busiest paths (saga transitions,
+/// saga participants, the inbox) sent in as few round trips to the
+/// connection's worker thread as its logic allows.
+///
+/// `sqlx` runs each SQLite statement, `BEGIN` and `COMMIT` included, as one
+/// round trip to the connection's own thread, and on a busy host one such
+/// trip costs about as much as the statement itself. A `Trip` sends nothing
+/// when it starts: its first statement carries the `BEGIN IMMEDIATE`
+/// ([`lite_begin!`]), and its closing statements (the outbox rows, say)
+/// carry the `COMMIT` ([`finish`](Self::finish)). It holds this process's
+/// write turn throughout. Dropped while open (an error, or a cancelled
+/// future), it rolls back before the next writer's turn comes.
+pub(crate) struct Trip {
+    // Taken by `drop` to roll back an open transaction on its own task.
+    conn: Option<PoolConnection<Sqlite>>,
+    turn: Option<WriteTurn>,
+    open: bool,
+}
+
+/// The prefix of a [`Trip`]'s first statement (the saga layer's macros
+/// spell it out as well).
+macro_rules! lite_begin {
+    () => {
+        "begin immediate; "
+    };
+}
+
+impl Trip {
+    /// Waits for the write turn and takes a connection; sends nothing.
+    pub(crate) async fn start(pool: &SqlitePool, operation: &'static str) -> Result<Self> {
+        let turn = WriteQueue::of(pool).turn(operation).await?;
+        let conn = pool.acquire().await.map_err(|e| Error::db(operation, e))?;
+        Ok(Self {
+            conn: Some(conn),
+            turn: Some(turn),
+            open: false,
+        })
+    }
+
+    /// The connection for the first statement, which begins with
+    /// [`lite_begin!`]: from here on the transaction counts as open.
+    pub(crate) fn open(&mut self) -> &mut SqliteConnection {
+        self.open = true;
+        self.conn()
+    }
+
+    /// The connection, for the statements between the first and the last.
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
+        match self.conn.as_mut() {
+            Some(conn) => conn,
+            // Only `drop` takes it.
+            None => unreachable!("a trip's connection is taken only when it is dropped"),
+        }
+    }
+
+    /// Commits (one statement), and hands the turn on.
+    pub(crate) async fn commit(mut self, operation: &'static str) -> Result<()> {
+        if self.open {
+            sqlx::query("commit")
+                .execute(self.conn())
+                .await
+                .map_err(|e| Error::db(operation, e))?;
+            self.open = false;
+        }
+        Ok(())
+    }
+
+    /// Rolls back (one statement), and hands the turn on.
+    pub(crate) async fn rollback(mut self) {
+        if self.open && sqlx::query("rollback").execute(self.conn()).await.is_ok() {
+            self.open = false;
+        }
+    }
+
+    /// Runs `query`, whose text ends with [`closing`]'s `commit`: the
+    /// transaction's last statements and its commit in one round trip.
+    pub(crate) async fn finish(
+        mut self,
+        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+        operation: &'static str,
+    ) -> Result<()> {
+        query
+            .execute(self.conn())
+            .await
+            .map_err(|e| Error::db(operation, e))?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for Trip {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let (Some(mut conn), turn) = (self.conn.take(), self.turn.take()) else {
+            return;
+        };
+        // The rollback runs before the turn is handed on. Without a runtime
+        // the connection is closed instead, which rolls back too.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if sqlx::query("rollback").execute(&mut *conn).await.is_err() {
+                        conn.close_on_drop();
+                    }
+                    drop(conn);
+                    drop(turn);
+                });
+            }
+            Err(_) => conn.close_on_drop(),
+        }
+    }
+}
+
+/// Appends to `sql` the insert of `rows` outbox rows, their parameters
+/// numbered from `first` (five each, bound by [`bind_rows`]), and the
+/// `commit`: the closing statements of a [`Trip`].
+pub(crate) fn closing(sql: &mut String, first: usize, rows: usize) {
+    use std::fmt::Write as _;
+    for i in 0..rows {
+        let n = first + i * 5;
+        // Writing to a String cannot fail.
+        let _ = write!(
+            sql,
+            "insert into orchestrator_outbox \
+             (event_id, topic, partition_key, part, payload, created_ms) \
+             values (${}, ${}, ${}, ${}, ${}, {}); ",
+            n,
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            now_ms!()
+        );
+    }
+    sql.push_str("commit");
+}
+
+/// Binds `rows` in the order [`closing`] numbered them.
+pub(crate) fn bind_rows<'q>(
+    mut query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
+    rows: &'q [NewRow],
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments> {
+    for row in rows {
+        query = query
+            .bind(&row.event_id)
+            .bind(&row.topic)
+            .bind(&row.partition_key)
+            .bind(row.part)
+            .bind(&row.payload);
+    }
+    query
+}
+
 /// Applies the embedded migrations (outbox, leases, inbox tables).
 ///
 /// # Errors
@@ -338,6 +494,42 @@ impl Outbox<Sqlite> {
         metrics::counter!("outbox_enqueued_total").increment(1);
         self.signal();
         Ok(())
+    }
+
+    /// Encodes `events` as outbox rows, checked as [`enqueue`](Self::enqueue)
+    /// checks them, for the closing statements of a [`Trip`].
+    pub(crate) fn rows<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a Topic, &'a Event)>,
+    ) -> Result<Vec<NewRow>> {
+        events
+            .into_iter()
+            .map(|(topic, event)| encode(&self.config, topic, event))
+            .collect()
+    }
+
+    /// Inserts `rows` and commits `trip`, in one round trip; then tells
+    /// this process's relays.
+    pub(crate) async fn commit_with(
+        &self,
+        trip: Trip,
+        rows: &[NewRow],
+        operation: &'static str,
+    ) -> Result<()> {
+        let mut sql = String::new();
+        closing(&mut sql, 1, rows.len());
+        trip.finish(bind_rows(sqlx::query(AssertSqlSafe(sql)), rows), operation)
+            .await?;
+        self.enqueued(rows.len());
+        Ok(())
+    }
+
+    /// Counts `rows` enqueued by a committed [`Trip`] and wakes the relays.
+    pub(crate) fn enqueued(&self, rows: usize) {
+        if rows > 0 {
+            metrics::counter!("outbox_enqueued_total").increment(rows as u64);
+            self.committed();
+        }
     }
 
     /// Rows the relay parked because the broker refused them for good (see
@@ -675,6 +867,11 @@ impl Inbox<Sqlite> {
     /// the connection it is given, inside a `BEGIN IMMEDIATE` transaction)
     /// and the record of the event id commit together.
     ///
+    /// The transaction begins with the statement that records the event
+    /// id, so `sqlx` does not count it as one: inside the handler, nest with
+    /// SQL savepoints (`savepoint s` … `release s`), not
+    /// `Connection::begin`, which would fail.
+    ///
     /// # Errors
     ///
     /// [`ErrorKind::Handler`] with the handler's error (nothing was
@@ -692,26 +889,26 @@ impl Inbox<Sqlite> {
             ) -> BoxFuture<'c, std::result::Result<T, BoxError>>
             + Send,
     {
-        let mut tx = begin_write_for(&self.pool, "begin an inbox transaction").await?;
+        // The `BEGIN IMMEDIATE` goes with the record of the event id.
+        let mut trip = Trip::start(&self.pool, "begin an inbox transaction").await?;
         let inserted = sqlx::query(concat!(
+            lite_begin!(),
             "insert into orchestrator_inbox (consumer, event_id, processed_ms) values (?1, ?2, ",
             now_ms!(),
-            ")"
+            ") on conflict do nothing returning 1"
         ))
         .bind(consumer)
         .bind(event.id())
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                metrics::counter!("inbox_duplicates_total", "consumer" => consumer.to_owned())
-                    .increment(1);
-                return Ok(Processed::Duplicate);
-            }
-            Err(e) => return Err(Error::db("record an inbox event", e)),
+        .fetch_optional(trip.open())
+        .await
+        .map_err(|e| Error::db("record an inbox event", e))?;
+        if inserted.is_none() {
+            trip.rollback().await;
+            metrics::counter!("inbox_duplicates_total", "consumer" => consumer.to_owned())
+                .increment(1);
+            return Ok(Processed::Duplicate);
         }
-        let value = handler(&mut tx).await.map_err(|e| {
+        let value = handler(trip.conn()).await.map_err(|e| {
             Error::with_source(
                 ErrorKind::Handler {
                     consumer: consumer.to_owned(),
@@ -720,9 +917,7 @@ impl Inbox<Sqlite> {
                 e,
             )
         })?;
-        tx.commit()
-            .await
-            .map_err(|e| Error::db("commit an inbox transaction", e))?;
+        trip.commit("commit an inbox transaction").await?;
         metrics::counter!("inbox_handled_total", "consumer" => consumer.to_owned()).increment(1);
         Ok(Processed::Handled(value))
     }

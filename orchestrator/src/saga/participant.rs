@@ -52,7 +52,7 @@ fn tombstone(cmd: &SagaCommand) -> String {
 }
 
 macro_rules! participant_impl {
-    ($db:ty, $pool:ty, $conn:ty, $ctor:ident, $now:ident, $begin:path) => {
+    ($db:ty, $pool:ty, $conn:ty, $trip:ty, $first:literal, $ctor:ident, $now:ident) => {
         impl Participant<$db> {
             /// A participant called `name` whose replies go out through `outbox`.
             pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
@@ -69,6 +69,11 @@ macro_rules! participant_impl {
             /// `handler` on the transaction, sends its reply to the
             /// command's `sagareplyto` topic through the outbox, and commits.
             ///
+            /// On SQLite the transaction begins with the statement that
+            /// records the command, so `sqlx` does not count it as one:
+            /// inside the handler, nest with SQL savepoints, not
+            /// `Connection::begin`, which would fail.
+            ///
             /// # Errors
             ///
             /// [`ErrorKind::Protocol`] for an event that is not a saga
@@ -82,11 +87,13 @@ macro_rules! participant_impl {
             {
                 let mut cmd = SagaCommand::from_event(event)?;
                 let err = |e| Error::db("handle a saga command", e);
-                let mut tx = $begin(&self.pool, "handle a saga command").await?;
+                const OPERATION: &str = "handle a saga command";
+                let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
                 let mark = tombstone(&cmd);
                 // One statement records the command and tells whether its
                 // step was compensated already (the tombstone).
                 let fresh: Option<i64> = sqlx::query_scalar(concat!(
+                    $first,
                     "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
                     $now!(), ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
                      where consumer = $1 and event_id = $3)"
@@ -94,10 +101,11 @@ macro_rules! participant_impl {
                 .bind(&self.name)
                 .bind(&cmd.command_id)
                 .bind(&mark)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(trip.open())
                 .await
                 .map_err(err)?;
                 let Some(tombstones) = fresh else {
+                    trip.rollback().await;
                     metrics::counter!("inbox_duplicates_total", "consumer" => self.name.clone()).increment(1);
                     return Ok(Processed::Duplicate);
                 };
@@ -109,13 +117,13 @@ macro_rules! participant_impl {
                         ))
                         .bind(&self.name)
                         .bind(&mark)
-                        .execute(&mut *tx)
+                        .execute(trip.conn())
                         .await
                         .map_err(err)?;
                     }
                     Phase::Forward => cmd.compensated = tombstones > 0,
                 }
-                let reply = handler(&mut tx, &cmd).await.map_err(|e| {
+                let reply = handler(trip.conn(), &cmd).await.map_err(|e| {
                     Error::with_source(
                         ErrorKind::Handler {
                             consumer: self.name.clone(),
@@ -125,9 +133,8 @@ macro_rules! participant_impl {
                     )
                 })?;
                 let event = cmd.reply_event(&reply, &self.source)?;
-                self.outbox.enqueue(&mut tx, &cmd.reply_to, &event).await?;
-                tx.commit().await.map_err(err)?;
-                self.outbox.committed();
+                let rows = self.outbox.rows([(&cmd.reply_to, &event)])?;
+                self.outbox.commit_with(trip, &rows, OPERATION).await?;
                 metrics::counter!("inbox_handled_total", "consumer" => self.name.clone()).increment(1);
                 Ok(Processed::Handled(reply))
             }
@@ -140,9 +147,10 @@ participant_impl!(
     sqlx::Postgres,
     sqlx::PgPool,
     sqlx::PgConnection,
+    crate::postgres::Trip,
+    "",
     postgres,
-    pg_now,
-    crate::postgres::begin_for
+    pg_now
 );
 
 #[cfg(feature = "sqlite")]
@@ -150,7 +158,8 @@ participant_impl!(
     sqlx::Sqlite,
     sqlx::SqlitePool,
     sqlx::SqliteConnection,
+    crate::sqlite::Trip,
+    "begin immediate; ",
     sqlite,
-    lite_now,
-    crate::sqlite::begin_write_for
+    lite_now
 );

@@ -65,49 +65,49 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
     async fn counts(&self) -> Result<Vec<(String, i64)>>;
 }
 
+/// What a transition writes besides its history: the saga state as JSON,
+/// the timer in ms, and the outbox rows of its commands.
+struct Written {
+    state: String,
+    timer: Option<i64>,
+    commands: Vec<(Topic, broker_adapters::cloudevents::Event)>,
+}
+
+fn written(ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<Written> {
+    use crate::error::{Error, ErrorKind};
+    let state = serde_json::to_string(&t.state).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Codec {
+                operation: "encode a saga state",
+            },
+            e,
+        )
+    })?;
+    let timer = t
+        .timer
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4));
+    let commands = t
+        .commands
+        .iter()
+        .map(|cmd| super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic))
+        .collect::<Result<_>>()?;
+    Ok(Written {
+        state,
+        timer,
+        commands,
+    })
+}
+
+/// The store over one backend. `$trip` is its transaction (SQLite's folds
+/// `BEGIN` into the first statement, spelled `$first`, and `COMMIT` into
+/// the last, written by `close`); `$load_fresh` records a reply in the
+/// inbox and loads the saga row in one statement.
 macro_rules! saga_store {
-    ($store:ident, $db:ty, $pool:ty, $now:ident, $lock:literal, $skip:literal, $begin:path, $write:expr, $load_fresh:expr) => {
+    ($store:ident, $db:ty, $pool:ty, $trip:ty, $first:literal, $now:ident, $lock:literal, $skip:literal, $load_fresh:expr) => {
         #[derive(Debug)]
         pub(crate) struct $store {
             pub(crate) pool: $pool,
             pub(crate) outbox: crate::outbox::Outbox<$db>,
-        }
-
-        impl $store {
-            async fn write(
-                &self,
-                conn: &mut <$db as sqlx::Database>::Connection,
-                ctx: &Ctx,
-                saga_id: &str,
-                def: &SagaDefinition,
-                t: &Transition,
-                seq: i64,
-            ) -> Result<()> {
-                use crate::error::Error;
-                let state = serde_json::to_string(&t.state).map_err(|e| {
-                    Error::with_source(crate::error::ErrorKind::Codec { operation: "encode a saga state" }, e)
-                })?;
-                let timer = t.timer.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4));
-                // The saga row and its history row in one statement.
-                sqlx::query($write)
-                    .bind(saga_id)
-                    .bind(t.state.status.name())
-                    .bind(&state)
-                    .bind(timer)
-                    .bind(seq)
-                    .bind(&t.note)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| Error::db("update a saga and its history", e))?;
-                for cmd in &t.commands {
-                    let (topic, event) =
-                        super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic)?;
-                    self.outbox.enqueue(&mut *conn, &topic, &event).await?;
-                }
-                metrics::counter!("saga_transitions_total", "status" => t.state.status.name())
-                    .increment(1);
-                Ok(())
-            }
         }
 
         #[async_trait]
@@ -115,23 +115,23 @@ macro_rules! saga_store {
             async fn insert(&self, ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<()> {
                 use crate::error::{Error, ErrorKind};
                 let err = |e| Error::db("start a saga", e);
-                let mut tx = $begin(&self.pool, "start a saga").await?;
-                let inserted = sqlx::query(concat!(
+                let mut trip = <$trip>::start(&self.pool, "start a saga").await?;
+                let inserted: Option<i32> = sqlx::query_scalar(concat!(
+                    $first,
                     "insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
-                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now!(), ", ", $now!(), ") on conflict do nothing"
+                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now!(), ", ", $now!(), ") on conflict do nothing returning 1"
                 ))
                 .bind(saga_id)
                 .bind(&def.name)
                 .bind(i64::from(def.version))
-                .execute(&mut *tx)
+                .fetch_optional(trip.open())
                 .await
                 .map_err(err)?;
-                if inserted.rows_affected() == 0 {
+                if inserted.is_none() {
+                    trip.rollback().await;
                     return Err(Error::new(ErrorKind::SagaExists { saga_id: saga_id.to_owned() }));
                 }
-                self.write(&mut tx, ctx, saga_id, def, t, 1).await?;
-                tx.commit().await.map_err(err)?;
-                self.outbox.committed();
+                self.close(trip, ctx, saga_id, def, t, 1, "start a saga").await?;
                 metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
                 Ok(())
             }
@@ -146,8 +146,9 @@ macro_rules! saga_store {
             ) -> Result<Handled> {
                 use sqlx::Row as _;
                 use crate::error::{Error, ErrorKind};
-                let err = |e| Error::db("run a saga transition", e);
-                let mut tx = $begin(&self.pool, "run a saga transition").await?;
+                const OPERATION: &str = "run a saga transition";
+                let err = |e| Error::db(OPERATION, e);
+                let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
                 // With a reply to record, one statement records it in the
                 // inbox and loads (and locks) the saga row.
                 let row = match dedupe {
@@ -155,15 +156,16 @@ macro_rules! saga_store {
                         .bind(saga_id)
                         .bind(&ctx.consumer)
                         .bind(event_id)
-                        .fetch_optional(&mut *tx)
+                        .fetch_optional(trip.open())
                         .await
                         .map_err(err)?,
                     None => sqlx::query(concat!(
+                        $first,
                         "select saga_type, version, state, seq, case when wake_ms <= ", $now!(),
                         " then 1 else 0 end as due from orchestrator_sagas where saga_id = $1", $lock
                     ))
                     .bind(saga_id)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(trip.open())
                     .await
                     .map_err(err)?,
                 };
@@ -172,11 +174,12 @@ macro_rules! saga_store {
                 {
                     let fresh: i64 = row.try_get("fresh").map_err(err)?;
                     if fresh == 0 {
+                        trip.rollback().await;
                         return Ok(Handled::Duplicate);
                     }
                 }
                 let Some(row) = row else {
-                    tx.commit().await.map_err(err)?;
+                    trip.commit(OPERATION).await?;
                     return Ok(Handled::Ignored(format!("unknown saga `{saga_id}`")));
                 };
                 let saga_type: String = row.try_get("saga_type").map_err(err)?;
@@ -185,6 +188,7 @@ macro_rules! saga_store {
                 let seq: i64 = row.try_get("seq").map_err(err)?;
                 let due: i32 = row.try_get("due").map_err(err)?;
                 if due_only && due == 0 {
+                    trip.rollback().await;
                     return Ok(Handled::Ignored("no timer is due".into()));
                 }
                 let version = u32::try_from(version).unwrap_or(0);
@@ -197,21 +201,17 @@ macro_rules! saga_store {
                 let input = match input(def, &state) {
                     Ok(i) => i,
                     Err(why) => {
-                        tx.commit().await.map_err(err)?;
+                        trip.commit(OPERATION).await?;
                         return Ok(Handled::Ignored(why));
                     }
                 };
                 let t = super::machine::apply(def, &state, input);
                 if !t.applied {
-                    tx.commit().await.map_err(err)?;
+                    trip.commit(OPERATION).await?;
                     metrics::counter!("saga_ignored_total").increment(1);
                     return Ok(Handled::Ignored(t.note));
                 }
-                self.write(&mut tx, ctx, saga_id, def, &t, seq + 1).await?;
-                tx.commit().await.map_err(err)?;
-                if !t.commands.is_empty() {
-                    self.outbox.committed();
-                }
+                self.close(trip, ctx, saga_id, def, &t, seq + 1, OPERATION).await?;
                 Ok(Handled::Applied(t.note))
             }
 
@@ -266,25 +266,46 @@ macro_rules! saga_store {
     };
 }
 
+/// The saga row's update and its history row, parameters `$1`..`$6`.
+macro_rules! saga_write {
+    (pg) => {
+        concat!(
+            "with saga as (update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
+            pg_now!(),
+            " + $4, claim_ms = 0, seq = $5, updated_ms = ",
+            pg_now!(),
+            " where saga_id = $1) \
+             insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
+            pg_now!(),
+            ", $2, $6)"
+        )
+    };
+    (lite) => {
+        // SQLite runs the statements of one query in order, sharing the
+        // numbered parameters.
+        concat!(
+            "update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
+            lite_now!(),
+            " + $4, claim_ms = 0, seq = $5, updated_ms = ",
+            lite_now!(),
+            " where saga_id = $1; \
+             insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
+            lite_now!(),
+            ", $2, $6); "
+        )
+    };
+}
+
 #[cfg(feature = "postgres")]
 saga_store!(
     PgSagaStore,
     sqlx::Postgres,
     sqlx::PgPool,
+    crate::postgres::Trip,
+    "",
     pg_now,
     " for update",
     " for update skip locked",
-    crate::postgres::begin_for,
-    concat!(
-        "with saga as (update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
-        pg_now!(),
-        " + $4, claim_ms = 0, seq = $5, updated_ms = ",
-        pg_now!(),
-        " where saga_id = $1) \
-         insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
-        pg_now!(),
-        ", $2, $6)"
-    ),
     concat!(
         "with fresh as (insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($2, $3, ",
         pg_now!(),
@@ -297,29 +318,50 @@ saga_store!(
     )
 );
 
+#[cfg(feature = "postgres")]
+impl PgSagaStore {
+    /// Writes transition `t` (saga row, history row, commands) and commits.
+    #[allow(clippy::too_many_arguments)]
+    async fn close(
+        &self,
+        mut trip: crate::postgres::Trip,
+        ctx: &Ctx,
+        saga_id: &str,
+        def: &SagaDefinition,
+        t: &Transition,
+        seq: i64,
+        operation: &'static str,
+    ) -> Result<()> {
+        let w = written(ctx, saga_id, def, t)?;
+        let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
+        sqlx::query(saga_write!(pg))
+            .bind(saga_id)
+            .bind(t.state.status.name())
+            .bind(&w.state)
+            .bind(w.timer)
+            .bind(seq)
+            .bind(&t.note)
+            .execute(trip.conn())
+            .await
+            .map_err(|e| crate::error::Error::db("update a saga and its history", e))?;
+        self.outbox.commit_with(trip, &rows, operation).await?;
+        metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
+        Ok(())
+    }
+}
+
 #[cfg(feature = "sqlite")]
 saga_store!(
     SqliteSagaStore,
     sqlx::Sqlite,
     sqlx::SqlitePool,
+    crate::sqlite::Trip,
+    "begin immediate; ",
     lite_now,
     "",
     "",
-    crate::sqlite::begin_write_for,
-    // SQLite runs the statements of one query in order, sharing the
-    // numbered parameters.
     concat!(
-        "update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
-        lite_now!(),
-        " + $4, claim_ms = 0, seq = $5, updated_ms = ",
-        lite_now!(),
-        " where saga_id = $1; \
-         insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
-        lite_now!(),
-        ", $2, $6)"
-    ),
-    concat!(
-        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($2, $3, ",
+        "begin immediate; insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($2, $3, ",
         lite_now!(),
         ") on conflict do nothing; \
          select changes() as fresh, saga_type, version, state, seq, \
@@ -329,3 +371,37 @@ saga_store!(
          from orchestrator_sagas where saga_id = $1"
     )
 );
+
+#[cfg(feature = "sqlite")]
+impl SqliteSagaStore {
+    /// Writes transition `t` (saga row, history row, commands) and commits,
+    /// in one round trip.
+    #[allow(clippy::too_many_arguments)]
+    async fn close(
+        &self,
+        trip: crate::sqlite::Trip,
+        ctx: &Ctx,
+        saga_id: &str,
+        def: &SagaDefinition,
+        t: &Transition,
+        seq: i64,
+        operation: &'static str,
+    ) -> Result<()> {
+        let w = written(ctx, saga_id, def, t)?;
+        let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
+        let mut sql = String::from(saga_write!(lite));
+        crate::sqlite::closing(&mut sql, 7, rows.len());
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(saga_id)
+            .bind(t.state.status.name())
+            .bind(&w.state)
+            .bind(w.timer)
+            .bind(seq)
+            .bind(&t.note);
+        trip.finish(crate::sqlite::bind_rows(query, &rows), operation)
+            .await?;
+        self.outbox.enqueued(rows.len());
+        metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
+        Ok(())
+    }
+}
