@@ -1018,4 +1018,79 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    async fn count(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("select count(*) from t")
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    /// A trip that ends in error or is cancelled after its first statement
+    /// leaves nothing behind, and the next writer's turn comes after its
+    /// rollback: on a file, and on the single connection of an in-memory
+    /// database (which closing the connection would have emptied).
+    #[tokio::test]
+    async fn a_trip_dropped_open_rolls_back_before_the_next_writer() {
+        let dir = std::env::temp_dir().join(format!("trip-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = pool(&dir.join("one.db")).await;
+        let memory = connect("sqlite::memory:")
+            .await
+            .expect("in-memory database");
+        for pool in [file, memory] {
+            sqlx::query("create table t (x integer)")
+                .execute(&pool)
+                .await
+                .expect("create");
+            // Dropped after its first statement, as an error or a timeout
+            // would drop it.
+            let mut trip = Trip::start(&pool, "test").await.expect("start");
+            sqlx::query(concat!(lite_begin!(), "insert into t values (1)"))
+                .execute(trip.open())
+                .await
+                .expect("first statement");
+            drop(trip);
+            // Cancelled while its first statement runs.
+            let mut trip = Trip::start(&pool, "test").await.expect("start");
+            // Polled once (the statement is sent), then dropped.
+            let cancelled = futures_util::FutureExt::now_or_never(
+                sqlx::query(concat!(lite_begin!(), "insert into t values (2)"))
+                    .execute(trip.open()),
+            );
+            assert!(
+                cancelled.is_none(),
+                "the statement should have been cut short"
+            );
+            drop(trip);
+            // The next writer finds neither row, and its own trip commits.
+            let mut trip = Trip::start(&pool, "test").await.expect("next turn");
+            sqlx::query(concat!(lite_begin!(), "insert into t values (3)"))
+                .execute(trip.open())
+                .await
+                .expect("next writer");
+            let mut sql = String::new();
+            closing(&mut sql, 1, 0);
+            trip.finish(sqlx::query(AssertSqlSafe(sql)), "test")
+                .await
+                .expect("commit");
+            assert_eq!(count(&pool).await, 1, "only the committed row stays");
+            // A trip rolled back on purpose, and one that commits alone.
+            let mut trip = Trip::start(&pool, "test").await.expect("start");
+            sqlx::query(concat!(lite_begin!(), "insert into t values (4)"))
+                .execute(trip.open())
+                .await
+                .expect("insert");
+            trip.rollback().await;
+            let mut trip = Trip::start(&pool, "test").await.expect("start");
+            sqlx::query(concat!(lite_begin!(), "insert into t values (5)"))
+                .execute(trip.open())
+                .await
+                .expect("insert");
+            trip.commit("test").await.expect("commit");
+            assert_eq!(count(&pool).await, 2);
+            pool.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
