@@ -283,20 +283,29 @@ impl Store for PgStore {
         start: StartFrom,
     ) -> Result<()> {
         // Latest: every transaction below the snapshot's xmin has finished,
-        // so the cursor (xmin - 1, max) passes exactly what is already there
-        // (and may repeat rows of transactions still running now).
+        // so the cursor (xmin - 1, max) passes what they wrote. Rows of
+        // younger transactions that have committed already (out of xid
+        // order, while an older one is still open) are listed as settled,
+        // so they are skipped too; rows of transactions still open are not
+        // visible here, so they are delivered once they commit.
         sqlx::query(
-            "INSERT INTO broker_partitions (grp, topic, partition, cursor_xid, cursor_seq) \
-             SELECT $1, $2, p, \
-                    CASE WHEN $4 THEN pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1 ELSE 0 END, \
-                    CASE WHEN $4 THEN 9223372036854775807 ELSE 0 END \
-             FROM generate_series(0, $3 - 1) AS p \
+            "INSERT INTO broker_partitions (grp, topic, partition, cursor_xid, cursor_seq, settled) \
+             SELECT $1, $2, p, c.xid, c.seq, \
+                    CASE WHEN $4 THEN coalesce((SELECT string_agg(e.xid || ':' || e.seq, ',' ORDER BY e.xid, e.seq) \
+                        FROM (SELECT xid, seq FROM broker_events \
+                              WHERE topic = $2 AND partition = p AND xid > c.xid \
+                              ORDER BY xid, seq LIMIT $5) AS e), '') \
+                    ELSE '' END \
+             FROM generate_series(0, $3 - 1) AS p, \
+                  (SELECT CASE WHEN $4 THEN pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1 ELSE 0 END AS xid, \
+                          CASE WHEN $4 THEN 9223372036854775807 ELSE 0 END AS seq) AS c \
              ON CONFLICT DO NOTHING",
         )
         .bind(group)
         .bind(topic)
         .bind(i32::try_from(partitions).unwrap_or(i32::MAX))
         .bind(matches!(start, StartFrom::Latest))
+        .bind(i64::try_from(super::subscriber::MAX_SETTLED_LIST).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
         .map_err(err("create consumer group"))?;

@@ -36,7 +36,7 @@ use crate::topic::Topic;
 /// At most this many settled positions past a cursor are committed; beyond
 /// that, the oldest unsettled event is very old and the rest are delivered
 /// again after a takeover (at least once).
-const MAX_SETTLED_LIST: usize = 10_000;
+pub(super) const MAX_SETTLED_LIST: usize = 10_000;
 
 /// A decoded row waiting in the dispatcher.
 #[derive(Debug)]
