@@ -1053,14 +1053,11 @@ mod tests {
             drop(trip);
             // Cancelled while its first statement runs.
             let mut trip = Trip::start(&pool, "test").await.expect("start");
-            // Polled once (the statement is sent), then dropped.
-            let cancelled = futures_util::FutureExt::now_or_never(
+            // Polled once (the statement is sent; it may or may not have
+            // finished), then dropped.
+            let _ = futures_util::FutureExt::now_or_never(
                 sqlx::query(concat!(lite_begin!(), "insert into t values (2)"))
                     .execute(trip.open()),
-            );
-            assert!(
-                cancelled.is_none(),
-                "the statement should have been cut short"
             );
             drop(trip);
             // The next writer finds neither row, and its own trip commits.
