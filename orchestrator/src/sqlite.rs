@@ -367,6 +367,13 @@ impl Drop for Trip {
 /// numbered from `first` (five each, bound by [`bind_rows`]), and the
 /// `commit`: the closing statements of a [`Trip`].
 pub(crate) fn closing(sql: &mut String, first: usize, rows: usize) {
+    outbox_inserts(sql, first, rows);
+    sql.push_str("commit");
+}
+
+/// Appends to `sql` the insert of `rows` outbox rows, their parameters
+/// numbered from `first` (five each, bound by [`bind_rows`]).
+pub(crate) fn outbox_inserts(sql: &mut String, first: usize, rows: usize) {
     use std::fmt::Write as _;
     for i in 0..rows {
         let n = first + i * 5;
@@ -384,7 +391,6 @@ pub(crate) fn closing(sql: &mut String, first: usize, rows: usize) {
             now_ms!()
         );
     }
-    sql.push_str("commit");
 }
 
 /// Binds `rows` in the order [`closing`] numbered them.

@@ -51,6 +51,7 @@ both!(
     participant_down_then_up,
     two_coordinators_share_the_database_and_hand_over,
     commands_and_replies_match_the_published_schemas,
+    replies_waiting_together_are_applied_as_one_by_one,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -497,6 +498,87 @@ async fn commands_and_replies_match_the_published_schemas(backend: Backend) -> a
         .json_data(&serde_json::json!({ "error": { "message": "no code" } }))
         .build()?;
     ensure!(!reply.is_valid(&serde_json::to_value(&failure)?));
+    bed.finish().await;
+    Ok(())
+}
+
+/// Replies waiting together (applied in one transaction on SQLite) come out
+/// as they would one by one: fresh ones applied, a repeated one a
+/// duplicate, an unknown saga's ignored, and one whose saga's definition
+/// version this coordinator lacks refused without keeping its inbox record,
+/// so a coordinator that has the version applies it later.
+async fn replies_waiting_together_are_applied_as_one_by_one(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(script(|_| Act::Succeed), up()).await?;
+    let mut replies = bed
+        .broker
+        .subscribe(
+            &Topic::from_static(support::REPLIES),
+            SubscribeOptions::new("manual")?,
+        )
+        .await?;
+    let c = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    for i in 0..5 {
+        c.start("order", &format!("o-{i}"), data()).await?;
+    }
+    let v3 = Definitions::new().with(support::order_saga(3, Duration::from_secs(5), 3)?)?;
+    let c3 = bed.db.coordinator(v3, Bed::config());
+    c3.start("order", "o-5", data()).await?;
+    let mut first: HashMap<String, Event> = HashMap::new();
+    while first.len() < 6 {
+        let mut d = tokio::time::timeout(WAIT, replies.next())
+            .await?
+            .context("reply")??;
+        let saga = d.event().extension("sagaid").context("sagaid")?.to_string();
+        first.insert(saga, d.event().clone());
+        d.ack().await?;
+    }
+    let reply = |saga: &str| first.get(saga).cloned().context("no reply");
+    ensure!(matches!(
+        c.handle_reply(&reply("o-0")?).await?,
+        Handled::Applied(_)
+    ));
+    let o0 = c.history("o-0").await?.len();
+    let unknown = CloudEventBuilder::new("inventory.reserve.done", "/test")
+        .saga("o-404", "reserve", 1)
+        .extension("sagaphase", "forward")
+        .build()?;
+
+    // All of them wait on a topic before its coordinator (version 1 only)
+    // starts reading.
+    let topic = Topic::from_static("together.replies");
+    let sub = bed
+        .broker
+        .subscribe(&topic, SubscribeOptions::new("coordinators")?)
+        .await?;
+    let mut waiting = vec![reply("o-0")?, unknown];
+    for saga in ["o-1", "o-2", "o-3", "o-4", "o-5"] {
+        waiting.push(reply(saga)?);
+    }
+    bed.broker.publish_batch(&topic, waiting).await?;
+    let tested = bed.db.coordinator(
+        defs(5_000, 3)?,
+        orchestrator::saga::CoordinatorConfig::new(topic.clone())
+            .poll_interval(Duration::from_millis(20)),
+    );
+    bed.coordinators.push(tested.clone().spawn(sub));
+
+    for saga in ["o-1", "o-2", "o-3", "o-4"] {
+        ensure!(settled(&tested, saga, WAIT).await? == "completed", "{saga}");
+    }
+    ensure!(
+        c.history("o-0").await?.len() == o0,
+        "the repeated reply changed o-0"
+    );
+    ensure!(c.saga("o-404").await?.is_none());
+    let o5 = c3.saga("o-5").await?.context("o-5")?;
+    ensure!(o5.version == 3 && c3.history("o-5").await?.len() == 1);
+    ensure!(
+        matches!(c3.handle_reply(&reply("o-5")?).await?, Handled::Applied(_)),
+        "the refused reply's inbox record was kept"
+    );
     bed.finish().await;
     Ok(())
 }

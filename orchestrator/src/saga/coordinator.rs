@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use broker_adapters::cloudevents::{AttributesReader, Event};
 use broker_adapters::{Subscription, Topic};
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -15,8 +15,11 @@ use tracing::{debug, warn};
 use super::definition::Definitions;
 use super::machine::{self, Input, SagaState};
 use super::protocol;
-use super::store::{Ctx, Handled, SagaStore};
+use super::store::{Ctx, Handled, ReplyItem, SagaStore};
 use crate::error::{Error, ErrorKind, Result};
+
+/// At most this many waiting replies are applied together.
+const MAX_BATCH: usize = 32;
 
 /// How a [`Coordinator`] runs.
 #[derive(Debug, Clone)]
@@ -79,6 +82,12 @@ impl CoordinatorConfig {
     /// hands out the next event of a key once the previous one is settled);
     /// replies of different sagas overlap, so one saga's transaction does
     /// not wait for another's acknowledgement and fetch.
+    ///
+    /// Replies already waiting when one arrives (up to 32) go with it: on
+    /// SQLite, whose writers take turns anyway, they are applied in one
+    /// transaction of two round trips (a database failure has them applied
+    /// one by one instead); on PostgreSQL each has its own transaction, all
+    /// at once.
     #[must_use]
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
@@ -344,7 +353,30 @@ impl Coordinator {
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 next = replies.next(), if room => match next {
                     None => break,
-                    Some(Ok(delivery)) => in_flight.push(self.apply_reply(delivery)),
+                    Some(Ok(delivery)) => {
+                        // The replies already waiting go with it: a store
+                        // that can (SQLite) applies them in one transaction.
+                        let mut batch = vec![delivery];
+                        let mut ended = false;
+                        while batch.len() < MAX_BATCH {
+                            match replies.next().now_or_never() {
+                                Some(Some(Ok(delivery))) => batch.push(delivery),
+                                Some(Some(Err(e))) => {
+                                    warn!(error = %e, "reply subscription failed");
+                                    break;
+                                }
+                                Some(None) => {
+                                    ended = true;
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        in_flight.push(self.apply_replies(batch));
+                        if ended {
+                            break;
+                        }
+                    }
                     Some(Err(e)) => warn!(error = %e, "reply subscription failed"),
                 },
             }
@@ -355,11 +387,63 @@ impl Coordinator {
         let _ = timers.await;
     }
 
-    /// Applies one reply and settles its delivery: acked after its
-    /// transaction committed, nacked on a transient failure, terminated
-    /// when it breaks the protocol.
-    async fn apply_reply(&self, mut delivery: broker_adapters::Delivery) {
-        let settled = match self.handle_reply(delivery.event()).await {
+    /// Applies replies of distinct sagas (one subscription hands out one
+    /// reply per saga at a time) and settles each delivery.
+    async fn apply_replies(&self, mut batch: Vec<broker_adapters::Delivery>) {
+        if batch.len() == 1
+            && let Some(delivery) = batch.pop()
+        {
+            let handled = self.handle_reply(delivery.event()).await;
+            return Self::settle(delivery, handled).await;
+        }
+        let mut refs = Vec::with_capacity(batch.len());
+        let mut valid = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match protocol::reply_ref(delivery.event()) {
+                Ok(r) => {
+                    refs.push(r);
+                    valid.push(delivery);
+                }
+                Err(e) => Self::settle(delivery, Err(e)).await,
+            }
+        }
+        let inputs: Vec<_> = refs
+            .iter()
+            .zip(&valid)
+            .map(|(r, delivery)| {
+                let event = delivery.event();
+                move |def: &super::SagaDefinition, _: &SagaState| {
+                    protocol::reply_input(def, r, event)
+                }
+            })
+            .collect();
+        let items: Vec<ReplyItem<'_>> = refs
+            .iter()
+            .zip(&valid)
+            .zip(&inputs)
+            .map(|((r, delivery), input)| ReplyItem {
+                saga_id: &r.saga_id,
+                event_id: delivery.event().id(),
+                input,
+            })
+            .collect();
+        let outcomes = self.store.transition_replies(&self.ctx, &items).await;
+        drop(items);
+        drop(inputs);
+        for (delivery, handled) in valid.into_iter().zip(outcomes) {
+            if let Ok(Handled::Ignored(why)) = &handled {
+                let event = delivery.event();
+                debug!(event = %event.id(), ty = %event.ty(), reason = %why, "reply ignored");
+            }
+            Self::settle(delivery, handled).await;
+        }
+    }
+
+    /// Settles a reply's delivery: acked after its transaction committed,
+    /// nacked on a transient failure, terminated when it breaks the
+    /// protocol.
+    async fn settle(mut delivery: broker_adapters::Delivery, handled: Result<Handled>) {
+        let settled = match handled {
             Ok(_) => delivery.ack().await,
             Err(e) if e.is_retryable() => {
                 warn!(error = %e, "saga reply failed; redelivering");

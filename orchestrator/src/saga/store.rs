@@ -33,6 +33,67 @@ pub enum Handled {
 pub(crate) type InputFn<'a> =
     dyn Fn(&SagaDefinition, &SagaState) -> std::result::Result<Input, String> + Send + Sync + 'a;
 
+/// One reply of [`SagaStore::transition_replies`].
+pub(crate) struct ReplyItem<'a> {
+    pub(crate) saga_id: &'a str,
+    pub(crate) event_id: &'a str,
+    pub(crate) input: &'a InputFn<'a>,
+}
+
+/// What a loaded saga row and an input make.
+enum Decision<'d> {
+    /// Nothing to write (the reply's inbox record stays).
+    Done(Handled),
+    /// Transition `t` to write as the saga's `seq`-th.
+    Write {
+        def: &'d SagaDefinition,
+        t: Transition,
+        seq: i64,
+    },
+}
+
+/// Decides a transition from the saga row's `saga_type`, `version`, `state`
+/// and `seq` and the input.
+fn decide<'d>(
+    ctx: &'d Ctx,
+    saga_type: &str,
+    version: i64,
+    state: &str,
+    seq: i64,
+    input: &InputFn<'_>,
+) -> Result<Decision<'d>> {
+    use crate::error::{Error, ErrorKind};
+    let version = u32::try_from(version).unwrap_or(0);
+    let def = ctx.definitions.get(saga_type, version).ok_or_else(|| {
+        Error::new(ErrorKind::UnknownSaga {
+            saga_type: saga_type.to_owned(),
+            version: Some(version),
+        })
+    })?;
+    let state: SagaState = serde_json::from_str(state).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Codec {
+                operation: "decode a saga state",
+            },
+            e,
+        )
+    })?;
+    let input = match input(def, &state) {
+        Ok(i) => i,
+        Err(why) => return Ok(Decision::Done(Handled::Ignored(why))),
+    };
+    let t = super::machine::apply(def, &state, input);
+    if !t.applied {
+        metrics::counter!("saga_ignored_total").increment(1);
+        return Ok(Decision::Done(Handled::Ignored(t.note)));
+    }
+    Ok(Decision::Write {
+        def,
+        t,
+        seq: seq + 1,
+    })
+}
+
 /// A stored saga row.
 #[derive(Debug, Clone)]
 pub(crate) struct Row {
@@ -59,6 +120,17 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
         due_only: bool,
         input: &InputFn<'_>,
     ) -> Result<Handled>;
+    /// Applies replies of distinct sagas; each outcome is what
+    /// [`transition`](Self::transition) gives it. By default each runs in
+    /// its own transaction, all at once.
+    async fn transition_replies(&self, ctx: &Ctx, items: &[ReplyItem<'_>]) -> Vec<Result<Handled>> {
+        futures_util::future::join_all(
+            items.iter().map(|item| {
+                self.transition(ctx, item.saga_id, Some(item.event_id), false, item.input)
+            }),
+        )
+        .await
+    }
     async fn claim_due(&self, lease_ms: i64, limit: i64) -> Result<Vec<String>>;
     async fn load(&self, saga_id: &str) -> Result<Option<Row>>;
     async fn history(&self, saga_id: &str) -> Result<Vec<(i64, i64, String, String)>>;
@@ -103,7 +175,7 @@ fn written(ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Re
 /// the last, written by `close`); `$load_fresh` records a reply in the
 /// inbox and loads the saga row in one statement.
 macro_rules! saga_store {
-    ($store:ident, $db:ty, $pool:ty, $trip:ty, $first:literal, $now:ident, $lock:literal, $skip:literal, $load_fresh:expr) => {
+    ($store:ident, $db:ty, $pool:ty, $trip:ty, $first:literal, $now:ident, $lock:literal, $skip:literal, $load_fresh:expr, { $($extra:tt)* }) => {
         #[derive(Debug)]
         pub(crate) struct $store {
             pub(crate) pool: $pool,
@@ -145,7 +217,7 @@ macro_rules! saga_store {
                 input: &InputFn<'_>,
             ) -> Result<Handled> {
                 use sqlx::Row as _;
-                use crate::error::{Error, ErrorKind};
+                use crate::error::Error;
                 const OPERATION: &str = "run a saga transition";
                 let err = |e| Error::db(OPERATION, e);
                 let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
@@ -191,27 +263,14 @@ macro_rules! saga_store {
                     trip.rollback().await;
                     return Ok(Handled::Ignored("no timer is due".into()));
                 }
-                let version = u32::try_from(version).unwrap_or(0);
-                let def = ctx.definitions.get(&saga_type, version).ok_or_else(|| {
-                    Error::new(ErrorKind::UnknownSaga { saga_type: saga_type.clone(), version: Some(version) })
-                })?;
-                let state: SagaState = serde_json::from_str(&state).map_err(|e| {
-                    Error::with_source(ErrorKind::Codec { operation: "decode a saga state" }, e)
-                })?;
-                let input = match input(def, &state) {
-                    Ok(i) => i,
-                    Err(why) => {
+                let (def, t, seq) = match decide(ctx, &saga_type, version, &state, seq, input)? {
+                    Decision::Done(handled) => {
                         trip.commit(OPERATION).await?;
-                        return Ok(Handled::Ignored(why));
+                        return Ok(handled);
                     }
+                    Decision::Write { def, t, seq } => (def, t, seq),
                 };
-                let t = super::machine::apply(def, &state, input);
-                if !t.applied {
-                    trip.commit(OPERATION).await?;
-                    metrics::counter!("saga_ignored_total").increment(1);
-                    return Ok(Handled::Ignored(t.note));
-                }
-                self.close(trip, ctx, saga_id, def, &t, seq + 1, OPERATION).await?;
+                self.close(trip, ctx, saga_id, def, &t, seq, OPERATION).await?;
                 Ok(Handled::Applied(t.note))
             }
 
@@ -262,11 +321,14 @@ macro_rules! saga_store {
                     .await
                     .map_err(|e| crate::error::Error::db("count sagas", e))
             }
+
+            $($extra)*
         }
     };
 }
 
-/// The saga row's update and its history row, parameters `$1`..`$6`.
+/// The saga row's update and its history row on PostgreSQL, parameters
+/// `$1`..`$6`.
 macro_rules! saga_write {
     (pg) => {
         concat!(
@@ -278,20 +340,6 @@ macro_rules! saga_write {
              insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
             pg_now!(),
             ", $2, $6)"
-        )
-    };
-    (lite) => {
-        // SQLite runs the statements of one query in order, sharing the
-        // numbered parameters.
-        concat!(
-            "update orchestrator_sagas set status = $2, state = $3, wake_ms = ",
-            lite_now!(),
-            " + $4, claim_ms = 0, seq = $5, updated_ms = ",
-            lite_now!(),
-            " where saga_id = $1; \
-             insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) values ($1, $5, ",
-            lite_now!(),
-            ", $2, $6); "
         )
     };
 }
@@ -315,7 +363,8 @@ saga_store!(
         pg_now!(),
         " then 1 else 0 end as due \
          from orchestrator_sagas where saga_id = $1 for update"
-    )
+    ),
+    {}
 );
 
 #[cfg(feature = "postgres")]
@@ -369,8 +418,52 @@ saga_store!(
         lite_now!(),
         " then 1 else 0 end as due \
          from orchestrator_sagas where saga_id = $1"
-    )
+    ),
+    {
+        // Several replies in one transaction of two round trips.
+        async fn transition_replies(
+            &self,
+            ctx: &Ctx,
+            items: &[ReplyItem<'_>],
+        ) -> Vec<Result<Handled>> {
+            if items.len() > 1 {
+                match self.replies_in_one(ctx, items).await {
+                    Ok(done) => return done,
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        replies = items.len(),
+                        "saga replies could not be applied together; applying them one by one"
+                    ),
+                }
+            }
+            let mut done = Vec::with_capacity(items.len());
+            for item in items {
+                done.push(
+                    self.transition(ctx, item.saga_id, Some(item.event_id), false, item.input)
+                        .await,
+                );
+            }
+            done
+        }
+    }
 );
+
+/// Appends the saga row's update and its history row on SQLite, their
+/// parameters numbered from `n` (saga id, status, state, timer, seq, note).
+#[cfg(feature = "sqlite")]
+fn lite_saga_write(sql: &mut String, n: usize) {
+    use std::fmt::Write as _;
+    let (id, status, state, timer, seq, note) = (n, n + 1, n + 2, n + 3, n + 4, n + 5);
+    // Writing to a String cannot fail.
+    let _ = write!(
+        sql,
+        "update orchestrator_sagas set status = ${status}, state = ${state}, wake_ms = {now} + ${timer}, \
+         claim_ms = 0, seq = ${seq}, updated_ms = {now} where saga_id = ${id}; \
+         insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) \
+         values (${id}, ${seq}, {now}, ${status}, ${note}); ",
+        now = lite_now!()
+    );
+}
 
 #[cfg(feature = "sqlite")]
 impl SqliteSagaStore {
@@ -389,7 +482,8 @@ impl SqliteSagaStore {
     ) -> Result<()> {
         let w = written(ctx, saga_id, def, t)?;
         let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
-        let mut sql = String::from(saga_write!(lite));
+        let mut sql = String::new();
+        lite_saga_write(&mut sql, 1);
         crate::sqlite::closing(&mut sql, 7, rows.len());
         let query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(saga_id)
@@ -403,5 +497,142 @@ impl SqliteSagaStore {
         self.outbox.enqueued(rows.len());
         metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
         Ok(())
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl SqliteSagaStore {
+    /// Applies replies of distinct sagas in one transaction of two round
+    /// trips: one query records every reply in the inbox and loads its
+    /// saga row; the other writes every transition (saga row, history,
+    /// commands), drops the inbox records of the replies that failed (so
+    /// they are tried again, as alone), and commits. A database failure
+    /// fails the whole batch, which then rolls back.
+    async fn replies_in_one(
+        &self,
+        ctx: &Ctx,
+        items: &[ReplyItem<'_>],
+    ) -> Result<Vec<Result<Handled>>> {
+        use std::fmt::Write as _;
+
+        use sqlx::Row as _;
+
+        use crate::error::Error;
+        const OPERATION: &str = "apply saga replies";
+        let err = |e| Error::db(OPERATION, e);
+
+        // Writing to a String cannot fail.
+        let mut sql = String::from("begin immediate; ");
+        for i in 0..items.len() {
+            let (saga, event) = (2 + 2 * i, 3 + 2 * i);
+            let _ = write!(
+                sql,
+                "insert into orchestrator_inbox (consumer, event_id, processed_ms) \
+                 values ($1, ${event}, {now}) on conflict do nothing; \
+                 select {i} as item, changes() as fresh, saga_type, version, state, seq \
+                 from orchestrator_sagas where saga_id = ${saga}; ",
+                now = lite_now!()
+            );
+        }
+        let mut load = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&ctx.consumer);
+        for item in items {
+            load = load.bind(item.saga_id).bind(item.event_id);
+        }
+        let mut trip = crate::sqlite::Trip::start(&self.pool, OPERATION).await?;
+        let mut loaded: Vec<Option<sqlx::sqlite::SqliteRow>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        for row in load.fetch_all(trip.open()).await.map_err(err)? {
+            let i: i64 = row.try_get("item").map_err(err)?;
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| loaded.get_mut(i)) {
+                *slot = Some(row);
+            }
+        }
+
+        let mut outcomes: Vec<Result<Handled>> = Vec::with_capacity(items.len());
+        let mut writes = Vec::new();
+        let mut undo = Vec::new();
+        for (i, (item, row)) in items.iter().zip(loaded).enumerate() {
+            let Some(row) = row else {
+                outcomes.push(Ok(Handled::Ignored(format!(
+                    "unknown saga `{}`",
+                    item.saga_id
+                ))));
+                continue;
+            };
+            let fresh: i64 = row.try_get("fresh").map_err(err)?;
+            if fresh == 0 {
+                outcomes.push(Ok(Handled::Duplicate));
+                continue;
+            }
+            let saga_type: String = row.try_get("saga_type").map_err(err)?;
+            let version: i64 = row.try_get("version").map_err(err)?;
+            let state: String = row.try_get("state").map_err(err)?;
+            let seq: i64 = row.try_get("seq").map_err(err)?;
+            let decided =
+                decide(ctx, &saga_type, version, &state, seq, item.input).and_then(|decision| {
+                    match decision {
+                        Decision::Done(handled) => Ok(Err(handled)),
+                        Decision::Write { def, t, seq } => {
+                            let w = written(ctx, item.saga_id, def, &t)?;
+                            let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
+                            Ok(Ok((t, seq, w, rows)))
+                        }
+                    }
+                });
+            match decided {
+                Ok(Err(handled)) => outcomes.push(Ok(handled)),
+                Ok(Ok(write)) => {
+                    // Filled in once the batch commits.
+                    outcomes.push(Ok(Handled::Duplicate));
+                    writes.push((i, write));
+                }
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    undo.push(item);
+                }
+            }
+        }
+
+        let mut sql = String::new();
+        let mut n = 1;
+        for (_, (_, _, _, rows)) in &writes {
+            lite_saga_write(&mut sql, n);
+            crate::sqlite::outbox_inserts(&mut sql, n + 6, rows.len());
+            n += 6 + 5 * rows.len();
+        }
+        for _ in &undo {
+            let _ = write!(
+                sql,
+                "delete from orchestrator_inbox where consumer = ${} and event_id = ${}; ",
+                n,
+                n + 1
+            );
+            n += 2;
+        }
+        sql.push_str("commit");
+        let mut write = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut enqueued = 0;
+        for (i, (t, seq, w, rows)) in &writes {
+            write = write
+                .bind(items[*i].saga_id)
+                .bind(t.state.status.name())
+                .bind(&w.state)
+                .bind(w.timer)
+                .bind(*seq)
+                .bind(&t.note);
+            write = crate::sqlite::bind_rows(write, rows);
+            enqueued += rows.len();
+        }
+        for item in &undo {
+            write = write.bind(&ctx.consumer).bind(item.event_id);
+        }
+        trip.finish(write, OPERATION).await?;
+        self.outbox.enqueued(enqueued);
+        for (i, (t, _, _, _)) in writes {
+            metrics::counter!("saga_transitions_total", "status" => t.state.status.name())
+                .increment(1);
+            outcomes[i] = Ok(Handled::Applied(t.note));
+        }
+        Ok(outcomes)
     }
 }
