@@ -6,7 +6,8 @@
 //!   flight (each step is a coordinator transaction, a participant
 //!   transaction, and two relayed events), beside the raw single-row commit
 //!   rate of the same database measured in the same run (one connection,
-//!   `insert` + `commit` in a loop).
+//!   `insert` + `commit` in a loop; the mean of a measurement before the
+//!   sagas and one after).
 //! - `saga sagas/s`: whole sagas per second, same run.
 //! - `step latency p50/p99`: time from one transition to the next of a saga
 //!   (command enqueued → reply applied), on the database clock in ms, with
@@ -362,7 +363,9 @@ pub(crate) async fn run(sagas: usize, only: &[SagaOn]) -> anyhow::Result<Vec<Fig
             pg_schemas.push(schema);
             db
         };
-        let raw = raw_commit_rate(&db, Duration::from_secs(2)).await?;
+        // The raw rate is measured before and after the sagas, and the mean
+        // taken: this machine's speed drifts within a run.
+        let raw_before = raw_commit_rate(&db, Duration::from_secs(2)).await?;
         let prefix = format!("{}.", e2e::unique_name("bench_saga"));
         let coordinators = if backend == "sqlite" { 1 } else { 4 };
         let running = setup(&db, transport, &prefix, coordinators).await?;
@@ -381,6 +384,9 @@ pub(crate) async fn run(sagas: usize, only: &[SagaOn]) -> anyhow::Result<Vec<Fig
             .await
             .context("load")?;
         running.stop().await;
+        let raw_after = raw_commit_rate(&db, Duration::from_secs(2)).await?;
+        eprintln!("saga {label}: raw commits/s {raw_before:.0} before, {raw_after:.0} after");
+        let raw = f64::midpoint(raw_before, raw_after);
         let sagas_s = sagas as f64 / elapsed.as_secs_f64();
         figures.push(Figure {
             bench: format!("saga {label} steps/s vs raw commits/s"),
