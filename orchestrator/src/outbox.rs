@@ -149,6 +149,13 @@ impl<DB: sqlx::Database> Outbox<DB> {
         self.signal.send_modify(|_| {});
     }
 
+    /// `event` for `topic` as an outbox row, checked as `enqueue` checks
+    /// it: what the saga layer's transactions insert with their last
+    /// statements.
+    pub(crate) fn row(&self, topic: &Topic, event: &Event) -> Result<NewRow> {
+        encode(&self.config, topic, event)
+    }
+
     /// The partition an event goes to: see [`partition_of`].
     pub fn partition_for(&self, event: &Event) -> u32 {
         partition_of(

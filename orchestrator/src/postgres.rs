@@ -157,18 +157,6 @@ impl Outbox<Postgres> {
         self.insert(conn, &row).await
     }
 
-    /// Encodes `events` as outbox rows, checked as [`enqueue`](Self::enqueue)
-    /// checks them.
-    pub(crate) fn rows<'a>(
-        &self,
-        events: impl IntoIterator<Item = (&'a Topic, &'a Event)>,
-    ) -> Result<Vec<NewRow>> {
-        events
-            .into_iter()
-            .map(|(topic, event)| encode(&self.config, topic, event))
-            .collect()
-    }
-
     /// Inserts `rows` in `trip` and commits it.
     pub(crate) async fn commit_with(
         &self,

@@ -502,18 +502,6 @@ impl Outbox<Sqlite> {
         Ok(())
     }
 
-    /// Encodes `events` as outbox rows, checked as [`enqueue`](Self::enqueue)
-    /// checks them, for the closing statements of a [`Trip`].
-    pub(crate) fn rows<'a>(
-        &self,
-        events: impl IntoIterator<Item = (&'a Topic, &'a Event)>,
-    ) -> Result<Vec<NewRow>> {
-        events
-            .into_iter()
-            .map(|(topic, event)| encode(&self.config, topic, event))
-            .collect()
-    }
-
     /// Inserts `rows` and commits `trip`, in one round trip; then tells
     /// this process's relays.
     pub(crate) async fn commit_with(
@@ -1032,6 +1020,17 @@ mod tests {
             .expect("count")
     }
 
+    /// A trip whose first statement inserted `x` into `t`.
+    async fn opened(pool: &SqlitePool, x: i64) -> Trip {
+        let mut trip = Trip::start(pool, "test").await.expect("turn");
+        sqlx::query(concat!(lite_begin!(), "insert into t values ($1)"))
+            .bind(x)
+            .execute(trip.open())
+            .await
+            .expect("first statement");
+        trip
+    }
+
     /// A trip that ends in error or is cancelled after its first statement
     /// leaves nothing behind, and the next writer's turn comes after its
     /// rollback: on a file, and on the single connection of an in-memory
@@ -1051,12 +1050,7 @@ mod tests {
                 .expect("create");
             // Dropped after its first statement, as an error or a timeout
             // would drop it.
-            let mut trip = Trip::start(&pool, "test").await.expect("start");
-            sqlx::query(concat!(lite_begin!(), "insert into t values (1)"))
-                .execute(trip.open())
-                .await
-                .expect("first statement");
-            drop(trip);
+            drop(opened(&pool, 1).await);
             // Cancelled while its first statement runs.
             let mut trip = Trip::start(&pool, "test").await.expect("start");
             // Polled once (the statement is sent; it may or may not have
@@ -1067,11 +1061,7 @@ mod tests {
             );
             drop(trip);
             // The next writer finds neither row, and its own trip commits.
-            let mut trip = Trip::start(&pool, "test").await.expect("next turn");
-            sqlx::query(concat!(lite_begin!(), "insert into t values (3)"))
-                .execute(trip.open())
-                .await
-                .expect("next writer");
+            let trip = opened(&pool, 3).await;
             let mut sql = String::new();
             closing(&mut sql, 1, 0);
             trip.finish(sqlx::query(AssertSqlSafe(sql)), "test")
@@ -1079,18 +1069,8 @@ mod tests {
                 .expect("commit");
             assert_eq!(count(&pool).await, 1, "only the committed row stays");
             // A trip rolled back on purpose, and one that commits alone.
-            let mut trip = Trip::start(&pool, "test").await.expect("start");
-            sqlx::query(concat!(lite_begin!(), "insert into t values (4)"))
-                .execute(trip.open())
-                .await
-                .expect("insert");
-            trip.rollback().await;
-            let mut trip = Trip::start(&pool, "test").await.expect("start");
-            sqlx::query(concat!(lite_begin!(), "insert into t values (5)"))
-                .execute(trip.open())
-                .await
-                .expect("insert");
-            trip.commit("test").await.expect("commit");
+            opened(&pool, 4).await.rollback().await;
+            opened(&pool, 5).await.commit("test").await.expect("commit");
             assert_eq!(count(&pool).await, 2);
             pool.close().await;
         }

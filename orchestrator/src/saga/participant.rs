@@ -86,8 +86,8 @@ macro_rules! participant_impl {
                     + Send,
             {
                 let mut cmd = SagaCommand::from_event(event)?;
-                let err = |e| Error::db("handle a saga command", e);
                 const OPERATION: &str = "handle a saga command";
+                let err = |e| Error::db(OPERATION, e);
                 let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
                 let mark = tombstone(&cmd);
                 // One statement records the command and tells whether its
@@ -133,8 +133,8 @@ macro_rules! participant_impl {
                     )
                 })?;
                 let event = cmd.reply_event(&reply, &self.source)?;
-                let rows = self.outbox.rows([(&cmd.reply_to, &event)])?;
-                self.outbox.commit_with(trip, &rows, OPERATION).await?;
+                let row = self.outbox.row(&cmd.reply_to, &event)?;
+                self.outbox.commit_with(trip, std::slice::from_ref(&row), OPERATION).await?;
                 metrics::counter!("inbox_handled_total", "consumer" => self.name.clone()).increment(1);
                 Ok(Processed::Handled(reply))
             }

@@ -142,10 +142,16 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
 struct Written {
     state: String,
     timer: Option<i64>,
-    commands: Vec<(Topic, broker_adapters::cloudevents::Event)>,
+    rows: Vec<crate::outbox::NewRow>,
 }
 
-fn written(ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<Written> {
+fn written<DB: sqlx::Database>(
+    ctx: &Ctx,
+    outbox: &crate::outbox::Outbox<DB>,
+    saga_id: &str,
+    def: &SagaDefinition,
+    t: &Transition,
+) -> Result<Written> {
     use crate::error::{Error, ErrorKind};
     let state = serde_json::to_string(&t.state).map_err(|e| {
         Error::with_source(
@@ -158,16 +164,16 @@ fn written(ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Re
     let timer = t
         .timer
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 4));
-    let commands = t
+    let rows = t
         .commands
         .iter()
-        .map(|cmd| super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic))
+        .map(|cmd| {
+            let (topic, event) =
+                super::protocol::command_event(def, saga_id, cmd, &ctx.reply_topic)?;
+            outbox.row(&topic, &event)
+        })
         .collect::<Result<_>>()?;
-    Ok(Written {
-        state,
-        timer,
-        commands,
-    })
+    Ok(Written { state, timer, rows })
 }
 
 /// The store over one backend. `$trip` is its transaction (SQLite's folds
@@ -381,8 +387,7 @@ impl PgSagaStore {
         seq: i64,
         operation: &'static str,
     ) -> Result<()> {
-        let w = written(ctx, saga_id, def, t)?;
-        let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
+        let w = written(ctx, &self.outbox, saga_id, def, t)?;
         sqlx::query(saga_write!(pg))
             .bind(saga_id)
             .bind(t.state.status.name())
@@ -393,7 +398,7 @@ impl PgSagaStore {
             .execute(trip.conn())
             .await
             .map_err(|e| crate::error::Error::db("update a saga and its history", e))?;
-        self.outbox.commit_with(trip, &rows, operation).await?;
+        self.outbox.commit_with(trip, &w.rows, operation).await?;
         metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
         Ok(())
     }
@@ -448,10 +453,12 @@ saga_store!(
     }
 );
 
-/// Appends the saga row's update and its history row on SQLite, their
-/// parameters numbered from `n` (saga id, status, state, timer, seq, note).
+/// Appends a transition's statements on SQLite: the saga row's update, its
+/// history row and the outbox rows of `w`, their parameters numbered from
+/// `n` (bound in that order by [`lite_bind_write`]); returns the next free
+/// number.
 #[cfg(feature = "sqlite")]
-fn lite_saga_write(sql: &mut String, n: usize) {
+fn lite_saga_write(sql: &mut String, n: usize, w: &Written) -> usize {
     use std::fmt::Write as _;
     let (id, status, state, timer, seq, note) = (n, n + 1, n + 2, n + 3, n + 4, n + 5);
     // Writing to a String cannot fail.
@@ -463,6 +470,28 @@ fn lite_saga_write(sql: &mut String, n: usize) {
          values (${id}, ${seq}, {now}, ${status}, ${note}); ",
         now = lite_now!()
     );
+    crate::sqlite::outbox_inserts(sql, n + 6, w.rows.len());
+    n + 6 + 5 * w.rows.len()
+}
+
+/// Binds the parameters of [`lite_saga_write`] for transition `t`, the
+/// saga's `seq`-th.
+#[cfg(feature = "sqlite")]
+fn lite_bind_write<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    saga_id: &'q str,
+    t: &'q Transition,
+    seq: i64,
+    w: &'q Written,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let query = query
+        .bind(saga_id)
+        .bind(t.state.status.name())
+        .bind(&w.state)
+        .bind(w.timer)
+        .bind(seq)
+        .bind(&t.note);
+    crate::sqlite::bind_rows(query, &w.rows)
 }
 
 #[cfg(feature = "sqlite")]
@@ -480,21 +509,13 @@ impl SqliteSagaStore {
         seq: i64,
         operation: &'static str,
     ) -> Result<()> {
-        let w = written(ctx, saga_id, def, t)?;
-        let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
+        let w = written(ctx, &self.outbox, saga_id, def, t)?;
         let mut sql = String::new();
-        lite_saga_write(&mut sql, 1);
-        crate::sqlite::closing(&mut sql, 7, rows.len());
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(saga_id)
-            .bind(t.state.status.name())
-            .bind(&w.state)
-            .bind(w.timer)
-            .bind(seq)
-            .bind(&t.note);
-        trip.finish(crate::sqlite::bind_rows(query, &rows), operation)
-            .await?;
-        self.outbox.enqueued(rows.len());
+        lite_saga_write(&mut sql, 1, &w);
+        sql.push_str("commit");
+        let query = lite_bind_write(sqlx::query(sqlx::AssertSqlSafe(sql)), saga_id, t, seq, &w);
+        trip.finish(query, operation).await?;
+        self.outbox.enqueued(w.rows.len());
         metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
         Ok(())
     }
@@ -573,9 +594,8 @@ impl SqliteSagaStore {
                     match decision {
                         Decision::Done(handled) => Ok(Err(handled)),
                         Decision::Write { def, t, seq } => {
-                            let w = written(ctx, item.saga_id, def, &t)?;
-                            let rows = self.outbox.rows(w.commands.iter().map(|(t, e)| (t, e)))?;
-                            Ok(Ok((t, seq, w, rows)))
+                            let w = written(ctx, &self.outbox, item.saga_id, def, &t)?;
+                            Ok(Ok((t, seq, w)))
                         }
                     }
                 });
@@ -595,10 +615,8 @@ impl SqliteSagaStore {
 
         let mut sql = String::new();
         let mut n = 1;
-        for (_, (_, _, _, rows)) in &writes {
-            lite_saga_write(&mut sql, n);
-            crate::sqlite::outbox_inserts(&mut sql, n + 6, rows.len());
-            n += 6 + 5 * rows.len();
+        for (_, (_, _, w)) in &writes {
+            n = lite_saga_write(&mut sql, n, w);
         }
         for _ in &undo {
             let _ = write!(
@@ -612,23 +630,16 @@ impl SqliteSagaStore {
         sql.push_str("commit");
         let mut write = sqlx::query(sqlx::AssertSqlSafe(sql));
         let mut enqueued = 0;
-        for (i, (t, seq, w, rows)) in &writes {
-            write = write
-                .bind(items[*i].saga_id)
-                .bind(t.state.status.name())
-                .bind(&w.state)
-                .bind(w.timer)
-                .bind(*seq)
-                .bind(&t.note);
-            write = crate::sqlite::bind_rows(write, rows);
-            enqueued += rows.len();
+        for (i, (t, seq, w)) in &writes {
+            write = lite_bind_write(write, items[*i].saga_id, t, *seq, w);
+            enqueued += w.rows.len();
         }
         for item in &undo {
             write = write.bind(&ctx.consumer).bind(item.event_id);
         }
         trip.finish(write, OPERATION).await?;
         self.outbox.enqueued(enqueued);
-        for (i, (t, _, _, _)) in writes {
+        for (i, (t, _, _)) in writes {
             metrics::counter!("saga_transitions_total", "status" => t.state.status.name())
                 .increment(1);
             outcomes[i] = Ok(Handled::Applied(t.note));
