@@ -72,6 +72,21 @@ fn data() -> serde_json::Value {
     serde_json::json!({ "sku": "sku-1", "amount": 42 })
 }
 
+/// A bed with succeeding participants and no reply loop: the replies are
+/// read from the returned subscription and fed by hand.
+async fn fed_by_hand(backend: Backend) -> anyhow::Result<(Bed, Subscription)> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(script(|_| Act::Succeed), up()).await?;
+    let replies = bed
+        .broker
+        .subscribe(
+            &Topic::from_static(support::REPLIES),
+            SubscribeOptions::new("manual")?,
+        )
+        .await?;
+    Ok((bed, replies))
+}
+
 fn pairs(effects: &[(String, String)]) -> Vec<(&str, &str)> {
     effects
         .iter()
@@ -247,16 +262,7 @@ async fn compensation_that_cannot_succeed_ends_visible(backend: Backend) -> anyh
 async fn duplicate_unknown_and_malformed_replies_change_nothing(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let mut bed = Bed::new(backend).await?;
-    bed.participants(script(|_| Act::Succeed), up()).await?;
-    let mut replies = bed
-        .broker
-        .subscribe(
-            &Topic::from_static(support::REPLIES),
-            SubscribeOptions::new("manual")?,
-        )
-        .await?;
-    // No reply loop: replies are fed by hand.
+    let (bed, mut replies) = fed_by_hand(backend).await?;
     let c = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
     c.start("order", "o-1", data()).await?;
     let mut seen = 0;
@@ -510,15 +516,7 @@ async fn commands_and_replies_match_the_published_schemas(backend: Backend) -> a
 async fn replies_waiting_together_are_applied_as_one_by_one(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let mut bed = Bed::new(backend).await?;
-    bed.participants(script(|_| Act::Succeed), up()).await?;
-    let mut replies = bed
-        .broker
-        .subscribe(
-            &Topic::from_static(support::REPLIES),
-            SubscribeOptions::new("manual")?,
-        )
-        .await?;
+    let (mut bed, mut replies) = fed_by_hand(backend).await?;
     let c = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
     for i in 0..5 {
         c.start("order", &format!("o-{i}"), data()).await?;
