@@ -1,7 +1,8 @@
 //! The NATS JetStream adapter against the shared conformance suite, on the
 //! real nats-server the harness runs, plus NATS-specific tests: messages
 //! that are not CloudEvents (dead-lettered, never stalling), de-duplication
-//! by event id, per-key holding within a subscription, and an unreachable
+//! by event id, per-key holding within a subscription, a batch failing
+//! part-way storing a prefix of each key's events, and an unreachable
 //! server.
 //!
 //! `source tests/harness/up.sh && cargo test -p e2e --test conformance_nats`
@@ -500,4 +501,73 @@ async fn a_dropped_subscription_releases_its_events_before_its_successor_gets_la
         publishing.await.expect("publisher task");
         let _ = js.delete_stream(&stream).await;
     }
+}
+
+/// A batch that fails part-way leaves each key's stored events a prefix of
+/// that key's events: a stream whose `max_msg_size` refuses one event of key
+/// `a` stores no later event of `a`, so publishing the batch again cannot
+/// store them ahead of the refused one. Other keys are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_holds_back_the_later_events_of_its_key() {
+    const LIMIT: i32 = 2048;
+    let (url, broker) = connect().await;
+    let topic = topic("nats_prefix");
+    let client = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(client);
+    // An operator's stream on the topic, refusing messages above LIMIT bytes.
+    let name = broker.stream_name(&topic);
+    js.create_stream(jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![topic.to_string()],
+        storage: jetstream::stream::StorageType::Memory,
+        max_age: TEST_STREAM_AGE,
+        max_message_size: LIMIT,
+        ..Default::default()
+    })
+    .await
+    .expect("stream created");
+    assert_eq!(broker.provision(&topic).await.expect("found"), name);
+
+    let event = |key: &str, n: usize, pad: usize| {
+        CloudEventBuilder::new("dev.backbone.test", "/nats")
+            .partition_key(key)
+            .json_data(&(key, n, "x".repeat(pad)))
+            .build()
+            .expect("valid")
+    };
+    let mut batch = Vec::new();
+    for n in 0..6 {
+        // a1 is too large for the stream; everything else fits.
+        let pad = if n == 1 { 4 * LIMIT as usize } else { 10 };
+        batch.push(event("a", n, pad));
+        batch.push(event("b", n, 10));
+    }
+    broker
+        .publish_batch(&topic, batch)
+        .await
+        .expect_err("the stream refuses a1");
+
+    let mut stream = js.get_stream(&name).await.expect("stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut stored: std::collections::HashMap<String, Vec<usize>> = Default::default();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.expect("stored message");
+        let (key, n, _): (String, usize, String) =
+            serde_json::from_slice(&message.payload).expect("the event's data");
+        stored.entry(key).or_default().push(n);
+    }
+    assert_eq!(
+        stored.get("a"),
+        Some(&vec![0]),
+        "only a0, the event of `a` before the refused a1, may be stored"
+    );
+    let b = stored.get("b").cloned().unwrap_or_default();
+    assert_eq!(
+        b,
+        (0..b.len()).collect::<Vec<_>>(),
+        "`b` is stored in order"
+    );
+    let _ = js.delete_stream(&name).await;
 }

@@ -28,7 +28,7 @@ use broker_adapters::{SubscribeOptions, Subscriber, Topic};
 use e2e::process::{ServerProcess, find_program, free_port};
 use futures_util::StreamExt;
 use orchestrator::{OutboxConfig, Processed};
-use support::{Backend, Db, broken_keys, check_delivered, check_order_ids, event};
+use support::{Backend, Db, check_order_ids, event};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -298,21 +298,14 @@ async fn wait_effects(db: &Db, n: i64, relays: &mut [&mut RelayProc]) -> anyhow:
     }
 }
 
-/// No event lost, no duplicate effect, and (with `order`) order per key
-/// kept; returns how many keys lost their order.
-async fn check_effects(db: &Db, all: &[Event], order: bool) -> anyhow::Result<usize> {
+/// No event lost, order per key kept, no duplicate effect.
+async fn check_effects(db: &Db, all: &[Event]) -> anyhow::Result<()> {
     let log = db.effect_log(CONSUMER).await?;
     let ids: Vec<(&str, Option<&str>)> = log
         .iter()
         .map(|(id, key, _)| (id.as_str(), key.as_deref()))
         .collect();
-    let broken = if order {
-        check_order_ids(all, &ids, true)?;
-        0
-    } else {
-        check_delivered(all, &ids, true)?;
-        broken_keys(all, &ids).len()
-    };
+    check_order_ids(all, &ids, true)?;
     ensure!(
         log.len() == all.len(),
         "{} effects for {} events",
@@ -326,7 +319,7 @@ async fn check_effects(db: &Db, all: &[Event], order: bool) -> anyhow::Result<us
     loop {
         let pending = db.pending().await?;
         if pending == 0 {
-            return Ok(broken);
+            return Ok(());
         }
         ensure!(
             started.elapsed() < WAIT,
@@ -384,7 +377,7 @@ async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyh
     let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
     wait_effects(&db, 1200, &mut [&mut relay]).await?;
     let stats = consumer.stop().await?;
-    check_effects(&db, &all, true).await?;
+    check_effects(&db, &all).await?;
     let in_stream = probe.messages().await?;
     ensure!(
         in_stream == 1200,
@@ -425,7 +418,7 @@ async fn two_relay_processes_lose_nothing_and_keep_order(backend: Backend) -> an
     all.extend(more);
     wait_effects(&db, 1200, &mut [&mut a, &mut b]).await?;
     let stats = consumer.stop().await?;
-    check_effects(&db, &all, true).await?;
+    check_effects(&db, &all).await?;
     println!(
         "{backend:?}: two relays; deliveries {}, duplicates skipped {}",
         stats.deliveries.load(Ordering::SeqCst),
@@ -480,13 +473,10 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
 
     wait_effects(&db, 900, &mut [&mut relay]).await?;
     let stats = consumer.stop().await?;
-    // Order per key is not checked here: a NATS server crash can reorder
-    // the events of a key that were in flight in one batch (README, "Known
-    // gaps"); how many keys it hit is reported.
-    let reordered = check_effects(&db, &all, false).await?;
+    check_effects(&db, &all).await?;
     ensure!(pending_while_down > 0, "the broker went down mid-stream");
     println!(
-        "{backend:?}: broker restart with {pending_while_down} rows pending; deliveries {}, duplicates skipped {}, keys reordered {reordered}",
+        "{backend:?}: broker restart with {pending_while_down} rows pending; deliveries {}, duplicates skipped {}",
         stats.deliveries.load(Ordering::SeqCst),
         stats.duplicates.load(Ordering::SeqCst)
     );
@@ -521,7 +511,7 @@ async fn duplicate_deliveries_have_no_duplicate_effect(backend: Backend) -> anyh
     let withheld = stats.withheld.load(Ordering::SeqCst);
     ensure!(withheld >= 10, "{withheld} deliveries withheld");
     ensure!(stats.duplicates.load(Ordering::SeqCst) >= withheld);
-    check_effects(&db, &all, true).await?;
+    check_effects(&db, &all).await?;
     println!(
         "{backend:?}: {withheld} acks withheld; deliveries {}, duplicates skipped {}",
         stats.deliveries.load(Ordering::SeqCst),

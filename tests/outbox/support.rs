@@ -473,36 +473,8 @@ pub(crate) fn check_order_ids(
     got: &[(&str, Option<&str>)],
     exact: bool,
 ) -> anyhow::Result<()> {
-    check_delivered(expected, got, exact)?;
-    if let Some((key, want, got)) = broken_keys(expected, got).into_iter().next() {
-        bail!("order of key {key} broken: expected {want:?}, got {got:?}");
-    }
-    Ok(())
-}
-
-/// No event lost; with `exact`, none delivered twice.
-pub(crate) fn check_delivered(
-    expected: &[Event],
-    got: &[(&str, Option<&str>)],
-    exact: bool,
-) -> anyhow::Result<()> {
     let mut seen = HashSet::new();
-    let duplicates = got.iter().filter(|(id, _)| !seen.insert(*id)).count();
-    let missing = expected.iter().filter(|e| !seen.contains(e.id())).count();
-    ensure!(missing == 0, "{missing} of {} events lost", expected.len());
-    if exact {
-        ensure!(duplicates == 0, "{duplicates} events delivered twice");
-    }
-    Ok(())
-}
-
-/// The keys whose events first arrived out of order: the key, the order
-/// wanted and the order seen.
-pub(crate) fn broken_keys(
-    expected: &[Event],
-    got: &[(&str, Option<&str>)],
-) -> Vec<(String, Vec<String>, Vec<String>)> {
-    let mut seen = HashSet::new();
+    let mut duplicates = 0usize;
     let mut first_order: HashMap<String, Vec<String>> = HashMap::new();
     for (id, key) in got {
         if seen.insert(id.to_string()) {
@@ -510,7 +482,14 @@ pub(crate) fn broken_keys(
                 .entry(key.unwrap_or_default().to_owned())
                 .or_default()
                 .push(id.to_string());
+        } else {
+            duplicates += 1;
         }
+    }
+    let missing = expected.iter().filter(|e| !seen.contains(e.id())).count();
+    ensure!(missing == 0, "{missing} of {} events lost", expected.len());
+    if exact {
+        ensure!(duplicates == 0, "{duplicates} events delivered twice");
     }
     let mut want: HashMap<String, Vec<String>> = HashMap::new();
     for e in expected {
@@ -518,18 +497,16 @@ pub(crate) fn broken_keys(
             .or_default()
             .push(e.id().to_owned());
     }
-    let mut broken: Vec<_> = want
-        .into_iter()
-        .filter_map(|(key, ids)| {
-            let got: Vec<String> = first_order
-                .get(&key)
-                .map(|v| v.iter().filter(|id| ids.contains(id)).cloned().collect())
-                .unwrap_or_default();
-            (got != ids).then_some((key, ids, got))
-        })
-        .collect();
-    broken.sort();
-    broken
+    for (key, ids) in &want {
+        let got: Vec<&String> = first_order
+            .get(key)
+            .map(|v| v.iter().filter(|id| ids.contains(id)).collect())
+            .unwrap_or_default();
+        if got.iter().copied().ne(ids.iter()) {
+            bail!("order of key {key} broken: expected {ids:?}, got {got:?}");
+        }
+    }
+    Ok(())
 }
 
 /// Everything delivered on a topic of the in-memory broker, in order.

@@ -46,9 +46,18 @@
 //! headers and the data as the payload), and published with the event id as
 //! `Nats-Msg-Id`, so JetStream stores an event published twice within its
 //! duplicate window (2 minutes by default) once. `publish` returns after
-//! JetStream's publish acknowledgement: the event is stored. `publish_batch`
-//! sends the whole batch before waiting for the acknowledgements, which it
-//! then checks in order; events of one batch are stored in batch order.
+//! JetStream's publish acknowledgement: the event is stored.
+//!
+//! `publish_batch` pipelines: it sends events without waiting for each
+//! acknowledgement, except that an event waits until the one before it with
+//! the same `partitionkey` is stored. Events of one key are therefore stored
+//! in batch order, and when the batch fails part-way (a server that crashed
+//! with events already written to it, a stream leader change refusing one
+//! event) what was stored of each key is a prefix of that key's events, so
+//! publishing the batch again keeps every key's order: the events stored the
+//! first time are de-duplicated by id. Events of different keys, and events
+//! without a key, may be stored in any order relative to each other. A batch
+//! whose events all share one key costs one round trip per event.
 //!
 //! # Subscribing
 //!
@@ -464,8 +473,9 @@ impl Publisher for NatsBroker {
         self.inner.publish(topic, vec![event]).await
     }
 
-    /// Sends every event before awaiting the acknowledgements, then checks
-    /// them in order. Every event is validated before anything is sent.
+    /// Pipelines the events, each one sent only once the one before it with
+    /// the same `partitionkey` is stored (see [Publishing](self#publishing)).
+    /// Every event is validated before anything is sent.
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.inner.publish(topic, events).await
     }

@@ -1,8 +1,11 @@
 //! Publishing: CloudEvents encoded with the NATS binding, sent to JetStream
 //! with `Nats-Msg-Id` for de-duplication, acknowledged durably. A batch is
-//! pipelined: sent whole, then its acknowledgements awaited in order.
+//! pipelined, except that an event is sent only once the event of its
+//! `partitionkey` before it was acknowledged, so a failure leaves each key's
+//! stored events a prefix of its events in the batch.
 
-use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ use super::error::{self, SYSTEM};
 use super::{Inner, MAX_PENDING_ACKS};
 use crate::binding::Binding;
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::validate_for_publish;
+use crate::event::{EventExt, validate_for_publish};
 use crate::telemetry::{self, operation};
 use crate::topic::Topic;
 
@@ -54,6 +57,71 @@ impl Outgoing {
     }
 }
 
+/// A batch on its way: its acknowledgements awaited, and the events held
+/// behind an earlier event of their key that is not yet stored.
+struct Sending<'a> {
+    events: &'a [Event],
+    /// The first event, in batch order, not looked at yet.
+    next: usize,
+    /// Events whose key's previous event is stored: sent before new ones.
+    ready: VecDeque<usize>,
+    /// Key → the events held behind the one of that key in flight.
+    held: HashMap<&'a str, VecDeque<usize>>,
+    /// Acknowledgements awaited, oldest first: (ack, event, size).
+    pending: VecDeque<(PublishAckFuture, usize, usize)>,
+}
+
+impl<'a> Sending<'a> {
+    fn new(events: &'a [Event]) -> Self {
+        Self {
+            events,
+            next: 0,
+            ready: VecDeque::new(),
+            held: HashMap::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// The next event that may be sent now, if any: one released by its
+    /// key's acknowledgement, else the next in batch order whose key has
+    /// nothing in flight (events behind a key in flight are held).
+    fn take(&mut self) -> Option<usize> {
+        if let Some(i) = self.ready.pop_front() {
+            return Some(i);
+        }
+        while self.next < self.events.len() {
+            let i = self.next;
+            self.next += 1;
+            let Some(key) = self.events[i].partition_key() else {
+                return Some(i);
+            };
+            match self.held.entry(key) {
+                Entry::Occupied(mut behind) => behind.get_mut().push_back(i),
+                Entry::Vacant(free) => {
+                    free.insert(VecDeque::new());
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Event `i` is stored: the next event of its key may go.
+    fn stored(&mut self, i: usize) {
+        let Some(key) = self.events[i].partition_key() else {
+            return;
+        };
+        if let Entry::Occupied(mut behind) = self.held.entry(key) {
+            match behind.get_mut().pop_front() {
+                Some(next) => self.ready.push_back(next),
+                None => {
+                    behind.remove();
+                }
+            }
+        }
+    }
+}
+
 impl Inner {
     /// Publishes `events` in order and waits until JetStream stored all of them.
     pub(super) async fn publish(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
@@ -81,18 +149,28 @@ impl Inner {
 
         // Each event is encoded just before it is sent, so a large batch
         // does not hold a second, encoded copy of itself in memory.
-        let mut pending: VecDeque<(PublishAckFuture, usize)> = VecDeque::new();
-        for event in &events {
-            let (ack, size) = self.send(topic, event, &mut pending).await?;
-            pending.push_back((ack, size));
-            if pending.len() >= BATCH_WINDOW {
-                self.confirm_oldest(topic, &mut pending).await?;
+        //
+        // Events of different keys are pipelined, but an event waits until
+        // the one of its key before it is stored. A connection lost mid-batch
+        // can lose events already written while async-nats sends the ones it
+        // still buffered after reconnecting, and a stream leader change can
+        // refuse one event and store the next: had the later event of a key
+        // been in flight, it could be stored before a retry of the earlier.
+        let mut sending = Sending::new(&events);
+        loop {
+            if let Some(i) = sending.take() {
+                let (ack, size) = self.send(topic, i, &mut sending).await?;
+                sending.pending.push_back((ack, i, size));
+                if sending.pending.len() >= BATCH_WINDOW {
+                    self.confirm_oldest(topic, &mut sending).await?;
+                }
+            } else if !sending.pending.is_empty() {
+                self.confirm_oldest(topic, &mut sending).await?;
+            } else {
+                // Nothing is held without its key's event pending or ready.
+                return Ok(());
             }
         }
-        while !pending.is_empty() {
-            self.confirm_oldest(topic, &mut pending).await?;
-        }
-        Ok(())
     }
 
     /// Encodes `event` in the configured mode, with `Nats-Msg-Id`.
@@ -129,17 +207,18 @@ impl Inner {
         })
     }
 
-    /// Encodes and sends one event; returns its acknowledgement and size.
-    /// When too many acknowledgements are outstanding on the connection,
-    /// first waits for the oldest of this batch, or briefly for other
-    /// publishers' to clear, and encodes the event again (the refused send
-    /// consumed the message; this is the rare path).
+    /// Encodes and sends the batch's event `i`; returns its acknowledgement
+    /// and size. When too many acknowledgements are outstanding on the
+    /// connection, first waits for the oldest of this batch, or briefly for
+    /// other publishers' to clear, and encodes the event again (the refused
+    /// send consumed the message; this is the rare path).
     async fn send(
         &self,
         topic: &Topic,
-        event: &Event,
-        pending: &mut VecDeque<(PublishAckFuture, usize)>,
+        i: usize,
+        sending: &mut Sending<'_>,
     ) -> Result<(PublishAckFuture, usize)> {
+        let event = &sending.events[i];
         let give_up = Instant::now() + self.timeout();
         loop {
             let message = self.encode(event)?;
@@ -151,8 +230,8 @@ impl Inner {
             {
                 Ok(ack) => return Ok((ack, size)),
                 Err(e) if e.kind() == PublishErrorKind::MaxAckPending => {
-                    if !pending.is_empty() {
-                        self.confirm_oldest(topic, pending).await?;
+                    if !sending.pending.is_empty() {
+                        self.confirm_oldest(topic, sending).await?;
                     } else if Instant::now() < give_up {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     } else {
@@ -170,13 +249,10 @@ impl Inner {
         }
     }
 
-    /// Awaits the oldest outstanding acknowledgement.
-    async fn confirm_oldest(
-        &self,
-        topic: &Topic,
-        pending: &mut VecDeque<(PublishAckFuture, usize)>,
-    ) -> Result<()> {
-        let Some((ack, size)) = pending.pop_front() else {
+    /// Awaits the oldest outstanding acknowledgement, and releases the next
+    /// event of its key.
+    async fn confirm_oldest(&self, topic: &Topic, sending: &mut Sending<'_>) -> Result<()> {
+        let Some((ack, i, size)) = sending.pending.pop_front() else {
             return Ok(());
         };
         match ack.await {
@@ -188,6 +264,7 @@ impl Inner {
                         "JetStream already had this event id; stored once"
                     );
                 }
+                sending.stored(i);
                 Ok(())
             }
             Err(e) => Err(self.publish_error(topic, e, size)),
