@@ -187,18 +187,26 @@ async fn setup(
     let mut tasks = Vec::new();
     for name in ["inventory", "payment", "shipping"] {
         let topic = Topic::try_from(format!("{prefix}{name}").as_str())?;
+        // One participant per service, cloned per command.
+        let part = match &db {
+            Db::Pg(pool, outbox) => {
+                Part::Pg(Participant::postgres(pool.clone(), outbox.clone(), name))
+            }
+            Db::Lite(pool, outbox) => {
+                Part::Lite(Participant::sqlite(pool.clone(), outbox.clone(), name))
+            }
+        };
         for _ in 0..coordinators {
             let sub = subscriber
                 .subscribe(&topic, SubscribeOptions::new(name)?)
                 .await?;
-            let db = db.clone();
+            let part = part.clone();
             // The library's consumer loop, up to PARTICIPANT_CONCURRENCY
             // commands at once, as the coordinator applies its replies; one
             // saga's commands still come one after the other (per-key
             // delivery).
-            let handler = tower::service_fn(move |received: Received| {
-                participate(db.clone(), name, received)
-            });
+            let handler =
+                tower::service_fn(move |received: Received| participate(part.clone(), received));
             let consumer = Consumer::new(sub, handler)
                 .concurrency(PARTICIPANT_CONCURRENCY)
                 .retry_delay(Duration::ZERO);
@@ -232,21 +240,28 @@ impl Running {
 /// Commands one participant handles at once.
 const PARTICIPANT_CONCURRENCY: NonZeroUsize = NonZeroUsize::new(16).expect("16 is not zero");
 
+/// A service's participant on either store.
+#[derive(Clone)]
+enum Part {
+    Pg(Participant<sqlx::Postgres>),
+    Lite(Participant<sqlx::Sqlite>),
+}
+
 /// Handles one command with the library's `Participant` (no-op effect,
 /// success reply); a failure is retried.
-async fn participate(db: Db, name: &'static str, received: Received) -> Result<(), HandlerError> {
+async fn participate(part: Part, received: Received) -> Result<(), HandlerError> {
     let ok = |cmd: &orchestrator::saga::SagaCommand| StepReply::Success {
         reply_type: format!("{}.done", cmd.command_type),
         data: serde_json::Value::Null,
     };
-    let handled = match &db {
-        Db::Pg(pool, outbox) => Participant::postgres(pool.clone(), outbox.clone(), name)
+    let handled = match &part {
+        Part::Pg(p) => p
             .handle(&received.event, |_, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move { Ok(ok(cmd)) })
             })
             .await
             .map(|_| ()),
-        Db::Lite(pool, outbox) => Participant::sqlite(pool.clone(), outbox.clone(), name)
+        Part::Lite(p) => p
             .handle(&received.event, |_, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move { Ok(ok(cmd)) })
             })

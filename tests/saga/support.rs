@@ -199,7 +199,20 @@ fn reply_type(cmd: &SagaCommand, ok: bool) -> String {
     )
 }
 
-/// A participant serving `topic` with `script`.
+/// Commands a test participant handles at once (on SQLite they share
+/// transactions).
+const PARTICIPANT_CONCURRENCY: usize = 8;
+
+/// One participant, shared by the commands it handles.
+#[derive(Clone)]
+enum Part {
+    Pg(Participant<sqlx::Postgres>),
+    Lite(Participant<sqlx::Sqlite>),
+}
+
+/// A participant serving `topic` with `script`, up to
+/// [`PARTICIPANT_CONCURRENCY`] commands at once (one per saga at a time:
+/// the subscription holds a key's next command until the last is settled).
 pub(crate) async fn participant(
     db: &Db,
     broker: &dyn Subscriber,
@@ -211,33 +224,47 @@ pub(crate) async fn participant(
     let group = topic.as_str().replace('.', "-");
     let options = SubscribeOptions::new(&group)?.ack_wait(Duration::from_secs(3));
     let mut sub = broker.subscribe(&topic, options).await?;
-    let db = db.clone();
-    let name = topic.as_str().to_owned();
+    let name = topic.as_str();
+    let part = match db {
+        Db::Pg { pool, outbox, .. } => {
+            Part::Pg(Participant::postgres(pool.clone(), outbox.clone(), name))
+        }
+        Db::Lite { pool, outbox, .. } => {
+            Part::Lite(Participant::sqlite(pool.clone(), outbox.clone(), name))
+        }
+    };
     Ok(tokio::spawn(async move {
+        // Aborting this task drops the set, which aborts the handling too.
+        let mut handling = tokio::task::JoinSet::new();
         while let Some(Ok(mut delivery)) = sub.next().await {
-            while !up.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            while handling.len() >= PARTICIPANT_CONCURRENCY {
+                handling.join_next().await;
             }
-            let event = delivery.event().clone();
-            let result = handle(&db, &name, &event, script.clone()).await;
-            let _ = match result {
-                Ok(()) => delivery.ack().await,
-                Err(_) => delivery.nack(Some(Duration::from_millis(50))).await,
-            };
+            let (part, script, up) = (part.clone(), script.clone(), Arc::clone(&up));
+            handling.spawn(async move {
+                while !up.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let event = delivery.event().clone();
+                let result = handle(&part, &event, script).await;
+                let _ = match result {
+                    Ok(()) => delivery.ack().await,
+                    Err(_) => delivery.nack(Some(Duration::from_millis(50))).await,
+                };
+            });
         }
     }))
 }
 
-async fn handle(db: &Db, name: &str, event: &Event, script: Script) -> anyhow::Result<()> {
+async fn handle(part: &Part, event: &Event, script: Script) -> anyhow::Result<()> {
     let cmd = SagaCommand::from_event(event)?;
     let act = script(&cmd);
     if matches!(act, Act::Ignore) {
         return Ok(());
     }
     let phase = cmd.saga.phase.as_str().to_owned();
-    match db {
-        Db::Pg { pool, outbox, .. } => {
-            let p = Participant::postgres(pool.clone(), outbox.clone(), name);
+    match part {
+        Part::Pg(p) => {
             let _handled = p.handle(event, move |tx, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move {
                     let reply = decide(cmd, &act);
@@ -259,8 +286,7 @@ async fn handle(db: &Db, name: &str, event: &Event, script: Script) -> anyhow::R
             })
             .await?;
         }
-        Db::Lite { pool, outbox, .. } => {
-            let p = Participant::sqlite(pool.clone(), outbox.clone(), name);
+        Part::Lite(p) => {
             let _handled = p.handle(event, move |tx, cmd| -> BoxFuture<'_, _> {
                 Box::pin(async move {
                     let reply = decide(cmd, &act);

@@ -7,24 +7,41 @@
 //! command of that step arriving late (reordered) is handed to the handler
 //! with [`SagaCommand::compensated`] set, and must be answered with a
 //! failure and no effect.
+//!
+//! On SQLite, whose one writer at a time makes every transaction wait its
+//! turn, commands that one participant (or its clones) handles at the same
+//! time share one transaction (up to [`MAX_SHARED`]): each runs its
+//! statements and its handler in a savepoint of its own, in turn, and one
+//! commit covers them all. A handler that fails rolls back its own savepoint
+//! only; a command's result is returned once the shared commit is done.
+//! Create a participant once and clone it per command: participants created
+//! separately do not share transactions.
 
 use std::fmt;
 
+#[cfg(feature = "postgres")]
 use broker_adapters::cloudevents::Event;
+#[cfg(feature = "postgres")]
 use futures_util::future::BoxFuture;
 
+#[cfg(feature = "postgres")]
 use super::machine::Phase;
 use super::protocol::{SagaCommand, StepReply};
-use crate::error::{BoxError, Error, ErrorKind, Result};
+#[cfg(feature = "postgres")]
+use crate::error::Result;
+use crate::error::{BoxError, Error, ErrorKind};
 use crate::inbox::Processed;
 use crate::outbox::Outbox;
 
 /// A saga participant named `name` (its inbox consumer name) on one database.
+/// Clones share it (on SQLite, its shared transactions).
 pub struct Participant<DB: sqlx::Database> {
     pool: sqlx::Pool<DB>,
     outbox: Outbox<DB>,
     name: String,
     source: String,
+    #[cfg(feature = "sqlite")]
+    group: std::sync::Arc<lite::Group>,
 }
 
 impl<DB: sqlx::Database> Clone for Participant<DB> {
@@ -34,6 +51,8 @@ impl<DB: sqlx::Database> Clone for Participant<DB> {
             outbox: self.outbox.clone(),
             name: self.name.clone(),
             source: self.source.clone(),
+            #[cfg(feature = "sqlite")]
+            group: std::sync::Arc::clone(&self.group),
         }
     }
 }
@@ -51,18 +70,46 @@ fn tombstone(cmd: &SagaCommand) -> String {
     format!("compensated/{}/{}", cmd.saga.saga_id, cmd.saga.step)
 }
 
+impl<DB: sqlx::Database> Participant<DB> {
+    fn with(pool: sqlx::Pool<DB>, outbox: Outbox<DB>, name: impl Into<String>) -> Self {
+        let name = name.into();
+        Self {
+            pool,
+            outbox,
+            source: format!("/participants/{name}"),
+            name,
+            #[cfg(feature = "sqlite")]
+            group: std::sync::Arc::default(),
+        }
+    }
+
+    fn handler_error(&self, cmd: &SagaCommand, e: BoxError) -> Error {
+        Error::with_source(
+            ErrorKind::Handler {
+                consumer: self.name.clone(),
+                event_id: cmd.command_id.clone(),
+            },
+            e,
+        )
+    }
+
+    fn counted(&self, processed: Processed<StepReply>) -> Processed<StepReply> {
+        let counter = match processed {
+            Processed::Duplicate => "inbox_duplicates_total",
+            Processed::Handled(_) => "inbox_handled_total",
+        };
+        metrics::counter!(counter, "consumer" => self.name.clone()).increment(1);
+        processed
+    }
+}
+
+#[cfg(feature = "postgres")]
 macro_rules! participant_impl {
     ($db:ty, $pool:ty, $conn:ty, $trip:ty, $first:literal, $ctor:ident, $now:ident) => {
         impl Participant<$db> {
             /// A participant called `name` whose replies go out through `outbox`.
             pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
-                let name = name.into();
-                Self {
-                    pool,
-                    outbox,
-                    source: format!("/participants/{name}"),
-                    name,
-                }
+                Self::with(pool, outbox, name)
             }
 
             /// Handles the command `event` once: records its id, runs
@@ -106,8 +153,7 @@ macro_rules! participant_impl {
                 .map_err(err)?;
                 let Some(tombstones) = fresh else {
                     trip.rollback().await;
-                    metrics::counter!("inbox_duplicates_total", "consumer" => self.name.clone()).increment(1);
-                    return Ok(Processed::Duplicate);
+                    return Ok(self.counted(Processed::Duplicate));
                 };
                 match cmd.saga.phase {
                     Phase::Compensate => {
@@ -123,20 +169,13 @@ macro_rules! participant_impl {
                     }
                     Phase::Forward => cmd.compensated = tombstones > 0,
                 }
-                let reply = handler(trip.conn(), &cmd).await.map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Handler {
-                            consumer: self.name.clone(),
-                            event_id: cmd.command_id.clone(),
-                        },
-                        e,
-                    )
-                })?;
+                let reply = handler(trip.conn(), &cmd)
+                    .await
+                    .map_err(|e| self.handler_error(&cmd, e))?;
                 let event = cmd.reply_event(&reply, &self.source)?;
                 let row = self.outbox.row(&cmd.reply_to, &event)?;
                 self.outbox.commit_with(trip, std::slice::from_ref(&row), OPERATION).await?;
-                metrics::counter!("inbox_handled_total", "consumer" => self.name.clone()).increment(1);
-                Ok(Processed::Handled(reply))
+                Ok(self.counted(Processed::Handled(reply)))
             }
         }
     };
@@ -154,12 +193,548 @@ participant_impl!(
 );
 
 #[cfg(feature = "sqlite")]
-participant_impl!(
-    sqlx::Sqlite,
-    sqlx::SqlitePool,
-    sqlx::SqliteConnection,
-    crate::sqlite::Trip,
-    "begin immediate; ",
-    sqlite,
-    lite_now
-);
+pub use self::lite::MAX_SHARED;
+
+#[cfg(feature = "sqlite")]
+mod lite {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+    use broker_adapters::cloudevents::Event;
+    use futures_util::future::BoxFuture;
+    use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+    use tokio::sync::oneshot;
+
+    use super::{Participant, tombstone};
+    use crate::error::{BoxError, Error, ErrorKind, Result};
+    use crate::inbox::Processed;
+    use crate::outbox::{NewRow, Outbox};
+    use crate::saga::machine::Phase;
+    use crate::saga::protocol::{SagaCommand, StepReply};
+    use crate::sqlite::Trip;
+
+    /// The most commands one shared SQLite transaction holds.
+    pub const MAX_SHARED: usize = 32;
+
+    const OPERATION: &str = "handle a saga command";
+
+    /// One participant's (and its clones') shared transactions: whether
+    /// one is held, and the commands waiting to join it.
+    #[derive(Default)]
+    pub(super) struct Group {
+        state: Mutex<GroupState>,
+    }
+
+    #[derive(Default)]
+    struct GroupState {
+        held: bool,
+        waiting: VecDeque<oneshot::Sender<Baton>>,
+    }
+
+    impl Group {
+        fn lock(&self) -> MutexGuard<'_, GroupState> {
+            self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// The baton: the shared transaction from the command before, or,
+        /// when none is held, an empty one that starts it.
+        async fn join(self: &Arc<Self>) -> Baton {
+            loop {
+                let waiting = {
+                    let mut state = self.lock();
+                    if !state.held {
+                        state.held = true;
+                        return Baton::empty(Arc::clone(self));
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    state.waiting.push_back(tx);
+                    rx
+                };
+                // A sender is dropped unsent only with its group; ask again.
+                if let Ok(baton) = waiting.await {
+                    return baton;
+                }
+            }
+        }
+
+        /// The shared transaction ended: the next waiting command starts
+        /// another.
+        fn release(self: &Arc<Self>) {
+            let mut state = self.lock();
+            let mut next = Baton::empty(Arc::clone(self));
+            while let Some(waiter) = state.waiting.pop_front() {
+                match waiter.send(next) {
+                    Ok(()) => return,
+                    // That command was cancelled while it waited.
+                    Err(back) => next = back,
+                }
+            }
+            state.held = false;
+            // Dropped disarmed: nothing more to release.
+            next.group = None;
+        }
+
+        /// A command waiting to join, if any.
+        fn next_waiting(&self) -> Option<oneshot::Sender<Baton>> {
+            self.lock().waiting.pop_front()
+        }
+    }
+
+    /// The right to use the shared transaction, passed from command to
+    /// command. Dropped without being committed (an error, a cancelled
+    /// command), it rolls the transaction back (through its [`Trip`]), the
+    /// commands in it fail with a retryable error, and the next waiting
+    /// command starts a new one.
+    struct Baton {
+        trip: Option<Trip>,
+        rows: Vec<NewRow>,
+        /// Every command that ran in the transaction, told when it commits.
+        members: Vec<oneshot::Sender<bool>>,
+        joined: usize,
+        group: Option<Arc<Group>>,
+    }
+
+    impl Baton {
+        fn empty(group: Arc<Group>) -> Self {
+            Self {
+                trip: None,
+                rows: Vec::new(),
+                members: Vec::new(),
+                joined: 0,
+                group: Some(group),
+            }
+        }
+
+        /// Hands the transaction to the next waiting command, or commits it
+        /// when none waits or it is full.
+        async fn hand_on(mut self, outbox: &Outbox<Sqlite>) {
+            if self.joined < MAX_SHARED
+                && let Some(group) = self.group.clone()
+            {
+                while let Some(waiter) = group.next_waiting() {
+                    match waiter.send(self) {
+                        Ok(()) => return,
+                        Err(back) => self = back,
+                    }
+                }
+            }
+            let committed = match self.trip.take() {
+                Some(trip) => match outbox.commit_with(trip, &self.rows, OPERATION).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            commands = self.joined,
+                            "a transaction shared by saga commands did not commit"
+                        );
+                        false
+                    }
+                },
+                None => false,
+            };
+            for member in self.members.drain(..) {
+                // A command cancelled after its turn no longer listens; its
+                // effects commit all the same.
+                let _ = member.send(committed);
+            }
+        }
+    }
+
+    impl Drop for Baton {
+        fn drop(&mut self) {
+            // The trip (if still open) rolls back on its own; then the next
+            // command may begin.
+            drop(self.trip.take());
+            if let Some(group) = self.group.take() {
+                group.release();
+            }
+        }
+    }
+
+    /// What a command's turn in the shared transaction came to.
+    enum Turn {
+        /// Recorded and handled (or found handled before): wait for the commit.
+        Pending(oneshot::Receiver<bool>, Processed<StepReply>),
+        /// The handler failed; its savepoint was rolled back.
+        Failed(Error),
+    }
+
+    impl Participant<Sqlite> {
+        /// A participant called `name` whose replies go out through `outbox`.
+        pub fn sqlite(pool: SqlitePool, outbox: Outbox<Sqlite>, name: impl Into<String>) -> Self {
+            Self::with(pool, outbox, name)
+        }
+
+        /// Handles the command `event` once: records its id, runs
+        /// `handler` on the transaction, sends its reply to the command's
+        /// `sagareplyto` topic through the outbox, and commits.
+        ///
+        /// Commands this participant and its clones handle at the same time
+        /// share a transaction (see the [module docs](super)); `handler` runs
+        /// in a savepoint of its own, so inside it nest with SQL savepoints,
+        /// not `Connection::begin`, which would fail.
+        ///
+        /// # Errors
+        ///
+        /// [`ErrorKind::Protocol`] for an event that is not a saga
+        /// command (terminate it), [`ErrorKind::Handler`] when the
+        /// handler failed (nothing committed; redeliver), or a database
+        /// failure, of this command's statements or of the shared
+        /// transaction (nothing committed; redeliver).
+        pub async fn handle<F>(&self, event: &Event, handler: F) -> Result<Processed<StepReply>>
+        where
+            F: for<'c> FnOnce(
+                    &'c mut SqliteConnection,
+                    &'c SagaCommand,
+                )
+                    -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
+                + Send,
+        {
+            let cmd = SagaCommand::from_event(event)?;
+            let mut baton = self.group.join().await;
+            // On an error the shared transaction is in an unknown state:
+            // dropping the baton rolls it back and fails every command in it.
+            let turn = self.turn(&mut baton, cmd, handler).await?;
+            baton.hand_on(&self.outbox).await;
+            match turn {
+                Turn::Failed(e) => Err(e),
+                Turn::Pending(committed, processed) => match committed.await {
+                    Ok(true) => Ok(self.counted(processed)),
+                    _ => Err(Error::with_source(
+                        ErrorKind::Database {
+                            operation: OPERATION,
+                            retryable: true,
+                        },
+                        "the transaction shared with other commands did not commit",
+                    )),
+                },
+            }
+        }
+
+        /// This command's statements and handler, in a savepoint of the
+        /// shared transaction (begun here if it is new).
+        async fn turn<F>(&self, baton: &mut Baton, mut cmd: SagaCommand, handler: F) -> Result<Turn>
+        where
+            F: for<'c> FnOnce(
+                    &'c mut SqliteConnection,
+                    &'c SagaCommand,
+                )
+                    -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
+                + Send,
+        {
+            let err = |e| Error::db(OPERATION, e);
+            let trip = match &mut baton.trip {
+                Some(trip) => trip,
+                empty @ None => empty.insert(Trip::start(&self.pool, OPERATION).await?),
+            };
+            let first = baton.joined == 0;
+            baton.joined += 1;
+            let mark = tombstone(&cmd);
+            // One statement opens this command's savepoint, records the
+            // command, and tells whether its step was compensated already.
+            macro_rules! record {
+                ($begin:literal) => {
+                    concat!(
+                        $begin,
+                        "savepoint participant; insert into orchestrator_inbox \
+                         (consumer, event_id, processed_ms) values ($1, $2, ",
+                        lite_now!(),
+                        ") on conflict do nothing returning (select count(*) from \
+                         orchestrator_inbox where consumer = $1 and event_id = $3)"
+                    )
+                };
+            }
+            let (sql, conn) = if first {
+                (record!("begin immediate; "), trip.open())
+            } else {
+                (record!(""), trip.conn())
+            };
+            let fresh: Option<i64> = sqlx::query_scalar(sql)
+                .bind(&self.name)
+                .bind(&cmd.command_id)
+                .bind(&mark)
+                .fetch_optional(conn)
+                .await
+                .map_err(err)?;
+            let (tx, rx) = oneshot::channel();
+            let Some(tombstones) = fresh else {
+                baton.members.push(tx);
+                return Ok(Turn::Pending(rx, Processed::Duplicate));
+            };
+            match cmd.saga.phase {
+                Phase::Compensate => {
+                    sqlx::query(concat!(
+                        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+                        lite_now!(),
+                        ") on conflict do nothing"
+                    ))
+                    .bind(&self.name)
+                    .bind(&mark)
+                    .execute(trip.conn())
+                    .await
+                    .map_err(err)?;
+                }
+                Phase::Forward => cmd.compensated = tombstones > 0,
+            }
+            let reply = match handler(trip.conn(), &cmd).await {
+                Ok(reply) => Ok(reply),
+                Err(e) => Err(self.handler_error(&cmd, e)),
+            };
+            let row = reply.and_then(|reply| {
+                let event = cmd.reply_event(&reply, &self.source)?;
+                Ok((self.outbox.row(&cmd.reply_to, &event)?, reply))
+            });
+            match row {
+                Ok((row, reply)) => {
+                    baton.rows.push(row);
+                    baton.members.push(tx);
+                    Ok(Turn::Pending(rx, Processed::Handled(reply)))
+                }
+                Err(e) => {
+                    // Only this command's savepoint: the others go on.
+                    sqlx::query("rollback to participant")
+                        .execute(trip.conn())
+                        .await
+                        .map_err(err)?;
+                    Ok(Turn::Failed(e))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use broker_adapters::CloudEventBuilder;
+    use broker_adapters::cloudevents::Event;
+    use futures_util::future::BoxFuture;
+    use sqlx::SqlitePool;
+
+    use super::Participant;
+    use crate::error::{BoxError, ErrorKind};
+    use crate::inbox::Processed;
+    use crate::outbox::{Outbox, OutboxConfig};
+    use crate::saga::protocol::{SAGA_PHASE, SAGA_REPLY_TO, SAGA_TYPE, SagaCommand, StepReply};
+
+    async fn participant(
+        name: &str,
+    ) -> (Participant<sqlx::Sqlite>, SqlitePool, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("participant-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pool = crate::sqlite::connect(&format!("sqlite://{}", dir.join("p.db").display()))
+            .await
+            .expect("open the database");
+        crate::sqlite::migrate(&pool).await.expect("migrated");
+        sqlx::query("create table effects (saga text primary key)")
+            .execute(&pool)
+            .await
+            .expect("effects table");
+        let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new())
+            .await
+            .expect("outbox");
+        (Participant::sqlite(pool.clone(), outbox, name), pool, dir)
+    }
+
+    fn command(saga: &str) -> Event {
+        CloudEventBuilder::new("reserve", "/sagas/test")
+            .id(format!("command-{saga}"))
+            .partition_key(saga)
+            .saga(saga, "reserve", 1)
+            .extension(SAGA_PHASE, "forward")
+            .extension(SAGA_REPLY_TO, "replies")
+            .extension(SAGA_TYPE, "test@1")
+            .json_data(&serde_json::json!({}))
+            .build()
+            .expect("a valid command")
+    }
+
+    async fn count(pool: &SqlitePool, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(pool)
+            .await
+            .expect("count")
+    }
+
+    fn done() -> StepReply {
+        StepReply::Success {
+            reply_type: "reserve.done".into(),
+            data: serde_json::Value::Null,
+        }
+    }
+
+    /// Records the saga's effect; fails for sagas named `fail-*`; counts
+    /// the times it saw another command's uncommitted inbox record (the
+    /// transaction is shared).
+    fn effect<'c>(
+        conn: &'c mut sqlx::SqliteConnection,
+        cmd: &'c SagaCommand,
+        pool: SqlitePool,
+        shared: Arc<AtomicUsize>,
+    ) -> BoxFuture<'c, Result<StepReply, BoxError>> {
+        Box::pin(async move {
+            sqlx::query("insert into effects (saga) values ($1)")
+                .bind(&cmd.saga.saga_id)
+                .execute(&mut *conn)
+                .await?;
+            let inside: i64 = sqlx::query_scalar("select count(*) from orchestrator_inbox")
+                .fetch_one(&mut *conn)
+                .await?;
+            let outside: i64 = sqlx::query_scalar("select count(*) from orchestrator_inbox")
+                .fetch_one(&pool)
+                .await?;
+            if inside - outside >= 2 {
+                shared.fetch_add(1, Ordering::SeqCst);
+            }
+            if cmd.saga.saga_id.starts_with("fail-") {
+                return Err("the handler failed".into());
+            }
+            Ok(done())
+        })
+    }
+
+    /// Commands handled at once share transactions, and each comes out as
+    /// it would alone: a failing handler loses only its own effects, a
+    /// command handled twice at once is handled once, and the failed
+    /// command is handled when it comes again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_handled_at_once_share_a_transaction_and_come_out_as_alone() {
+        let (p, pool, dir) = participant("inventory").await;
+        let shared = Arc::new(AtomicUsize::new(0));
+        let mut sagas: Vec<String> = (0..24).map(|i| format!("s-{i}")).collect();
+        sagas.extend(["fail-1".into(), "fail-2".into(), "s-3".into(), "s-7".into()]);
+        let tasks: Vec<_> = sagas
+            .iter()
+            .map(|saga| {
+                let (p, pool, shared, event) =
+                    (p.clone(), pool.clone(), Arc::clone(&shared), command(saga));
+                tokio::spawn(async move {
+                    p.handle(&event, |conn, cmd| effect(conn, cmd, pool, shared))
+                        .await
+                })
+            })
+            .collect();
+        let (mut handled, mut duplicates, mut failed) = (0, 0, 0);
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(Processed::Handled(_)) => handled += 1,
+                Ok(Processed::Duplicate) => duplicates += 1,
+                Err(e) if matches!(e.kind(), ErrorKind::Handler { .. }) => failed += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        assert_eq!((handled, duplicates, failed), (24, 2, 2));
+        assert!(
+            shared.load(Ordering::SeqCst) > 0,
+            "no handler ran in a transaction shared with another command"
+        );
+        assert_eq!(count(&pool, "select count(*) from effects").await, 24);
+        assert_eq!(
+            count(&pool, "select count(*) from orchestrator_inbox").await,
+            24
+        );
+        assert_eq!(
+            count(&pool, "select count(*) from orchestrator_outbox").await,
+            24
+        );
+        assert_eq!(
+            count(
+                &pool,
+                "select count(*) from effects where saga like 'fail-%'"
+            )
+            .await,
+            0,
+            "a failed handler's effects were rolled back"
+        );
+
+        // The failed command is not recorded: when it comes again, it is handled.
+        let again = p
+            .handle(&command("fail-1"), |conn, cmd| -> BoxFuture<'_, _> {
+                Box::pin(async move {
+                    sqlx::query("insert into effects (saga) values ($1)")
+                        .bind(&cmd.saga.saga_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(done())
+                })
+            })
+            .await
+            .expect("handled");
+        assert!(matches!(again, Processed::Handled(_)));
+        assert_eq!(count(&pool, "select count(*) from effects").await, 25);
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A command cancelled while it holds the shared transaction rolls it
+    /// back: the commands before it in that transaction fail with a
+    /// retryable error and leave nothing, and the commands after it go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_cancelled_in_a_shared_transaction_rolls_it_back() {
+        let (p, pool, dir) = participant("inventory").await;
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+        // The first command's handler waits until the second has joined
+        // the queue, so the two share the transaction.
+        let first = tokio::spawn({
+            let p = p.clone();
+            async move {
+                p.handle(&command("a"), |conn, cmd| -> BoxFuture<'_, _> {
+                    Box::pin(async move {
+                        sqlx::query("insert into effects (saga) values ($1)")
+                            .bind(&cmd.saga.saga_id)
+                            .execute(&mut *conn)
+                            .await?;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok(done())
+                    })
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let hung = tokio::spawn({
+            let p = p.clone();
+            async move {
+                p.handle(&command("b"), |_, _| -> BoxFuture<'_, _> {
+                    Box::pin(async move {
+                        let _ = entered_tx.send(());
+                        std::future::pending::<()>().await;
+                        Ok(done())
+                    })
+                })
+                .await
+            }
+        });
+        entered_rx.await.expect("b's handler runs");
+        hung.abort();
+        let err = first
+            .await
+            .expect("task")
+            .expect_err("a's transaction was rolled back");
+        assert!(err.is_retryable(), "{err}");
+        assert_eq!(count(&pool, "select count(*) from effects").await, 0);
+        assert_eq!(
+            count(&pool, "select count(*) from orchestrator_inbox").await,
+            0
+        );
+
+        // The next commands are not blocked, and `a` is handled when it comes again.
+        for saga in ["a", "c"] {
+            let handled = tokio::time::timeout(
+                Duration::from_secs(5),
+                p.handle(&command(saga), |_, _| -> BoxFuture<'_, _> {
+                    Box::pin(async move { Ok(done()) })
+                }),
+            )
+            .await
+            .expect("not blocked")
+            .expect("handled");
+            assert!(matches!(handled, Processed::Handled(_)), "{saga}");
+        }
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -335,6 +335,7 @@ macro_rules! saga_store {
 
 /// The saga row's update and its history row on PostgreSQL, parameters
 /// `$1`..`$6`.
+#[cfg(feature = "postgres")]
 macro_rules! saga_write {
     (pg) => {
         concat!(
