@@ -112,6 +112,10 @@ impl Store {
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .busy_timeout(std::time::Duration::from_secs(5));
             let pool = SqlitePoolOptions::new()
+                // No ping when a connection is taken (it lives in this
+                // process); nor can a cancelled acquire then drop the one
+                // connection of an in-memory database.
+                .test_before_acquire(false)
                 // One connection keeps an in-memory database alive and shared.
                 .max_connections(if memory { 1 } else { 4 })
                 .connect_with(options)

@@ -91,7 +91,10 @@ impl SqliteStore {
         // that step does not wait for the busy timeout: retry briefly.
         let mut attempt = 0;
         let pool = loop {
+            // No ping when a connection is taken: it lives in this
+            // process, and a ping is one more round trip to its thread.
             let connected = SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(config.max_connections)
                 .min_connections(0)
                 .acquire_timeout(config.connect_timeout)
