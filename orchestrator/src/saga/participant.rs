@@ -10,7 +10,9 @@
 //!
 //! On SQLite, whose one writer at a time makes every transaction wait its
 //! turn, commands that one participant (or its clones) handles at the same
-//! time share one transaction (up to [`MAX_SHARED`]): each runs its
+//! time share one transaction (by default up to [`MAX_SHARED`] commands,
+//! joining for [`MAX_SHARED_FOR`] after it began; see
+//! [`Participant::sharing`]): each runs its
 //! statements and its handler in a savepoint of its own, in turn, and one
 //! commit covers them all. A handler that fails rolls back its own savepoint
 //! only; a command's result is returned once the shared commit is done.
@@ -193,12 +195,13 @@ participant_impl!(
 );
 
 #[cfg(feature = "sqlite")]
-pub use self::lite::MAX_SHARED;
+pub use self::lite::{MAX_SHARED, MAX_SHARED_FOR};
 
 #[cfg(feature = "sqlite")]
 mod lite {
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+    use std::time::{Duration, Instant};
 
     use broker_adapters::cloudevents::Event;
     use futures_util::future::BoxFuture;
@@ -213,16 +216,28 @@ mod lite {
     use crate::saga::protocol::{SagaCommand, StepReply};
     use crate::sqlite::Trip;
 
-    /// The most commands one shared SQLite transaction holds.
+    /// The most commands one shared SQLite transaction holds, by default.
     pub const MAX_SHARED: usize = 32;
+
+    /// How long after a shared SQLite transaction began commands may still
+    /// join it, by default: a command's result waits for the commit, so
+    /// this bounds what slow handlers of other commands add to its latency.
+    pub const MAX_SHARED_FOR: Duration = Duration::from_millis(5);
 
     const OPERATION: &str = "handle a saga command";
 
     /// One participant's (and its clones') shared transactions: whether
     /// one is held, and the commands waiting to join it.
-    #[derive(Default)]
     pub(super) struct Group {
         state: Mutex<GroupState>,
+        max: usize,
+        window: Duration,
+    }
+
+    impl Default for Group {
+        fn default() -> Self {
+            Self::new(MAX_SHARED, MAX_SHARED_FOR)
+        }
     }
 
     #[derive(Default)]
@@ -232,6 +247,20 @@ mod lite {
     }
 
     impl Group {
+        fn new(max: usize, window: Duration) -> Self {
+            Self {
+                state: Mutex::default(),
+                max: max.max(1),
+                window,
+            }
+        }
+
+        /// Commands waiting to join.
+        #[cfg(test)]
+        pub(super) fn waiting(&self) -> usize {
+            self.lock().waiting.len()
+        }
+
         fn lock(&self) -> MutexGuard<'_, GroupState> {
             self.state.lock().unwrap_or_else(PoisonError::into_inner)
         }
@@ -291,6 +320,7 @@ mod lite {
         /// Every command that ran in the transaction, told when it commits.
         members: Vec<oneshot::Sender<bool>>,
         joined: usize,
+        began: Option<Instant>,
         group: Option<Arc<Group>>,
     }
 
@@ -301,6 +331,7 @@ mod lite {
                 rows: Vec::new(),
                 members: Vec::new(),
                 joined: 0,
+                began: None,
                 group: Some(group),
             }
         }
@@ -308,8 +339,9 @@ mod lite {
         /// Hands the transaction to the next waiting command, or commits it
         /// when none waits or it is full.
         async fn hand_on(mut self, outbox: &Outbox<Sqlite>) {
-            if self.joined < MAX_SHARED
-                && let Some(group) = self.group.clone()
+            if let Some(group) = self.group.clone()
+                && self.joined < group.max
+                && self.began.is_some_and(|at| at.elapsed() < group.window)
             {
                 while let Some(waiter) = group.next_waiting() {
                     match waiter.send(self) {
@@ -363,6 +395,17 @@ mod lite {
         /// A participant called `name` whose replies go out through `outbox`.
         pub fn sqlite(pool: SqlitePool, outbox: Outbox<Sqlite>, name: impl Into<String>) -> Self {
             Self::with(pool, outbox, name)
+        }
+
+        /// How many commands handled at the same time may share one
+        /// transaction (default [`MAX_SHARED`]; 1 shares nothing), and for
+        /// how long after it began commands may still join it (default
+        /// [`MAX_SHARED_FOR`]). Applies to this participant and its clones
+        /// made afterwards.
+        #[must_use]
+        pub fn sharing(mut self, max: usize, window: Duration) -> Self {
+            self.group = Arc::new(Group::new(max, window));
+            self
         }
 
         /// Handles the command `event` once: records its id, runs
@@ -425,7 +468,11 @@ mod lite {
             let err = |e| Error::db(OPERATION, e);
             let trip = match &mut baton.trip {
                 Some(trip) => trip,
-                empty @ None => empty.insert(Trip::start(&self.pool, OPERATION).await?),
+                empty @ None => {
+                    let trip = Trip::start(&self.pool, OPERATION).await?;
+                    baton.began = Some(Instant::now());
+                    empty.insert(trip)
+                }
             };
             let first = baton.joined == 0;
             baton.joined += 1;
@@ -599,10 +646,18 @@ mod tests {
     /// Commands handled at once share transactions, and each comes out as
     /// it would alone: a failing handler loses only its own effects, a
     /// command handled twice at once is handled once, and the failed
-    /// command is handled when it comes again.
+    /// command is handled when it comes again. With a window of zero,
+    /// nothing is shared, with the same outcome.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn commands_handled_at_once_share_a_transaction_and_come_out_as_alone() {
+        for (window, sharing) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+            handled_at_once(window, sharing).await;
+        }
+    }
+
+    async fn handled_at_once(window: Duration, sharing: bool) {
         let (p, pool, dir) = participant("inventory").await;
+        let p = p.sharing(super::MAX_SHARED, window);
         let shared = Arc::new(AtomicUsize::new(0));
         let mut sagas: Vec<String> = (0..24).map(|i| format!("s-{i}")).collect();
         sagas.extend(["fail-1".into(), "fail-2".into(), "s-3".into(), "s-7".into()]);
@@ -627,9 +682,10 @@ mod tests {
             }
         }
         assert_eq!((handled, duplicates, failed), (24, 2, 2));
-        assert!(
+        assert_eq!(
             shared.load(Ordering::SeqCst) > 0,
-            "no handler ran in a transaction shared with another command"
+            sharing,
+            "handlers that ran in a transaction shared with another command, window {window:?}"
         );
         assert_eq!(count(&pool, "select count(*) from effects").await, 24);
         assert_eq!(
@@ -675,26 +731,32 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_command_cancelled_in_a_shared_transaction_rolls_it_back() {
         let (p, pool, dir) = participant("inventory").await;
+        let p = p.sharing(super::MAX_SHARED, Duration::from_secs(60));
         let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
-        // The first command's handler waits until the second has joined
-        // the queue, so the two share the transaction.
+        let (a_runs_tx, a_runs_rx) = tokio::sync::oneshot::channel::<()>();
+        // The first command's handler waits until the second waits to
+        // join, so the two share the transaction.
         let first = tokio::spawn({
             let p = p.clone();
             async move {
+                let group = Arc::clone(&p.group);
                 p.handle(&command("a"), |conn, cmd| -> BoxFuture<'_, _> {
                     Box::pin(async move {
                         sqlx::query("insert into effects (saga) values ($1)")
                             .bind(&cmd.saga.saga_id)
                             .execute(&mut *conn)
                             .await?;
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = a_runs_tx.send(());
+                        while group.waiting() == 0 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
                         Ok(done())
                     })
                 })
                 .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        a_runs_rx.await.expect("a's handler runs");
         let hung = tokio::spawn({
             let p = p.clone();
             async move {
