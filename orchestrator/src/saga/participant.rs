@@ -105,6 +105,28 @@ impl<DB: sqlx::Database> Participant<DB> {
     }
 }
 
+/// A compensation leaves its step's tombstone (`$mark`); a forward command
+/// whose step has one (`$tombstones` > 0) is marked compensated.
+macro_rules! compensated {
+    ($now:ident, $self:ident, $cmd:ident, $mark:ident, $tombstones:ident, $conn:expr, $err:ident) => {
+        match $cmd.saga.phase {
+            Phase::Compensate => {
+                sqlx::query(concat!(
+                    "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+                    $now!(),
+                    ") on conflict do nothing"
+                ))
+                .bind(&$self.name)
+                .bind(&$mark)
+                .execute($conn)
+                .await
+                .map_err($err)?;
+            }
+            Phase::Forward => $cmd.compensated = $tombstones > 0,
+        }
+    };
+}
+
 #[cfg(feature = "postgres")]
 macro_rules! participant_impl {
     ($db:ty, $pool:ty, $conn:ty, $trip:ty, $first:literal, $ctor:ident, $now:ident) => {
@@ -157,20 +179,7 @@ macro_rules! participant_impl {
                     trip.rollback().await;
                     return Ok(self.counted(Processed::Duplicate));
                 };
-                match cmd.saga.phase {
-                    Phase::Compensate => {
-                        sqlx::query(concat!(
-                            "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                            $now!(), ") on conflict do nothing"
-                        ))
-                        .bind(&self.name)
-                        .bind(&mark)
-                        .execute(trip.conn())
-                        .await
-                        .map_err(err)?;
-                    }
-                    Phase::Forward => cmd.compensated = tombstones > 0,
-                }
+                compensated!($now, self, cmd, mark, tombstones, trip.conn(), err);
                 let reply = handler(trip.conn(), &cmd)
                     .await
                     .map_err(|e| self.handler_error(&cmd, e))?;
@@ -383,6 +392,16 @@ mod lite {
         }
     }
 
+    /// A command handler, as [`Participant::handle`] takes it.
+    type Handler<'h> = Box<
+        dyn for<'c> FnOnce(
+                &'c mut SqliteConnection,
+                &'c SagaCommand,
+            ) -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
+            + Send
+            + 'h,
+    >;
+
     /// What a command's turn in the shared transaction came to.
     enum Turn {
         /// Recorded and handled (or found handled before): wait for the commit.
@@ -437,7 +456,7 @@ mod lite {
             let mut baton = self.group.join().await;
             // On an error the shared transaction is in an unknown state:
             // dropping the baton rolls it back and fails every command in it.
-            let turn = self.turn(&mut baton, cmd, handler).await?;
+            let turn = self.turn(&mut baton, cmd, Box::new(handler)).await?;
             baton.hand_on(&self.outbox).await;
             match turn {
                 Turn::Failed(e) => Err(e),
@@ -456,15 +475,12 @@ mod lite {
 
         /// This command's statements and handler, in a savepoint of the
         /// shared transaction (begun here if it is new).
-        async fn turn<F>(&self, baton: &mut Baton, mut cmd: SagaCommand, handler: F) -> Result<Turn>
-        where
-            F: for<'c> FnOnce(
-                    &'c mut SqliteConnection,
-                    &'c SagaCommand,
-                )
-                    -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
-                + Send,
-        {
+        async fn turn(
+            &self,
+            baton: &mut Baton,
+            mut cmd: SagaCommand,
+            handler: Handler<'_>,
+        ) -> Result<Turn> {
             let err = |e| Error::db(OPERATION, e);
             let trip = match &mut baton.trip {
                 Some(trip) => trip,
@@ -508,21 +524,7 @@ mod lite {
                 baton.members.push(tx);
                 return Ok(Turn::Pending(rx, Processed::Duplicate));
             };
-            match cmd.saga.phase {
-                Phase::Compensate => {
-                    sqlx::query(concat!(
-                        "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                        lite_now!(),
-                        ") on conflict do nothing"
-                    ))
-                    .bind(&self.name)
-                    .bind(&mark)
-                    .execute(trip.conn())
-                    .await
-                    .map_err(err)?;
-                }
-                Phase::Forward => cmd.compensated = tombstones > 0,
-            }
+            compensated!(lite_now, self, cmd, mark, tombstones, trip.conn(), err);
             let reply = match handler(trip.conn(), &cmd).await {
                 Ok(reply) => Ok(reply),
                 Err(e) => Err(self.handler_error(&cmd, e)),
