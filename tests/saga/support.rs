@@ -16,7 +16,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use broker_adapters::cloudevents::Event;
 use broker_adapters::prelude::*;
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use orchestrator::saga::ReplyError;
 use orchestrator::saga::{
@@ -201,7 +200,8 @@ fn reply_type(cmd: &SagaCommand, ok: bool) -> String {
 
 /// Commands a test participant handles at once (on SQLite they share
 /// transactions).
-const PARTICIPANT_CONCURRENCY: usize = 8;
+const PARTICIPANT_CONCURRENCY: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::new(8).expect("8 is not zero");
 
 /// One participant, shared by the commands it handles.
 #[derive(Clone)]
@@ -210,9 +210,10 @@ enum Part {
     Lite(Participant<sqlx::Sqlite>),
 }
 
-/// A participant serving `topic` with `script`, up to
-/// [`PARTICIPANT_CONCURRENCY`] commands at once (one per saga at a time:
-/// the subscription holds a key's next command until the last is settled).
+/// A participant serving `topic` with `script` in the library's consumer
+/// loop, up to [`PARTICIPANT_CONCURRENCY`] commands at once (one per saga
+/// at a time: the subscription holds a key's next command until the last is
+/// settled); a failed command is redelivered after 50 ms.
 pub(crate) async fn participant(
     db: &Db,
     broker: &dyn Subscriber,
@@ -223,7 +224,7 @@ pub(crate) async fn participant(
     let topic = Topic::try_from(topic)?;
     let group = topic.as_str().replace('.', "-");
     let options = SubscribeOptions::new(&group)?.ack_wait(Duration::from_secs(3));
-    let mut sub = broker.subscribe(&topic, options).await?;
+    let sub = broker.subscribe(&topic, options).await?;
     let name = topic.as_str();
     let part = match db {
         Db::Pg { pool, outbox, .. } => {
@@ -233,26 +234,24 @@ pub(crate) async fn participant(
             Part::Lite(Participant::sqlite(pool.clone(), outbox.clone(), name))
         }
     };
-    Ok(tokio::spawn(async move {
-        // Aborting this task drops the set, which aborts the handling too.
-        let mut handling = tokio::task::JoinSet::new();
-        while let Some(Ok(mut delivery)) = sub.next().await {
-            while handling.len() >= PARTICIPANT_CONCURRENCY {
-                handling.join_next().await;
+    let handler = tower::service_fn(move |received: Received| {
+        let (part, script, up) = (part.clone(), script.clone(), Arc::clone(&up));
+        async move {
+            while !up.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let (part, script, up) = (part.clone(), script.clone(), Arc::clone(&up));
-            handling.spawn(async move {
-                while !up.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                let event = delivery.event().clone();
-                let result = handle(&part, &event, script).await;
-                let _ = match result {
-                    Ok(()) => delivery.ack().await,
-                    Err(_) => delivery.nack(Some(Duration::from_millis(50))).await,
-                };
-            });
+            handle(&part, &received.event, script)
+                .await
+                .map_err(HandlerError::retryable)
         }
+    });
+    let consumer = Consumer::new(sub, handler)
+        .concurrency(PARTICIPANT_CONCURRENCY)
+        .retry_delay(Duration::from_millis(50));
+    Ok(tokio::spawn(async move {
+        let _ = consumer
+            .run(tokio_util::sync::CancellationToken::new())
+            .await;
     }))
 }
 

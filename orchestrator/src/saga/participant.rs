@@ -127,81 +127,77 @@ macro_rules! compensated {
     };
 }
 
-#[cfg(feature = "postgres")]
-macro_rules! participant_impl {
-    ($db:ty, $pool:ty, $conn:ty, $trip:ty, $first:literal, $ctor:ident, $now:ident) => {
-        impl Participant<$db> {
-            /// A participant called `name` whose replies go out through `outbox`.
-            pub fn $ctor(pool: $pool, outbox: Outbox<$db>, name: impl Into<String>) -> Self {
-                Self::with(pool, outbox, name)
-            }
-
-            /// Handles the command `event` once: records its id, runs
-            /// `handler` on the transaction, sends its reply to the
-            /// command's `sagareplyto` topic through the outbox, and commits.
-            ///
-            /// On SQLite the transaction begins with the statement that
-            /// records the command, so `sqlx` does not count it as one:
-            /// inside the handler, nest with SQL savepoints, not
-            /// `Connection::begin`, which would fail.
-            ///
-            /// # Errors
-            ///
-            /// [`ErrorKind::Protocol`] for an event that is not a saga
-            /// command (terminate it), [`ErrorKind::Handler`] when the
-            /// handler failed (nothing committed; redeliver), or a database
-            /// failure.
-            pub async fn handle<F>(&self, event: &Event, handler: F) -> Result<Processed<StepReply>>
-            where
-                F: for<'c> FnOnce(&'c mut $conn, &'c SagaCommand) -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
-                    + Send,
-            {
-                let mut cmd = SagaCommand::from_event(event)?;
-                const OPERATION: &str = "handle a saga command";
-                let err = |e| Error::db(OPERATION, e);
-                let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
-                let mark = tombstone(&cmd);
-                // One statement records the command and tells whether its
-                // step was compensated already (the tombstone).
-                let fresh: Option<i64> = sqlx::query_scalar(concat!(
-                    $first,
-                    "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
-                    $now!(), ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
-                     where consumer = $1 and event_id = $3)"
-                ))
-                .bind(&self.name)
-                .bind(&cmd.command_id)
-                .bind(&mark)
-                .fetch_optional(trip.open())
-                .await
-                .map_err(err)?;
-                let Some(tombstones) = fresh else {
-                    trip.rollback().await;
-                    return Ok(self.counted(Processed::Duplicate));
-                };
-                compensated!($now, self, cmd, mark, tombstones, trip.conn(), err);
-                let reply = handler(trip.conn(), &cmd)
-                    .await
-                    .map_err(|e| self.handler_error(&cmd, e))?;
-                let event = cmd.reply_event(&reply, &self.source)?;
-                let row = self.outbox.row(&cmd.reply_to, &event)?;
-                self.outbox.commit_with(trip, std::slice::from_ref(&row), OPERATION).await?;
-                Ok(self.counted(Processed::Handled(reply)))
-            }
-        }
+/// The statement that records a command in the inbox and tells whether its
+/// step was compensated already (counts its tombstone, `$3`), after
+/// `$prefix`.
+macro_rules! record {
+    ($prefix:literal, $now:ident) => {
+        concat!(
+            $prefix,
+            "insert into orchestrator_inbox (consumer, event_id, processed_ms) values ($1, $2, ",
+            $now!(),
+            ") on conflict do nothing returning (select count(*) from orchestrator_inbox \
+             where consumer = $1 and event_id = $3)"
+        )
     };
 }
 
 #[cfg(feature = "postgres")]
-participant_impl!(
-    sqlx::Postgres,
-    sqlx::PgPool,
-    sqlx::PgConnection,
-    crate::postgres::Trip,
-    "",
-    postgres,
-    pg_now
-);
+impl Participant<sqlx::Postgres> {
+    /// A participant called `name` whose replies go out through `outbox`.
+    pub fn postgres(
+        pool: sqlx::PgPool,
+        outbox: Outbox<sqlx::Postgres>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self::with(pool, outbox, name)
+    }
+
+    /// Handles the command `event` once, in one transaction: records its
+    /// id, runs `handler` on the transaction, sends its reply to the
+    /// command's `sagareplyto` topic through the outbox, and commits.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Protocol`] for an event that is not a saga command
+    /// (terminate it), [`ErrorKind::Handler`] when the handler failed
+    /// (nothing committed; redeliver), or a database failure.
+    pub async fn handle<F>(&self, event: &Event, handler: F) -> Result<Processed<StepReply>>
+    where
+        F: for<'c> FnOnce(
+                &'c mut sqlx::PgConnection,
+                &'c SagaCommand,
+            ) -> BoxFuture<'c, std::result::Result<StepReply, BoxError>>
+            + Send,
+    {
+        const OPERATION: &str = "handle a saga command";
+        let mut cmd = SagaCommand::from_event(event)?;
+        let err = |e| Error::db(OPERATION, e);
+        let mut trip = crate::postgres::Trip::start(&self.pool, OPERATION).await?;
+        let mark = tombstone(&cmd);
+        let fresh: Option<i64> = sqlx::query_scalar(record!("", pg_now))
+            .bind(&self.name)
+            .bind(&cmd.command_id)
+            .bind(&mark)
+            .fetch_optional(trip.open())
+            .await
+            .map_err(err)?;
+        let Some(tombstones) = fresh else {
+            trip.rollback().await;
+            return Ok(self.counted(Processed::Duplicate));
+        };
+        compensated!(pg_now, self, cmd, mark, tombstones, trip.conn(), err);
+        let reply = handler(trip.conn(), &cmd)
+            .await
+            .map_err(|e| self.handler_error(&cmd, e))?;
+        let event = cmd.reply_event(&reply, &self.source)?;
+        let row = self.outbox.row(&cmd.reply_to, &event)?;
+        self.outbox
+            .commit_with(trip, std::slice::from_ref(&row), OPERATION)
+            .await?;
+        Ok(self.counted(Processed::Handled(reply)))
+    }
+}
 
 #[cfg(feature = "sqlite")]
 pub use self::lite::{MAX_SHARED, MAX_SHARED_FOR};
@@ -493,24 +489,14 @@ mod lite {
             let first = baton.joined == 0;
             baton.joined += 1;
             let mark = tombstone(&cmd);
-            // One statement opens this command's savepoint, records the
-            // command, and tells whether its step was compensated already.
-            macro_rules! record {
-                ($begin:literal) => {
-                    concat!(
-                        $begin,
-                        "savepoint participant; insert into orchestrator_inbox \
-                         (consumer, event_id, processed_ms) values ($1, $2, ",
-                        lite_now!(),
-                        ") on conflict do nothing returning (select count(*) from \
-                         orchestrator_inbox where consumer = $1 and event_id = $3)"
-                    )
-                };
-            }
+            // One statement opens this command's savepoint and records it.
             let (sql, conn) = if first {
-                (record!("begin immediate; "), trip.open())
+                (
+                    record!("begin immediate; savepoint participant; ", lite_now),
+                    trip.open(),
+                )
             } else {
-                (record!(""), trip.conn())
+                (record!("savepoint participant; ", lite_now), trip.conn())
             };
             let fresh: Option<i64> = sqlx::query_scalar(sql)
                 .bind(&self.name)
