@@ -257,6 +257,23 @@ impl Db {
         })
     }
 
+    /// Waits until the relay has marked every row published: a sink sees
+    /// an event before the relay marks its row.
+    pub(crate) async fn wait_all_marked(&self, wait: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let pending = self.pending().await?;
+            if pending == 0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} rows still unmarked after {wait:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub(crate) async fn parked(&self) -> anyhow::Result<u64> {
         Ok(match self {
             Db::Pg { outbox, .. } => outbox.parked().await?,
