@@ -52,6 +52,7 @@ both!(
     two_coordinators_share_the_database_and_hand_over,
     commands_and_replies_match_the_published_schemas,
     replies_waiting_together_are_applied_as_one_by_one,
+    sagas_started_together_run_as_if_started_alone,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -577,6 +578,66 @@ async fn replies_waiting_together_are_applied_as_one_by_one(
         matches!(c3.handle_reply(&reply("o-5")?).await?, Handled::Applied(_)),
         "the refused reply's inbox record was kept"
     );
+    bed.finish().await;
+    Ok(())
+}
+
+/// `start_many` starts each saga as `start` would: an id taken before or
+/// earlier in the call, bad data and a bad id fail alone, and the others
+/// run to completion.
+async fn sagas_started_together_run_as_if_started_alone(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    bed.participants(script(|_| Act::Succeed), up()).await?;
+    let c = bed.coordinator(defs(5_000, 3)?).await?;
+    c.start("order", "o-0", data()).await?;
+    let unknown = c
+        .start_many("nope", [("o-1", data())])
+        .await
+        .expect_err("unknown type");
+    ensure!(
+        matches!(unknown.kind(), ErrorKind::UnknownSaga { .. }),
+        "{unknown}"
+    );
+    ensure!(
+        c.start_many("order", Vec::<(String, _)>::new())
+            .await?
+            .is_empty()
+    );
+
+    let mut sagas = vec![
+        ("o-0".to_owned(), data()),
+        ("o-1".to_owned(), data()),
+        ("o-1".to_owned(), data()),
+        ("o-2".to_owned(), serde_json::json!(5)),
+        ("a/b".to_owned(), data()),
+    ];
+    let started: Vec<String> = std::iter::once("o-1".to_owned())
+        .chain((3..40).map(|i| format!("o-{i}")))
+        .collect();
+    sagas.extend(started.iter().skip(1).map(|id| (id.clone(), data())));
+    let outcomes = c.start_many("order", sagas).await?;
+    let kinds: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match o.as_ref().map_err(orchestrator::Error::kind) {
+            Ok(()) => "started",
+            Err(ErrorKind::SagaExists { .. }) => "exists",
+            Err(ErrorKind::InvalidEvent { .. }) => "invalid",
+            Err(_) => "other",
+        })
+        .collect();
+    ensure!(
+        kinds[..5] == ["exists", "started", "exists", "invalid", "invalid"],
+        "{outcomes:?}"
+    );
+    ensure!(kinds[5..].iter().all(|k| *k == "started"), "{outcomes:?}");
+    for id in &started {
+        ensure!(settled(&c, id, WAIT).await? == "completed", "{id}");
+        ensure!(c.history(id).await?.len() == 4, "{id}");
+        ensure!(bed.db.effects(id).await?.len() == 3, "{id}");
+    }
+    ensure!(c.saga("o-2").await?.is_none());
+    ensure!(settled(&c, "o-0", WAIT).await? == "completed");
+    ensure!(c.history("o-0").await?.len() == 4, "o-0 started once");
     bed.finish().await;
     Ok(())
 }

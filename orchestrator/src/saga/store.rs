@@ -112,6 +112,22 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
         def: &SagaDefinition,
         t: &Transition,
     ) -> Result<()>;
+    /// Starts sagas of one definition; each outcome is what
+    /// [`insert`](Self::insert) gives it. By default each runs in its own
+    /// transaction, all at once.
+    async fn insert_many(
+        &self,
+        ctx: &Ctx,
+        def: &SagaDefinition,
+        items: &[(&str, Transition)],
+    ) -> Vec<Result<()>> {
+        futures_util::future::join_all(
+            items
+                .iter()
+                .map(|(saga_id, t)| self.insert(ctx, saga_id, def, t)),
+        )
+        .await
+    }
     async fn transition(
         &self,
         ctx: &Ctx,
@@ -426,6 +442,36 @@ saga_store!(
          from orchestrator_sagas where saga_id = $1"
     ),
     {
+        // Sagas started together: one transaction of two round trips per
+        // STARTS_PER_TRANSACTION of them.
+        async fn insert_many(
+            &self,
+            ctx: &Ctx,
+            def: &SagaDefinition,
+            items: &[(&str, Transition)],
+        ) -> Vec<Result<()>> {
+            let mut done = Vec::with_capacity(items.len());
+            for chunk in items.chunks(STARTS_PER_TRANSACTION) {
+                if chunk.len() > 1 {
+                    match self.starts_in_one(ctx, def, chunk).await {
+                        Ok(outcomes) => {
+                            done.extend(outcomes);
+                            continue;
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            sagas = chunk.len(),
+                            "sagas could not be started together; starting them one by one"
+                        ),
+                    }
+                }
+                for (saga_id, t) in chunk {
+                    done.push(self.insert(ctx, saga_id, def, t).await);
+                }
+            }
+            done
+        }
+
         // Several replies in one transaction of two round trips.
         async fn transition_replies(
             &self,
@@ -522,8 +568,124 @@ impl SqliteSagaStore {
     }
 }
 
+/// The most sagas one SQLite transaction starts: their parameters stay far
+/// below SQLite's limit of 32,766 while a first step has up to 50 commands.
+#[cfg(feature = "sqlite")]
+const STARTS_PER_TRANSACTION: usize = 128;
+
 #[cfg(feature = "sqlite")]
 impl SqliteSagaStore {
+    /// Starts sagas of `def` in one transaction of two round trips: one
+    /// statement inserts every saga row that does not exist yet and returns
+    /// the ids it inserted; the other writes the first transition of each
+    /// (saga row, history, commands) and commits. An id taken before, or
+    /// earlier in `items`, is [`ErrorKind::SagaExists`](crate::ErrorKind);
+    /// a database failure fails the whole batch, which then rolls back.
+    async fn starts_in_one(
+        &self,
+        ctx: &Ctx,
+        def: &SagaDefinition,
+        items: &[(&str, Transition)],
+    ) -> Result<Vec<Result<()>>> {
+        use std::collections::HashSet;
+        use std::fmt::Write as _;
+
+        use crate::error::{Error, ErrorKind};
+        const OPERATION: &str = "start sagas";
+        let err = |e| Error::db(OPERATION, e);
+        let exists = |saga_id: &str| {
+            Err(Error::new(ErrorKind::SagaExists {
+                saga_id: saga_id.to_owned(),
+            }))
+        };
+
+        // Each id once; what cannot be encoded fails alone.
+        let mut outcomes: Vec<Result<()>> = Vec::with_capacity(items.len());
+        let mut writes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, (saga_id, t)) in items.iter().enumerate() {
+            if !seen.insert(*saga_id) {
+                outcomes.push(exists(saga_id));
+                continue;
+            }
+            match written(ctx, &self.outbox, saga_id, def, t) {
+                Ok(w) => {
+                    // Filled in once the batch commits.
+                    outcomes.push(Ok(()));
+                    writes.push((i, w));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        if writes.is_empty() {
+            return Ok(outcomes);
+        }
+
+        // Writing to a String cannot fail.
+        let mut sql = String::from(
+            "begin immediate; insert into orchestrator_sagas (saga_id, saga_type, version, status, state, \
+             claim_ms, seq, created_ms, updated_ms) values ",
+        );
+        for k in 0..writes.len() {
+            let sep = if k == 0 { "" } else { ", " };
+            let _ = write!(
+                sql,
+                "{sep}(${}, $1, $2, 'running', '{{}}', 0, 0, {now}, {now})",
+                k + 3,
+                now = lite_now!()
+            );
+        }
+        sql.push_str(" on conflict do nothing returning saga_id");
+        let mut insert = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(&def.name)
+            .bind(i64::from(def.version));
+        for (i, _) in &writes {
+            insert = insert.bind(items[*i].0);
+        }
+        let mut trip = crate::sqlite::Trip::start(&self.pool, OPERATION).await?;
+        let inserted: HashSet<String> = insert
+            .fetch_all(trip.open())
+            .await
+            .map_err(err)?
+            .into_iter()
+            .collect();
+        writes.retain(|(i, _)| {
+            let saga_id = items[*i].0;
+            let fresh = inserted.contains(saga_id);
+            if !fresh {
+                outcomes[*i] = exists(saga_id);
+            }
+            fresh
+        });
+        if writes.is_empty() {
+            trip.rollback().await;
+            return Ok(outcomes);
+        }
+
+        let mut sql = String::new();
+        let mut n = 1;
+        for (_, w) in &writes {
+            n = lite_saga_write(&mut sql, n, w);
+        }
+        sql.push_str("commit");
+        let mut write = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut enqueued = 0;
+        for (i, w) in &writes {
+            let (saga_id, t) = &items[*i];
+            write = lite_bind_write(write, saga_id, t, 1, w);
+            enqueued += w.rows.len();
+        }
+        trip.finish(write, OPERATION).await?;
+        self.outbox.enqueued(enqueued);
+        metrics::counter!("saga_started_total", "saga" => def.name.clone())
+            .increment(writes.len() as u64);
+        for (i, _) in &writes {
+            let status = items[*i].1.state.status.name();
+            metrics::counter!("saga_transitions_total", "status" => status).increment(1);
+        }
+        Ok(outcomes)
+    }
+
     /// Applies replies of distinct sagas in one transaction of two round
     /// trips: one query records every reply in the inbox and loads its
     /// saga row; the other writes every transition (saga row, history,
@@ -646,5 +808,117 @@ impl SqliteSagaStore {
             outcomes[i] = Ok(Handled::Applied(t.note));
         }
         Ok(outcomes)
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::sync::Arc;
+
+    use broker_adapters::Topic;
+
+    use super::{Ctx, SagaStore as _, SqliteSagaStore};
+    use crate::error::ErrorKind;
+    use crate::outbox::{Outbox, OutboxConfig};
+    use crate::saga::definition::{Action, Definitions, SagaDefinition, Step};
+    use crate::saga::machine;
+
+    /// Sagas started together on SQLite share one transaction: each comes
+    /// out as it would alone (an id taken before or earlier in the batch is
+    /// refused, the others start with their first command in the outbox),
+    /// and every saga of the batch was written by the same statement.
+    #[tokio::test]
+    async fn sagas_started_together_come_out_as_alone() {
+        let dir = std::env::temp_dir().join(format!("starts-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pool = crate::sqlite::connect(&format!("sqlite://{}", dir.join("s.db").display()))
+            .await
+            .expect("open the database");
+        crate::sqlite::migrate(&pool).await.expect("migrated");
+        let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new())
+            .await
+            .expect("outbox");
+        let def = SagaDefinition::builder("s", 1)
+            .step(Step::new(
+                "a",
+                Action::new("com.example.do", "things").on_success("com.example.done"),
+            ))
+            .build()
+            .expect("a valid definition");
+        let ctx = Ctx {
+            definitions: Arc::new(Definitions::new().with(def.clone()).expect("definitions")),
+            reply_topic: Topic::from_static("replies"),
+            consumer: "coordinator".into(),
+        };
+        let store = SqliteSagaStore {
+            pool: pool.clone(),
+            outbox,
+        };
+        let start = || machine::start(&def, serde_json::json!({}));
+        store
+            .insert(&ctx, "taken", &def, &start())
+            .await
+            .expect("started alone");
+
+        let ids = ["a", "taken", "b", "a", "c"];
+        let items: Vec<_> = ids.iter().map(|id| (*id, start())).collect();
+        let outcomes = store
+            .starts_in_one(&ctx, &def, &items)
+            .await
+            .expect("one transaction");
+        let refused: Vec<bool> = outcomes
+            .iter()
+            .map(|o| {
+                o.as_ref()
+                    .err()
+                    .is_some_and(|e| matches!(e.kind(), ErrorKind::SagaExists { .. }))
+            })
+            .collect();
+        assert_eq!(refused, [false, true, false, true, false], "{outcomes:?}");
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok() && outcomes[4].is_ok());
+
+        let count = |sql: &'static str| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count")
+            }
+        };
+        assert_eq!(count("select count(*) from orchestrator_sagas").await, 4);
+        assert_eq!(
+            count("select count(*) from orchestrator_sagas where seq = 1 and status = 'running'")
+                .await,
+            4
+        );
+        assert_eq!(
+            count("select count(*) from orchestrator_saga_history").await,
+            4
+        );
+        assert_eq!(count("select count(*) from orchestrator_outbox").await, 4);
+        assert_eq!(
+            count(
+                "select count(distinct created_ms) from orchestrator_sagas \
+                 where saga_id in ('a', 'b', 'c')"
+            )
+            .await,
+            1,
+            "one statement wrote the batch"
+        );
+
+        // A batch of ids all taken writes nothing.
+        let again: Vec<_> = ["a", "b"].iter().map(|id| (*id, start())).collect();
+        let outcomes = store
+            .starts_in_one(&ctx, &def, &again)
+            .await
+            .expect("one transaction");
+        assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+        assert_eq!(
+            count("select count(*) from orchestrator_saga_history").await,
+            4
+        );
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
