@@ -232,9 +232,19 @@ impl Coordinator {
         let sagas: Vec<(S, Value)> = sagas.into_iter().collect();
         let mut outcomes: Vec<Result<()>> = Vec::with_capacity(sagas.len());
         let (mut at, mut items) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::HashSet::new();
         for (i, (saga_id, data)) in sagas.iter().enumerate() {
-            // Valid ones are filled in below.
-            outcomes.push(check_start(saga_id.as_ref(), data));
+            // Valid ones are filled in below; of one id, the first comes
+            // first (the stores may start them all at once).
+            outcomes.push(check_start(saga_id.as_ref(), data).and_then(|()| {
+                if seen.insert(saga_id.as_ref()) {
+                    Ok(())
+                } else {
+                    Err(Error::new(ErrorKind::SagaExists {
+                        saga_id: saga_id.as_ref().to_owned(),
+                    }))
+                }
+            }));
             if outcomes[i].is_ok() {
                 at.push(i);
                 items.push((saga_id.as_ref(), machine::start(def, data.clone())));
