@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -122,7 +123,14 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
 /// with).
 #[derive(Debug, Clone)]
 pub struct WriteQueue {
-    line: Arc<tokio::sync::Mutex<()>>,
+    line: Arc<Line>,
+}
+
+/// The writers of one database file in this process.
+#[derive(Debug)]
+struct Line {
+    turns: Arc<tokio::sync::Mutex<()>>,
+    checkpoints: Arc<Checkpoints>,
 }
 
 /// A writer's turn in a [`WriteQueue`]; the next writer's turn comes when
@@ -130,9 +138,116 @@ pub struct WriteQueue {
 #[derive(Debug)]
 pub struct WriteTurn {
     _held: OwnedMutexGuard<()>,
+    /// Kept alive while the turn is held, so the next writer of this
+    /// process queues on the same line.
+    line: Arc<Line>,
 }
 
-type Lines = HashMap<PathBuf, Weak<tokio::sync::Mutex<()>>>;
+impl Drop for WriteTurn {
+    fn drop(&mut self) {
+        self.line.checkpoints.turn_ended();
+    }
+}
+
+/// WAL checkpoints in the writers' quiet moments. SQLite checkpoints on the
+/// connection whose commit took the WAL past 1,000 pages: it copies the WAL
+/// into the database file and syncs both (~10 ms here), and that writer,
+/// with every writer queued behind it, waits. So once [`CHECKPOINT_EVERY`]
+/// turns have ended since the last such checkpoint, and no writer has
+/// taken or waited for a turn for [`QUIET`], this process checkpoints
+/// (`PASSIVE`) in the background on a connection of its own, and the WAL
+/// rarely reaches SQLite's threshold between bursts of writes. Under a
+/// steady stream of writers there is no quiet moment; SQLite's own
+/// checkpoint then runs as before (one in the background would only add
+/// syncs: the WAL is restarted only once a checkpoint has copied all of it).
+#[derive(Debug)]
+struct Checkpoints {
+    pool: SqlitePool,
+    count: Arc<TurnCount>,
+}
+
+/// The writers of one database file: turns since the last background
+/// checkpoint, and writers waiting for a turn. It outlives the [`Line`]
+/// (which lives only while some writer holds or waits for a turn), so
+/// turns taken one at a time add up too.
+#[derive(Debug, Default)]
+struct TurnCount {
+    turns: AtomicU32,
+    ended: AtomicU64,
+    waiting: AtomicUsize,
+    running: AtomicBool,
+}
+
+/// Counts a writer as waiting for its turn until it is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Checkpoints {
+    fn turn_ended(&self) {
+        let count = &self.count;
+        count.ended.fetch_add(1, Ordering::AcqRel);
+        let turns = count.turns.fetch_add(1, Ordering::Relaxed) + 1;
+        if turns < CHECKPOINT_EVERY {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if count.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, count) = (self.pool.clone(), Arc::clone(&self.count));
+        // Waits for the first quiet moment, then checkpoints.
+        runtime.spawn(async move {
+            let mut ended = count.ended.load(Ordering::Acquire);
+            while !pool.is_closed() {
+                tokio::time::sleep(QUIET).await;
+                let now = count.ended.load(Ordering::Acquire);
+                if now != ended || count.waiting.load(Ordering::Acquire) > 0 {
+                    ended = now;
+                    continue;
+                }
+                // Only an idle connection: an in-memory database's one
+                // connection is never taken from its writers.
+                let Some(mut conn) = pool.try_acquire() else {
+                    continue;
+                };
+                count.turns.store(0, Ordering::Relaxed);
+                if let Err(e) = sqlx::query("pragma wal_checkpoint(passive)")
+                    .execute(&mut *conn)
+                    .await
+                {
+                    tracing::debug!(error = %e, "background WAL checkpoint failed; SQLite's own remains");
+                }
+                break;
+            }
+            count.running.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Write turns between two background WAL checkpoints (see
+/// [`Checkpoints`]): a few pages each, well below SQLite's 1,000.
+const CHECKPOINT_EVERY: u32 = 64;
+
+/// How long no writer may take or wait for a turn before a background
+/// checkpoint runs (see [`Checkpoints`]).
+const QUIET: Duration = Duration::from_millis(5);
+
+/// Per database file: its line while it lives, and its turn count.
+type Lines = HashMap<PathBuf, (Weak<Line>, Arc<TurnCount>)>;
 
 static LINES: LazyLock<Mutex<Lines>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -141,12 +256,18 @@ impl WriteQueue {
     pub fn of(pool: &SqlitePool) -> Self {
         let file = pool.connect_options().get_filename().to_path_buf();
         let mut lines = LINES.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(line) = lines.get(&file).and_then(Weak::upgrade) {
+        let entry = lines.entry(file).or_default();
+        if let Some(line) = entry.0.upgrade() {
             return Self { line };
         }
-        lines.retain(|_, line| line.strong_count() > 0);
-        let line = Arc::new(tokio::sync::Mutex::new(()));
-        lines.insert(file, Arc::downgrade(&line));
+        let line = Arc::new(Line {
+            turns: Arc::new(tokio::sync::Mutex::new(())),
+            checkpoints: Arc::new(Checkpoints {
+                pool: pool.clone(),
+                count: Arc::clone(&entry.1),
+            }),
+        });
+        entry.0 = Arc::downgrade(&line);
         Self { line }
     }
 
@@ -158,8 +279,15 @@ impl WriteQueue {
     /// A retryable [`ErrorKind::Database`] when the turn did not come in
     /// time (another writer of this process kept its transaction open).
     pub async fn turn(&self, operation: &'static str) -> Result<WriteTurn> {
-        match tokio::time::timeout(BUSY_TIMEOUT, Arc::clone(&self.line).lock_owned()).await {
-            Ok(held) => Ok(WriteTurn { _held: held }),
+        let waiting = Waiting::new(&self.line.checkpoints.count.waiting);
+        let turn =
+            tokio::time::timeout(BUSY_TIMEOUT, Arc::clone(&self.line.turns).lock_owned()).await;
+        drop(waiting);
+        match turn {
+            Ok(held) => Ok(WriteTurn {
+                _held: held,
+                line: Arc::clone(&self.line),
+            }),
             Err(_) => Err(Error::with_source(
                 ErrorKind::Database {
                     operation,
@@ -974,6 +1102,53 @@ mod tests {
         connect(&format!("sqlite://{}", file.display()))
             .await
             .expect("open the database")
+    }
+
+    /// Frames in the WAL now (it checkpoints what it can, which is what
+    /// every checkpoint before it left).
+    async fn wal_frames(pool: &SqlitePool) -> i64 {
+        let (_, log, _): (i64, i64, i64) = sqlx::query_as("pragma wal_checkpoint(passive)")
+            .fetch_one(pool)
+            .await
+            .expect("checkpoint");
+        log
+    }
+
+    /// After a burst of write turns and a quiet moment, this process has
+    /// checkpointed the WAL in the background, so the next write starts the
+    /// WAL over instead of growing it towards SQLite's own checkpoint on a
+    /// writer's commit.
+    #[tokio::test]
+    async fn a_quiet_moment_after_writes_checkpoints_in_the_background() {
+        let dir = std::env::temp_dir().join(format!("checkpoint-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let db = pool(&dir.join("c.db")).await;
+        sqlx::query("create table t (x blob)")
+            .execute(&db)
+            .await
+            .expect("table");
+        let write = || async {
+            let mut tx = begin_write(&db).await.expect("turn");
+            sqlx::query("insert into t (x) values (randomblob(3000))")
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            tx.commit().await.expect("commit");
+        };
+        let burst = CHECKPOINT_EVERY as usize * 2;
+        for _ in 0..burst {
+            write().await;
+        }
+        // Well below SQLite's own 1,000 pages: only ours can have run.
+        tokio::time::sleep(QUIET * 20).await;
+        write().await;
+        let frames = wal_frames(&db).await;
+        assert!(
+            frames < 10,
+            "the WAL holds {frames} frames after {burst} writes and a quiet moment"
+        );
+        db.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
