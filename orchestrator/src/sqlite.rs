@@ -61,7 +61,8 @@ macro_rules! now_ms {
 
 /// Connection options for `url` (`sqlite://path`, `sqlite:path` or
 /// `sqlite::memory:`): created if missing, WAL journal, `synchronous=NORMAL`,
-/// a [`BUSY_TIMEOUT`], foreign keys on.
+/// a [`BUSY_TIMEOUT`], foreign keys on, WAL checkpoints by SQLite at
+/// [`AUTOCHECKPOINT_PAGES`].
 ///
 /// # Errors
 ///
@@ -81,6 +82,7 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(BUSY_TIMEOUT)
+        .pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES.to_string())
         .foreign_keys(true))
 }
 
@@ -121,6 +123,12 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
 /// Every pool of this process on the same database file gets the same
 /// queue ([`of`](Self::of) keys it by the file name the pool was opened
 /// with).
+///
+/// The queue also checkpoints the WAL in the background, in the writers'
+/// quiet moments (or every few hundred turns under a steady stream), so
+/// a writer's commit seldom runs SQLite's own checkpoint (a copy and two
+/// syncs that every writer queued behind it waits for; see
+/// [`AUTOCHECKPOINT_PAGES`]).
 #[derive(Debug, Clone)]
 pub struct WriteQueue {
     line: Arc<Line>,
@@ -149,17 +157,19 @@ impl Drop for WriteTurn {
     }
 }
 
-/// WAL checkpoints in the writers' quiet moments. SQLite checkpoints on the
-/// connection whose commit took the WAL past 1,000 pages: it copies the WAL
-/// into the database file and syncs both (~10 ms here), and that writer,
-/// with every writer queued behind it, waits. So once [`CHECKPOINT_EVERY`]
-/// turns have ended since the last such checkpoint, and no writer has
-/// taken or waited for a turn for [`QUIET`], this process checkpoints
-/// (`PASSIVE`) in the background on a connection of its own, and the WAL
-/// rarely reaches SQLite's threshold between bursts of writes. Under a
-/// steady stream of writers there is no quiet moment; SQLite's own
-/// checkpoint then runs as before (one in the background would only add
-/// syncs: the WAL is restarted only once a checkpoint has copied all of it).
+/// WAL checkpoints off the writers' path. SQLite checkpoints on the
+/// connection whose commit took the WAL past its threshold: it copies the
+/// WAL into the database file and syncs both (~10 ms here), and that
+/// writer, with every writer queued behind it, waits. So this process
+/// checkpoints (`PASSIVE`) in the background, on a connection of its own:
+/// once [`CHECKPOINT_EVERY`] turns have ended since its last checkpoint, at
+/// the first moment no writer has taken or waited for a turn for
+/// [`QUIET`], or after [`CHECKPOINT_ANYWAY`] turns without one. The next
+/// writer after a quiet checkpoint starts the WAL over; under a steady
+/// stream of writers the WAL grows (its frames already copied) until
+/// SQLite's own checkpoint at [`AUTOCHECKPOINT_PAGES`], which then has
+/// little left to copy, and comes ten times less often than at SQLite's
+/// default of 1,000 pages.
 #[derive(Debug)]
 struct Checkpoints {
     pool: SqlitePool,
@@ -215,7 +225,8 @@ impl Checkpoints {
             while !pool.is_closed() {
                 tokio::time::sleep(QUIET).await;
                 let now = count.ended.load(Ordering::Acquire);
-                if now != ended || count.waiting.load(Ordering::Acquire) > 0 {
+                let busy = now != ended || count.waiting.load(Ordering::Acquire) > 0;
+                if busy && count.turns.load(Ordering::Relaxed) < CHECKPOINT_ANYWAY {
                     ended = now;
                     continue;
                 }
@@ -241,6 +252,17 @@ impl Checkpoints {
 /// Write turns between two background WAL checkpoints (see
 /// [`Checkpoints`]): a few pages each, well below SQLite's 1,000.
 const CHECKPOINT_EVERY: u32 = 64;
+
+/// Write turns after which the background checkpoint runs without waiting
+/// for a quiet moment.
+const CHECKPOINT_ANYWAY: u32 = 256;
+
+/// SQLite's own checkpoint threshold, in WAL pages (of 4 KiB), set by
+/// [`connect_options`]: ten times SQLite's default, as this process
+/// checkpoints in the background long before (see [`WriteQueue`]). Writers
+/// that do not take turns (in other processes, or not through
+/// [`begin_write`]) leave the WAL to this threshold.
+pub const AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// How long no writer may take or wait for a turn before a background
 /// checkpoint runs (see [`Checkpoints`]).
