@@ -211,8 +211,8 @@ impl Coordinator {
     /// allows: on SQLite one per 128 sagas (a single writer commits them
     /// in one turn instead of one each), on PostgreSQL one per saga, all at
     /// once. Returns each saga's outcome, in the order given; one saga's
-    /// failure (its id taken, its data not an object) does not keep the
-    /// others from starting.
+    /// failure (its id taken, or given earlier in the call; its data not an
+    /// object) does not keep the others from starting.
     ///
     /// # Errors
     ///
