@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr as _;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -134,11 +134,26 @@ pub struct WriteQueue {
     line: Arc<Line>,
 }
 
-/// The writers of one database file in this process.
+/// The writers of one database file in this process, and its background
+/// WAL checkpoints.
+///
+/// SQLite checkpoints on the connection whose commit took the WAL past its
+/// threshold: it copies the WAL into the database file and syncs both
+/// (~10 ms here), and that writer, with every writer queued behind it,
+/// waits. So this process checkpoints (`PASSIVE`) in the background, on a
+/// connection of its own: once [`CHECKPOINT_EVERY`] turns have ended since
+/// its last checkpoint, at the first moment no writer has taken or waited
+/// for a turn for [`QUIET`], or after [`CHECKPOINT_ANYWAY`] turns without
+/// one. The next writer after a quiet checkpoint starts the WAL over; under
+/// a steady stream of writers the WAL grows (its frames already copied)
+/// until SQLite's own checkpoint at [`AUTOCHECKPOINT_PAGES`], which then
+/// has little left to copy, and comes ten times less often than at
+/// SQLite's default of 1,000 pages.
 #[derive(Debug)]
 struct Line {
     turns: Arc<tokio::sync::Mutex<()>>,
-    checkpoints: Arc<Checkpoints>,
+    pool: SqlitePool,
+    count: Arc<TurnCount>,
 }
 
 /// A writer's turn in a [`WriteQueue`]; the next writer's turn comes when
@@ -153,39 +168,29 @@ pub struct WriteTurn {
 
 impl Drop for WriteTurn {
     fn drop(&mut self) {
-        self.line.checkpoints.turn_ended();
+        self.line.turn_ended();
     }
 }
 
-/// WAL checkpoints off the writers' path. SQLite checkpoints on the
-/// connection whose commit took the WAL past its threshold: it copies the
-/// WAL into the database file and syncs both (~10 ms here), and that
-/// writer, with every writer queued behind it, waits. So this process
-/// checkpoints (`PASSIVE`) in the background, on a connection of its own:
-/// once [`CHECKPOINT_EVERY`] turns have ended since its last checkpoint, at
-/// the first moment no writer has taken or waited for a turn for
-/// [`QUIET`], or after [`CHECKPOINT_ANYWAY`] turns without one. The next
-/// writer after a quiet checkpoint starts the WAL over; under a steady
-/// stream of writers the WAL grows (its frames already copied) until
-/// SQLite's own checkpoint at [`AUTOCHECKPOINT_PAGES`], which then has
-/// little left to copy, and comes ten times less often than at SQLite's
-/// default of 1,000 pages.
-#[derive(Debug)]
-struct Checkpoints {
-    pool: SqlitePool,
-    count: Arc<TurnCount>,
-}
-
-/// The writers of one database file: turns since the last background
-/// checkpoint, and writers waiting for a turn. It outlives the [`Line`]
-/// (which lives only while some writer holds or waits for a turn), so
-/// turns taken one at a time add up too.
+/// The writers of one database file: turns ended (in all, and at the last
+/// background checkpoint), writers waiting for a turn, and whether a
+/// checkpoint is under way. It outlives the [`Line`] (which lives only
+/// while some writer holds or waits for a turn), so turns taken one at a
+/// time add up too.
 #[derive(Debug, Default)]
 struct TurnCount {
-    turns: AtomicU32,
     ended: AtomicU64,
+    checkpointed: AtomicU64,
     waiting: AtomicUsize,
     running: AtomicBool,
+}
+
+impl TurnCount {
+    /// Turns ended since the last background checkpoint.
+    fn since_checkpoint(&self) -> u64 {
+        let ended = self.ended.load(Ordering::Acquire);
+        ended.saturating_sub(self.checkpointed.load(Ordering::Acquire))
+    }
 }
 
 /// Counts a writer as waiting for its turn until it is dropped.
@@ -204,12 +209,11 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Checkpoints {
+impl Line {
     fn turn_ended(&self) {
         let count = &self.count;
         count.ended.fetch_add(1, Ordering::AcqRel);
-        let turns = count.turns.fetch_add(1, Ordering::Relaxed) + 1;
-        if turns < CHECKPOINT_EVERY {
+        if count.since_checkpoint() < CHECKPOINT_EVERY {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -226,7 +230,7 @@ impl Checkpoints {
                 tokio::time::sleep(QUIET).await;
                 let now = count.ended.load(Ordering::Acquire);
                 let busy = now != ended || count.waiting.load(Ordering::Acquire) > 0;
-                if busy && count.turns.load(Ordering::Relaxed) < CHECKPOINT_ANYWAY {
+                if busy && count.since_checkpoint() < CHECKPOINT_ANYWAY {
                     ended = now;
                     continue;
                 }
@@ -235,7 +239,7 @@ impl Checkpoints {
                 let Some(mut conn) = pool.try_acquire() else {
                     continue;
                 };
-                count.turns.store(0, Ordering::Relaxed);
+                count.checkpointed.store(now, Ordering::Release);
                 if let Err(e) = sqlx::query("pragma wal_checkpoint(passive)")
                     .execute(&mut *conn)
                     .await
@@ -249,13 +253,13 @@ impl Checkpoints {
     }
 }
 
-/// Write turns between two background WAL checkpoints (see
-/// [`Checkpoints`]): a few pages each, well below SQLite's 1,000.
-const CHECKPOINT_EVERY: u32 = 64;
+/// Write turns between two background WAL checkpoints (see [`Line`]): a
+/// few pages each, well below SQLite's 1,000.
+const CHECKPOINT_EVERY: u64 = 64;
 
 /// Write turns after which the background checkpoint runs without waiting
 /// for a quiet moment.
-const CHECKPOINT_ANYWAY: u32 = 256;
+const CHECKPOINT_ANYWAY: u64 = 256;
 
 /// SQLite's own checkpoint threshold, in WAL pages (of 4 KiB), set by
 /// [`connect_options`]: ten times SQLite's default, as this process
@@ -265,7 +269,7 @@ const CHECKPOINT_ANYWAY: u32 = 256;
 pub const AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// How long no writer may take or wait for a turn before a background
-/// checkpoint runs (see [`Checkpoints`]).
+/// checkpoint runs (see [`Line`]).
 const QUIET: Duration = Duration::from_millis(5);
 
 /// Per database file: its line while it lives, and its turn count.
@@ -284,10 +288,8 @@ impl WriteQueue {
         }
         let line = Arc::new(Line {
             turns: Arc::new(tokio::sync::Mutex::new(())),
-            checkpoints: Arc::new(Checkpoints {
-                pool: pool.clone(),
-                count: Arc::clone(&entry.1),
-            }),
+            pool: pool.clone(),
+            count: Arc::clone(&entry.1),
         });
         entry.0 = Arc::downgrade(&line);
         Self { line }
@@ -301,7 +303,7 @@ impl WriteQueue {
     /// A retryable [`ErrorKind::Database`] when the turn did not come in
     /// time (another writer of this process kept its transaction open).
     pub async fn turn(&self, operation: &'static str) -> Result<WriteTurn> {
-        let waiting = Waiting::new(&self.line.checkpoints.count.waiting);
+        let waiting = Waiting::new(&self.line.count.waiting);
         let turn =
             tokio::time::timeout(BUSY_TIMEOUT, Arc::clone(&self.line.turns).lock_owned()).await;
         drop(waiting);
@@ -1116,6 +1118,27 @@ impl Inbox<Sqlite> {
     }
 }
 
+/// A directory of its own for a test's database files.
+#[cfg(test)]
+pub(crate) fn test_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A migrated database in `dir`, and its outbox.
+#[cfg(test)]
+pub(crate) async fn test_store(dir: &std::path::Path) -> (SqlitePool, Outbox<Sqlite>) {
+    let pool = connect(&format!("sqlite://{}", dir.join("store.db").display()))
+        .await
+        .expect("open the database");
+    migrate(&pool).await.expect("migrated");
+    let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new())
+        .await
+        .expect("outbox");
+    (pool, outbox)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1142,8 +1165,7 @@ mod tests {
     /// writer's commit.
     #[tokio::test]
     async fn a_quiet_moment_after_writes_checkpoints_in_the_background() {
-        let dir = std::env::temp_dir().join(format!("checkpoint-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = test_dir("checkpoint");
         let db = pool(&dir.join("c.db")).await;
         sqlx::query("create table t (x blob)")
             .execute(&db)
@@ -1157,7 +1179,7 @@ mod tests {
                 .expect("insert");
             tx.commit().await.expect("commit");
         };
-        let burst = CHECKPOINT_EVERY as usize * 2;
+        let burst = CHECKPOINT_EVERY * 2;
         for _ in 0..burst {
             write().await;
         }
@@ -1175,8 +1197,7 @@ mod tests {
 
     #[tokio::test]
     async fn writers_of_one_file_take_turns_across_pools() {
-        let dir = std::env::temp_dir().join(format!("write-queue-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = test_dir("write-queue");
         let (a, b, other) = (
             pool(&dir.join("one.db")).await,
             pool(&dir.join("one.db")).await,
@@ -1240,8 +1261,7 @@ mod tests {
     /// database (which closing the connection would have emptied).
     #[tokio::test]
     async fn a_trip_dropped_open_rolls_back_before_the_next_writer() {
-        let dir = std::env::temp_dir().join(format!("trip-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = test_dir("trip");
         let file = pool(&dir.join("one.db")).await;
         let memory = connect("sqlite::memory:")
             .await

@@ -315,18 +315,7 @@ async fn check_effects(db: &Db, all: &[Event]) -> anyhow::Result<()> {
     // Every event has its effect; rows whose broker ack was lost (a broker
     // restart, a killed relay) are published once more before they are
     // marked: wait for that, bounded.
-    let started = tokio::time::Instant::now();
-    loop {
-        let pending = db.pending().await?;
-        if pending == 0 {
-            return Ok(());
-        }
-        ensure!(
-            started.elapsed() < WAIT,
-            "outbox not drained: {pending} rows pending"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_all_marked(WAIT).await
 }
 
 async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyhow::Result<()> {

@@ -229,25 +229,26 @@ impl Coordinator {
                 version: None,
             })
         })?;
-        let sagas: Vec<(S, Value)> = sagas.into_iter().collect();
-        let mut outcomes: Vec<Result<()>> = Vec::with_capacity(sagas.len());
+        let (ids, data): (Vec<S>, Vec<Value>) = sagas.into_iter().unzip();
+        let mut outcomes: Vec<Result<()>> = Vec::with_capacity(ids.len());
         let (mut at, mut items) = (Vec::new(), Vec::new());
         let mut seen = std::collections::HashSet::new();
-        for (i, (saga_id, data)) in sagas.iter().enumerate() {
+        for (i, (saga_id, data)) in ids.iter().zip(data).enumerate() {
+            let saga_id = saga_id.as_ref();
             // Valid ones are filled in below; of one id, the first comes
             // first (the stores may start them all at once).
-            outcomes.push(check_start(saga_id.as_ref(), data).and_then(|()| {
-                if seen.insert(saga_id.as_ref()) {
+            outcomes.push(check_start(saga_id, &data).and_then(|()| {
+                if seen.insert(saga_id) {
                     Ok(())
                 } else {
                     Err(Error::new(ErrorKind::SagaExists {
-                        saga_id: saga_id.as_ref().to_owned(),
+                        saga_id: saga_id.to_owned(),
                     }))
                 }
             }));
             if outcomes[i].is_ok() {
                 at.push(i);
-                items.push((saga_id.as_ref(), machine::start(def, data.clone())));
+                items.push((saga_id, machine::start(def, data)));
             }
         }
         let done = self.store.insert_many(&self.ctx, def, &items).await;

@@ -552,25 +552,17 @@ mod tests {
     use super::Participant;
     use crate::error::{BoxError, ErrorKind};
     use crate::inbox::Processed;
-    use crate::outbox::{Outbox, OutboxConfig};
     use crate::saga::protocol::{SAGA_PHASE, SAGA_REPLY_TO, SAGA_TYPE, SagaCommand, StepReply};
 
     async fn participant(
         name: &str,
     ) -> (Participant<sqlx::Sqlite>, SqlitePool, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("participant-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let pool = crate::sqlite::connect(&format!("sqlite://{}", dir.join("p.db").display()))
-            .await
-            .expect("open the database");
-        crate::sqlite::migrate(&pool).await.expect("migrated");
+        let dir = crate::sqlite::test_dir("participant");
+        let (pool, outbox) = crate::sqlite::test_store(&dir).await;
         sqlx::query("create table effects (saga text primary key)")
             .execute(&pool)
             .await
             .expect("effects table");
-        let outbox = Outbox::sqlite(pool.clone(), OutboxConfig::new())
-            .await
-            .expect("outbox");
         (Participant::sqlite(pool.clone(), outbox, name), pool, dir)
     }
 
