@@ -40,11 +40,11 @@
 
 use std::borrow::Cow;
 
-use cloudevents::Event;
-use cloudevents::event::{AttributeValue, SpecVersion};
+use cloudevents::event::{AttributeValue, EventBuilderError, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
 };
+use cloudevents::{Data, Event, EventBuilder as _, EventBuilderV10};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventExt;
@@ -132,24 +132,39 @@ impl Binding {
             }
             Mode::Binary => {
                 let mut headers = Vec::with_capacity(12);
-                for (name, value) in event.iter() {
-                    let value = match value {
-                        AttributeValue::String(s) => Cow::Borrowed(s),
-                        other => Cow::Owned(other.to_string()),
-                    };
-                    let header = if name == "datacontenttype" {
-                        CONTENT_TYPE.to_owned()
-                    } else {
-                        [self.prefix, name].concat()
-                    };
-                    headers.push((header, self.escape(&value).into_owned()));
-                }
+                self.binary_headers(event, |name, value| {
+                    headers.push((name.to_owned(), value.to_owned()));
+                });
                 let payload = event.data_bytes().map(Cow::into_owned).unwrap_or_default();
                 Ok(Message {
                     key,
                     headers,
                     payload,
                 })
+            }
+        }
+    }
+
+    /// Calls `header` with the name and value of each binary-mode header of
+    /// `event`, in [`encode`](Self::encode)'s order, without collecting
+    /// them: for adapters that copy headers straight into their client's own
+    /// structure. The payload is [`EventExt::data_bytes`], the key
+    /// [`EventExt::partition_key`].
+    pub fn binary_headers(&self, event: &Event, mut header: impl FnMut(&str, &str)) {
+        let mut name = String::with_capacity(32);
+        for (attribute, value) in event.iter() {
+            let value = match value {
+                AttributeValue::String(s) => Cow::Borrowed(s),
+                other => Cow::Owned(other.to_string()),
+            };
+            let value = self.escape(&value);
+            if attribute == "datacontenttype" {
+                header(CONTENT_TYPE, &value);
+            } else {
+                name.clear();
+                name.push_str(self.prefix);
+                name.push_str(attribute);
+                header(&name, &value);
             }
         }
     }
@@ -168,37 +183,41 @@ impl Binding {
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
-        let mut content_type = None;
         let mut spec_version = None;
-        let mut attributes = Vec::new();
+        // Attribute names borrow the header names unless they need
+        // lowercasing; each value is copied once, into the event.
+        let mut attributes: Attributes<'a> = Vec::with_capacity(12);
         for (name, raw) in headers {
             let attr = if name.eq_ignore_ascii_case(CONTENT_TYPE) {
-                "datacontenttype".to_owned()
+                Cow::Borrowed("datacontenttype")
             } else if let Some(attr) = strip_prefix_ignore_case(name, self.prefix) {
-                attr.to_ascii_lowercase()
+                if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(attr.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(attr)
+                }
             } else {
                 continue;
             };
             let text = std::str::from_utf8(raw).map_err(|e| decode_error("a header value", e))?;
             let value = self.unescape(text)?;
-            match attr.as_str() {
-                "datacontenttype" => {
-                    content_type.get_or_insert_with(|| value.clone());
-                }
-                "specversion" => {
-                    spec_version.get_or_insert_with(|| value.clone());
-                    continue;
-                }
-                _ => {}
+            if attr == "specversion" {
+                spec_version.get_or_insert(value);
+                continue;
             }
             if !attributes.iter().any(|(n, _)| *n == attr) {
                 attributes.push((attr, value));
             }
         }
 
-        let structured = content_type
-            .as_deref()
-            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with(CLOUDEVENTS_JSON));
+        let content_type = attributes
+            .iter()
+            .find(|(n, _)| n == "datacontenttype")
+            .map(|(_, v)| v.as_str());
+        let structured = content_type.is_some_and(|ct| {
+            ct.get(..CLOUDEVENTS_JSON.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(CLOUDEVENTS_JSON))
+        });
         if structured {
             return serde_json::from_slice::<Event>(payload)
                 .map_err(|e| decode_error("a structured CloudEvent", e));
@@ -216,6 +235,12 @@ impl Binding {
         };
         let spec_version = SpecVersion::try_from(spec_version.as_str())
             .map_err(|e| decode_error("the spec version", e))?;
+        if spec_version == SpecVersion::V10 {
+            match build_v10(attributes, payload) {
+                Ok(built) => return built.map_err(|e| decode_error("a binary-mode CloudEvent", e)),
+                Err(back) => attributes = back,
+            }
+        }
         BinaryMessage {
             spec_version,
             attributes,
@@ -294,10 +319,58 @@ fn decode_error(
     Error::with_source(ErrorKind::Decode { what }, source)
 }
 
+/// Binary-mode attributes as received: lowercase names without the prefix,
+/// unescaped values.
+type Attributes<'n> = Vec<(Cow<'n, str>, String)>;
+
+/// Builds a CloudEvents 1.0 event from binary-mode attributes, moving each
+/// value into it: the common case, without the SDK's generic path (which
+/// formats every value into a new string). Hands the attributes back for
+/// that path when the typed builder cannot say the same thing: data without
+/// a content type, or a content type or schema without data.
+fn build_v10<'n>(
+    attributes: Attributes<'n>,
+    payload: &[u8],
+) -> std::result::Result<std::result::Result<Event, EventBuilderError>, Attributes<'n>> {
+    let has = |name: &str| attributes.iter().any(|(n, _)| n == name);
+    let (content_type, schema) = (has("datacontenttype"), has("dataschema"));
+    if payload.is_empty() == content_type || (payload.is_empty() && schema) {
+        return Err(attributes);
+    }
+    let mut builder = EventBuilderV10::new();
+    let (mut content_type, mut schema) = (None, None);
+    for (name, value) in attributes {
+        builder = match name.as_ref() {
+            "id" => builder.id(value),
+            "type" => builder.ty(value),
+            "source" => builder.source(value),
+            "subject" => builder.subject(value),
+            "time" => builder.time(value),
+            "datacontenttype" => {
+                content_type = Some(value);
+                builder
+            }
+            "dataschema" => {
+                schema = Some(value);
+                builder
+            }
+            extension => builder.extension(extension, value),
+        };
+    }
+    if let Some(content_type) = content_type {
+        let data = Data::Binary(payload.to_vec());
+        builder = match schema {
+            Some(schema) => builder.data_with_schema(content_type, schema, data),
+            None => builder.data(content_type, data),
+        };
+    }
+    Ok(builder.build())
+}
+
 /// A binary-mode message, fed to the SDK's event builder.
 struct BinaryMessage<'a> {
     spec_version: SpecVersion,
-    attributes: Vec<(String, String)>,
+    attributes: Attributes<'a>,
     payload: &'a [u8],
 }
 
@@ -310,7 +383,7 @@ impl BinaryDeserializer for BinaryMessage<'_> {
         visitor = visitor.set_spec_version(self.spec_version)?;
         for (name, value) in self.attributes {
             let value = MessageAttributeValue::String(value);
-            visitor = if known.contains(&name.as_str()) {
+            visitor = if known.contains(&name.as_ref()) {
                 visitor.set_attribute(&name, value)?
             } else {
                 visitor.set_extension(&name, value)?
@@ -484,6 +557,53 @@ mod tests {
             .decode(headers, structured)
             .expect("decodes structured");
         assert_eq!(event.id(), "s1");
+    }
+
+    #[test]
+    fn the_direct_builder_and_the_sdks_generic_path_agree() {
+        let with_binary = CloudEventBuilder::new("t", "/s")
+            .id("b1")
+            .binary_data("application/octet-stream", vec![0_u8, 1, 2, 255])
+            .build()
+            .expect("valid");
+        let no_data = CloudEventBuilder::new("t", "/s")
+            .id("n1")
+            .subject("s")
+            .partition_key("k")
+            .build()
+            .expect("valid");
+        for event in [full_event(), with_binary, no_data] {
+            let m = Binding::KAFKA
+                .encode(&event, Mode::Binary)
+                .expect("encodes");
+            // Upper-case header names, as some producers write them.
+            let shouted: Vec<(String, &[u8])> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_uppercase(), v.as_bytes()))
+                .collect();
+            let direct = Binding::KAFKA
+                .decode(shouted.iter().map(|(k, v)| (k.as_str(), *v)), &m.payload)
+                .expect("decodes");
+            let attributes: Attributes<'_> = m
+                .headers
+                .iter()
+                .filter(|(k, _)| k != "ce_specversion")
+                .map(|(k, v)| {
+                    let name = k.strip_prefix("ce_").unwrap_or("datacontenttype");
+                    (Cow::Borrowed(name), v.clone())
+                })
+                .collect();
+            let generic = BinaryMessage {
+                spec_version: SpecVersion::V10,
+                attributes,
+                payload: &m.payload,
+            }
+            .into_event()
+            .expect("decodes");
+            assert_eq!(direct, generic);
+            assert_eq!(direct.id(), event.id());
+        }
     }
 
     #[test]

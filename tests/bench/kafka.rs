@@ -63,9 +63,11 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
 
         // Publish: the whole batch pipelined, every event acknowledged.
         let batch = events(n, size)?;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         broker.publish_batch(&topic, batch).await?;
         pub_ours.push(start.elapsed());
+        crate::report_cpu("kafka publish (ours)", cpu, n);
 
         // Raw rdkafka sends byte-for-byte the same records (key, CloudEvents
         // headers, payload), encoded before the clock starts: the difference
@@ -74,6 +76,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             .iter()
             .map(|e| Binding::KAFKA.encode(e, Mode::Binary))
             .collect::<Result<_, _>>()?;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         let mut acks = Vec::with_capacity(n);
         for m in &records {
@@ -104,6 +107,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             ack.map_err(|(e, _)| e)?;
         }
         pub_raw.push(start.elapsed());
+        crate::report_cpu("kafka publish (raw)", cpu, n);
 
         // Consume what our publisher wrote: ours decodes and acks each event;
         // raw reads the same records and commits offsets as it goes.
@@ -123,10 +127,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             d.ack().await?;
         }
         con_ours.push(start.elapsed());
-        eprintln!(
-            "kafka consume (ours): {:.2} µs CPU per event in this process",
-            (crate::cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64
-        );
+        crate::report_cpu("kafka consume (ours)", cpu, n);
         sub.close().await?;
 
         let consumer: StreamConsumer = raw_client()
@@ -165,10 +166,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         }
         commit(&positions, CommitMode::Sync)?;
         con_raw.push(start.elapsed());
-        eprintln!(
-            "kafka consume (raw): {:.2} µs CPU per event in this process",
-            (crate::cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64
-        );
+        crate::report_cpu("kafka consume (raw)", cpu, n);
         eprintln!("kafka round {round}: done");
     }
     Ok(vec![

@@ -194,6 +194,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints this process's CPU time per event since `since` (a
+/// [`cpu_time`] reading): what a figure cost here, beside its rate.
+fn report_cpu(what: &str, since: Duration, events: usize) {
+    eprintln!(
+        "{what}: {:.2} µs CPU per event in this process",
+        (cpu_time().saturating_sub(since)).as_secs_f64() * 1e6 / events.max(1) as f64
+    );
+}
+
 /// CPU time (user + system) this process has used so far, from
 /// `/proc/self/stat`; zero where that is unavailable.
 fn cpu_time() -> Duration {

@@ -54,9 +54,11 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         // Publish: ours pipelines the batch; raw sends the same messages
         // (encoded before the clock starts) with WINDOW acks in flight.
         let batch = events(n, size)?;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         broker.publish_batch(&topic, batch).await?;
         pub_ours.push(start.elapsed());
+        crate::report_cpu("nats publish (ours)", cpu, n);
 
         let messages: Vec<(HeaderMap, Vec<u8>)> = events(n, size)?
             .iter()
@@ -70,6 +72,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
                 Ok((headers, m.payload))
             })
             .collect::<anyhow::Result<_>>()?;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         let mut acks = FuturesUnordered::new();
         for (headers, payload) in messages {
@@ -83,6 +86,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         }
         while acks.try_next().await?.is_some() {}
         pub_raw.push(start.elapsed());
+        crate::report_cpu("nats publish (raw)", cpu, n);
 
         // Consume: a fresh durable consumer each, every event acked and the
         // ack confirmed by the server.
@@ -96,6 +100,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         // the next delivery.
         let mut pending = tokio::task::JoinSet::new();
         let first = sub.next().await.context("subscription ended")??;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         pending.spawn(ack(first));
         for _ in 1..n {
@@ -109,6 +114,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             done??;
         }
         con_ours.push(start.elapsed());
+        crate::report_cpu("nats consume (ours)", cpu, n);
         sub.close().await?;
 
         let consumer = js
@@ -123,6 +129,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         let mut messages = consumer.messages().await?;
         let mut pending = tokio::task::JoinSet::new();
         let first = messages.next().await.context("raw stream ended")??;
+        let cpu = crate::cpu_time();
         let start = Instant::now();
         pending.spawn(raw_ack(first));
         for _ in 1..n {
@@ -136,6 +143,7 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             done??;
         }
         con_raw.push(start.elapsed());
+        crate::report_cpu("nats consume (raw)", cpu, n);
         drop(messages);
         for s in [&stream, &raw_stream] {
             let _ = js.delete_stream(s).await;

@@ -46,6 +46,7 @@ mod config;
 mod error;
 mod subscriber;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -63,9 +64,9 @@ use rdkafka::util::Timeout;
 
 pub use self::config::{KafkaConfig, Sasl, SecurityProtocol};
 use self::error::{SYSTEM, map};
-use crate::binding::{Binding, Message};
+use crate::binding::{Binding, Mode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{validate_attributes, validate_for_publish};
+use crate::event::{EventExt, validate_attributes};
 use crate::publisher::Publisher;
 use crate::subscriber::{SubscribeOptions, Subscriber, Subscription};
 use crate::topic::Topic;
@@ -173,41 +174,75 @@ impl KafkaBroker {
         }
     }
 
-    /// Validates and encodes; the size limit applies to the encoded record.
-    fn encode(&self, event: &Event) -> Result<Message> {
+    /// Validates and encodes `event` into a record; the size limit applies
+    /// to the encoded record (key, header names and values, payload, as
+    /// [`Message::encoded_len`](crate::binding::Message::encoded_len) counts them). In binary mode the headers go
+    /// straight into librdkafka's structure and binary data is not copied.
+    fn record<'e>(&self, event: &'e Event) -> Result<Record<'e>> {
         validate_attributes(event)?;
-        let message = Binding::KAFKA.encode(event, self.inner.config.mode)?;
-        let (size, limit) = (
-            message.encoded_len(),
-            self.inner.config.max_event_bytes.get(),
-        );
+        let key = event.partition_key();
+        let (headers, payload, size) = match self.inner.config.mode {
+            Mode::Binary => {
+                let mut size = key.map_or(0, str::len);
+                let mut headers = Some(OwnedHeaders::new_with_capacity(12));
+                Binding::KAFKA.binary_headers(event, |name, value| {
+                    size += name.len() + value.len();
+                    headers = headers.take().map(|h| {
+                        h.insert(Header {
+                            key: name,
+                            value: Some(value.as_bytes()),
+                        })
+                    });
+                });
+                let payload = event.data_bytes().unwrap_or_default();
+                let size = size + payload.len();
+                (headers.unwrap_or_default(), payload, size)
+            }
+            mode => {
+                let message = Binding::KAFKA.encode(event, mode)?;
+                let size = message.encoded_len();
+                let headers = message.headers.iter().fold(
+                    OwnedHeaders::new_with_capacity(message.headers.len()),
+                    |headers, (key, value)| {
+                        headers.insert(Header {
+                            key,
+                            value: Some(value.as_bytes()),
+                        })
+                    },
+                );
+                (headers, Cow::Owned(message.payload), size)
+            }
+        };
+        let limit = self.inner.config.max_event_bytes.get();
         if size > limit {
             return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
         }
-        Ok(message)
+        Ok(Record {
+            key,
+            headers,
+            payload,
+        })
     }
 
-    /// Hands one message to librdkafka, waiting while its queue is full.
-    async fn enqueue(&self, topic: &Topic, message: &Message) -> Result<DeliveryFuture> {
-        let headers = message.headers.iter().fold(
-            OwnedHeaders::new_with_capacity(message.headers.len()),
-            |headers, (key, value)| {
-                headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                })
-            },
-        );
+    /// Hands one record to librdkafka, waiting while its queue is full.
+    async fn enqueue(&self, topic: &Topic, record: Record<'_>) -> Result<DeliveryFuture> {
         enqueue_record(
             &self.inner.producer,
             topic.as_str(),
-            message.key.as_deref(),
-            headers,
-            &message.payload,
+            record.key,
+            record.headers,
+            &record.payload,
             self.inner.config.delivery_timeout,
         )
         .await
     }
+}
+
+/// An event encoded for librdkafka.
+struct Record<'e> {
+    key: Option<&'e str>,
+    headers: OwnedHeaders,
+    payload: Cow<'e, [u8]>,
 }
 
 /// Enqueues a record, retrying while librdkafka's queue is full, for at most
@@ -267,26 +302,27 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
 impl Publisher for KafkaBroker {
     async fn publish(&self, topic: &Topic, event: Event) -> Result<()> {
         self.check_open()?;
-        let message = self.encode(&event)?;
-        let delivery = self.enqueue(topic, &message).await?;
+        let record = self.record(&event)?;
+        let delivery = self.enqueue(topic, record).await?;
         acknowledged(delivery).await
     }
 
-    /// Validates every event first, enqueues them all in order, then awaits
-    /// every acknowledgement: one round trip for the batch, not one per event.
+    /// Enqueues the events in order, then awaits every acknowledgement: one
+    /// round trip for the batch, not one per event.
+    ///
+    /// Every event's attributes are checked before any is sent. The size of
+    /// each is known only once it is encoded, just before it is enqueued (one
+    /// encoding, in memory the next event reuses), so an oversized event
+    /// fails the batch after the events before it were sent.
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
-        // Every event is checked before any is sent, so a bad event fails
-        // the whole batch; then each is encoded and enqueued in turn, so
-        // encoding overlaps librdkafka sending what is already queued.
-        let limit = self.inner.config.max_event_bytes.get();
         for event in &events {
-            validate_for_publish(event, limit)?;
+            validate_attributes(event)?;
         }
         let mut deliveries = Vec::with_capacity(events.len());
         for event in &events {
-            let message = self.encode(event)?;
-            deliveries.push(acknowledged(self.enqueue(topic, &message).await?));
+            let record = self.record(event)?;
+            deliveries.push(acknowledged(self.enqueue(topic, record).await?));
         }
         try_join_all(deliveries).await.map(|_| ())
     }
