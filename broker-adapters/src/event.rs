@@ -480,10 +480,7 @@ impl EventExt for Event {
     }
 
     fn encoded_size(&self) -> usize {
-        let attributes: usize = self
-            .iter()
-            .map(|(name, value)| name.len() + attribute_len(&value))
-            .sum();
+        let attributes = attributes_size(self);
         let data = match self.data() {
             None => 0,
             Some(Data::Binary(bytes)) => bytes.len(),
@@ -499,6 +496,15 @@ impl EventExt for Event {
         };
         attributes.saturating_add(data)
     }
+}
+
+/// The attribute part of [`EventExt::encoded_size`]: every attribute's name
+/// and value, without the data.
+pub(crate) fn attributes_size(event: &Event) -> usize {
+    event
+        .iter()
+        .map(|(name, value)| name.len() + attribute_len(&value))
+        .sum()
 }
 
 /// A writer that only counts.

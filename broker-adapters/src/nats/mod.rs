@@ -39,9 +39,10 @@
 //!
 //! # Publishing
 //!
-//! Events are checked first ([`ErrorKind::InvalidEvent`],
-//! [`ErrorKind::EventTooLarge`] against [`NatsConfig::max_event_bytes`],
-//! which defaults to the server's `max_payload`), encoded with the
+//! Events are checked ([`ErrorKind::InvalidEvent`] for every event of a
+//! batch before any is sent; [`ErrorKind::EventTooLarge`] against
+//! [`NatsConfig::max_event_bytes`], which defaults to the server's
+//! `max_payload`, as each is encoded), encoded with the
 //! [CloudEvents NATS binding](crate::binding) (binary mode by default: `ce-`
 //! headers and the data as the payload), and published with the event id as
 //! `Nats-Msg-Id`, so JetStream stores an event published twice within its

@@ -4,6 +4,7 @@
 //! `partitionkey` before it was acknowledged, so a failure leaves each key's
 //! stored events a prefix of its events in the batch.
 
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
@@ -19,9 +20,9 @@ use tracing::Instrument;
 
 use super::error::{self, SYSTEM};
 use super::{Inner, MAX_PENDING_ACKS};
-use crate::binding::Binding;
+use crate::binding::{Binding, Mode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{EventExt, validate_for_publish};
+use crate::event::{EventExt, attributes_size, validate_attributes};
 use crate::telemetry::{self, operation};
 use crate::topic::Topic;
 
@@ -141,9 +142,12 @@ impl Inner {
 
     async fn publish_in_span(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
-        // Nothing is sent unless every event is valid.
+        // Nothing is sent unless every event's attributes are valid. An
+        // event's size is known once it is encoded, just before it is sent
+        // (one encoding each), so an oversized event fails the batch after
+        // the events sent before it.
         for event in &events {
-            validate_for_publish(event, self.max_event_bytes)?;
+            validate_attributes(event)?;
         }
         self.ensure_stream(topic).await?;
 
@@ -173,37 +177,49 @@ impl Inner {
         }
     }
 
-    /// Encodes `event` in the configured mode, with `Nats-Msg-Id`.
+    /// Encodes `event` in the configured mode, with `Nats-Msg-Id`, and
+    /// checks its size.
     fn encode(&self, event: &Event) -> Result<Outgoing> {
-        let message = Binding::NATS.encode(event, self.config.mode())?;
         let mut headers = HeaderMap::new();
-        for (name, value) in &message.headers {
-            let header = HeaderName::from_str(name).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::InvalidEvent {
-                        reason: format!(
-                            "attribute header `{name}` is not a valid NATS header name"
-                        ),
-                    },
-                    e,
-                )
-            })?;
-            let value = HeaderValue::from_str(value).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::InvalidEvent {
-                        reason: format!("the value of `{name}` cannot be a NATS header"),
-                    },
-                    e,
-                )
-            })?;
-            headers.append(header, value);
-        }
+        let payload = match self.config.mode() {
+            Mode::Binary => {
+                let mut failed = None;
+                Binding::NATS.binary_headers(event, |name, value| {
+                    if failed.is_none()
+                        && let Err(e) = append_header(&mut headers, name, value)
+                    {
+                        failed = Some(e);
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                event.data_bytes().map(Cow::into_owned).unwrap_or_default()
+            }
+            mode => {
+                let message = Binding::NATS.encode(event, mode)?;
+                for (name, value) in &message.headers {
+                    append_header(&mut headers, name, value)?;
+                }
+                message.payload
+            }
+        };
         let id = HeaderValue::from_str(&header_safe(event.id()))
             .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        // The limit applies to `EventExt::encoded_size`, whose data part is
+        // the binary-mode payload: counted here without serializing again.
+        let size = match self.config.mode() {
+            Mode::Binary => attributes_size(event).saturating_add(payload.len()),
+            _ => event.encoded_size(),
+        };
+        let limit = self.max_event_bytes;
+        if size > limit {
+            return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
+        }
         Ok(Outgoing {
             headers,
-            payload: Bytes::from(message.payload),
+            payload: Bytes::from(payload),
         })
     }
 
@@ -289,6 +305,28 @@ impl Inner {
             self.timeout(),
         )
     }
+}
+
+/// Appends one CloudEvents header, or says which attribute cannot be one.
+fn append_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()> {
+    let header = HeaderName::from_str(name).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidEvent {
+                reason: format!("attribute header `{name}` is not a valid NATS header name"),
+            },
+            e,
+        )
+    })?;
+    let value = HeaderValue::from_str(value).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidEvent {
+                reason: format!("the value of `{name}` cannot be a NATS header"),
+            },
+            e,
+        )
+    })?;
+    headers.append(header, value);
+    Ok(())
 }
 
 /// `value` with what a header value cannot hold (`\r`, `\n`, and `%` to keep
