@@ -66,6 +66,20 @@ struct Args {
     /// Which saga set-ups to run (all by default).
     #[arg(long, value_enum)]
     saga_on: Vec<saga::SagaOn>,
+    /// Distinct partition keys the events cycle through (Kafka, NATS,
+    /// memory and outbox benchmarks). Events of one key are kept in order,
+    /// so few keys limit how many a broker without per-key sequencing
+    /// (NATS) may have in flight.
+    #[arg(long, default_value_t = 64)]
+    keys: usize,
+}
+
+/// The partition-key count of this run (`--keys`).
+static KEYS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The partition key of the benchmark's `i`th event.
+fn key(i: usize) -> String {
+    format!("k{}", i % KEYS.get().copied().unwrap_or(64).max(1))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -149,6 +163,7 @@ fn best(durations: impl IntoIterator<Item = Duration>) -> Duration {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = KEYS.set(args.keys);
     let run = |w: Which| args.only.is_empty() || args.only.contains(&w);
     let rounds = args.rounds.max(1);
     let mut figures = Vec::new();

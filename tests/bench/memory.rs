@@ -15,7 +15,7 @@ pub(crate) async fn run(events: usize, size: usize, rounds: usize) -> anyhow::Re
         let batch: Vec<Event> = (0..events)
             .map(|i| {
                 CloudEventBuilder::new("com.example.order.placed", "/bench")
-                    .partition_key(format!("k{}", i % 64))
+                    .partition_key(crate::key(i))
                     .json_data(&crate::payload(size))
                     .build()
             })

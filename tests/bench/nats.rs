@@ -22,7 +22,7 @@ fn events(n: usize, size: usize) -> anyhow::Result<Vec<Event>> {
     (0..n)
         .map(|i| {
             CloudEventBuilder::new("com.example.order.placed", "/bench")
-                .partition_key(format!("k{}", i % 64))
+                .partition_key(crate::key(i))
                 .json_data(&crate::payload(size))
                 .build()
                 .map_err(Into::into)

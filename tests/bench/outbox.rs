@@ -169,7 +169,7 @@ fn events(n: usize, size: usize, round: usize) -> anyhow::Result<Vec<Event>> {
     (0..n)
         .map(|i| {
             CloudEventBuilder::new("com.example.order.placed", "/bench")
-                .partition_key(format!("r{round}-k{}", i % 64))
+                .partition_key(format!("r{round}-{}", crate::key(i)))
                 .json_data(&crate::payload(size))
                 .build()
                 .map_err(Into::into)

@@ -74,7 +74,7 @@ pub(crate) async fn postgres(
     while done < rows {
         let n = BATCH.min(rows - done);
         let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
-        let keys: Vec<String> = (done..done + n).map(|i| format!("k{}", i % 64)).collect();
+        let keys: Vec<String> = (done..done + n).map(crate::key).collect();
         let events: Vec<Vec<u8>> = vec![data.clone(); n];
         let mut tx = pool.begin().await?;
         sqlx::query(
@@ -95,7 +95,7 @@ pub(crate) async fn postgres(
     for i in 0..single {
         sqlx::query("INSERT INTO raw_rows (id, topic, key, event) VALUES ($1, 'bench', $2, $3)")
             .bind(Uuid::now_v7())
-            .bind(format!("k{}", i % 64))
+            .bind(crate::key(i))
             .bind(&data)
             .execute(pool)
             .await?;
@@ -143,7 +143,7 @@ pub(crate) async fn sqlite(
         for i in done..done + n {
             sqlx::query("INSERT INTO raw_rows (id, topic, key, event) VALUES (?, 'bench', ?, ?)")
                 .bind(Uuid::now_v7())
-                .bind(format!("k{}", i % 64))
+                .bind(crate::key(i))
                 .bind(&data)
                 .execute(&mut *tx)
                 .await?;
@@ -157,7 +157,7 @@ pub(crate) async fn sqlite(
     for i in 0..single {
         sqlx::query("INSERT INTO raw_rows (id, topic, key, event) VALUES (?, 'bench', ?, ?)")
             .bind(Uuid::now_v7())
-            .bind(format!("k{}", i % 64))
+            .bind(crate::key(i))
             .bind(&data)
             .execute(pool)
             .await?;
