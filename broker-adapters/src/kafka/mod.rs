@@ -176,8 +176,9 @@ impl KafkaBroker {
 
     /// Validates and encodes `event` into a record; the size limit applies
     /// to the encoded record (key, header names and values, payload, as
-    /// [`Message::encoded_len`](crate::binding::Message::encoded_len) counts them). In binary mode the headers go
-    /// straight into librdkafka's structure and binary data is not copied.
+    /// [`Message::encoded_len`](crate::binding::Message::encoded_len) counts
+    /// them). In binary mode the headers go straight into librdkafka's
+    /// structure and binary data is not copied.
     fn record<'e>(&self, event: &'e Event) -> Result<Record<'e>> {
         validate_attributes(event)?;
         let key = event.partition_key();
