@@ -310,7 +310,7 @@ async fn drive_at_rate(
             .await?;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while completed(c).await? - prior < total {
+    while completed(c).await?.saturating_sub(prior) < total {
         if Instant::now() > deadline {
             bail!("sagas did not finish: {:?}", c.counts().await?);
         }
@@ -330,7 +330,7 @@ async fn drive(
     let mut started = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = completed(c).await? - prior;
+        let done = completed(c).await?.saturating_sub(prior);
         if done >= total && started >= total {
             return Ok(start.elapsed());
         }

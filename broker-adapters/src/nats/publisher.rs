@@ -181,7 +181,9 @@ impl Inner {
     /// checks its size.
     fn encode(&self, event: &Event) -> Result<Outgoing> {
         let mut headers = HeaderMap::new();
-        let payload = match self.config.mode() {
+        // The limit applies to `EventExt::encoded_size`, whose data part is
+        // the binary-mode payload: counted here without serializing again.
+        let (payload, size) = match self.config.mode() {
             Mode::Binary => {
                 let mut failed = None;
                 Binding::NATS.binary_headers(event, |name, value| {
@@ -194,25 +196,21 @@ impl Inner {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                event.data_bytes().map(Cow::into_owned).unwrap_or_default()
+                let payload = event.data_bytes().map(Cow::into_owned).unwrap_or_default();
+                let size = attributes_size(event).saturating_add(payload.len());
+                (payload, size)
             }
             mode => {
                 let message = Binding::NATS.encode(event, mode)?;
                 for (name, value) in &message.headers {
                     append_header(&mut headers, name, value)?;
                 }
-                message.payload
+                (message.payload, event.encoded_size())
             }
         };
         let id = HeaderValue::from_str(&header_safe(event.id()))
             .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        // The limit applies to `EventExt::encoded_size`, whose data part is
-        // the binary-mode payload: counted here without serializing again.
-        let size = match self.config.mode() {
-            Mode::Binary => attributes_size(event).saturating_add(payload.len()),
-            _ => event.encoded_size(),
-        };
         let limit = self.max_event_bytes;
         if size > limit {
             return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));

@@ -819,8 +819,9 @@ mod tests {
     use crate::saga::machine;
 
     /// Sagas started together on SQLite share one transaction: each comes
-    /// out as it would alone (an id taken before is refused, the others start with their first command in the outbox),
-    /// and every saga of the batch was written by the same statement.
+    /// out as it would alone (an id taken before is refused, the others
+    /// start with their first command in the outbox), and every saga of the
+    /// batch was written by the same statement.
     #[tokio::test]
     async fn sagas_started_together_come_out_as_alone() {
         let dir = crate::sqlite::test_dir("starts");
