@@ -208,6 +208,11 @@ fn run(steps: &[(u32, bool)], seed: u64) -> Result<(), TestCaseError> {
                 },
                 Msg::Reply(r) => r,
             }
+        } else if rng.chance(1) {
+            // Someone cancels the saga, at any point.
+            Input::Cancel {
+                reason: "asked".into(),
+            }
         } else if !timers.is_empty() && rng.chance(20) {
             let (phase, step, attempt) = timers[rng.below(timers.len())];
             Input::Timer {
@@ -360,11 +365,121 @@ fn compensation_that_cannot_succeed_is_visible() {
             attempt: 2,
         },
     );
-    assert_eq!(t.state.status, SagaStatus::CompensationFailed { step: 0 });
+    assert_eq!(
+        t.state.status,
+        SagaStatus::CompensationFailed {
+            step: 0,
+            attempt: 2
+        }
+    );
     assert!(t.timer.is_none());
     // Anything after the end is ignored.
     let late = machine::apply(&def, &t.state, ok(Phase::Compensate, 0, 2));
     assert!(!late.applied);
+    assert!(!machine::apply(&def, &t.state, cancel()).applied);
+
+    // A retry by request sends the compensation once more, with an attempt
+    // no earlier one used; failing again ends it as before.
+    let failed = t.state;
+    let t = machine::apply(&def, &failed, Input::Retry);
+    assert!(t.applied, "{}", t.note);
+    assert_eq!(t.commands.len(), 1);
+    assert_eq!(
+        (t.commands[0].phase, t.commands[0].attempt),
+        (Phase::Compensate, 3)
+    );
+    assert_eq!(t.state.status.name(), "compensating");
+    assert!(t.timer.is_some());
+    let again = machine::apply(
+        &def,
+        &t.state,
+        Input::Reply {
+            phase: Phase::Compensate,
+            step: 0,
+            attempt: 3,
+            outcome: failure(true),
+        },
+    );
+    assert_eq!(
+        again.state.status,
+        SagaStatus::CompensationFailed {
+            step: 0,
+            attempt: 3
+        }
+    );
+    assert_eq!(
+        machine::apply(&def, &again.state, Input::Retry).commands[0].attempt,
+        4
+    );
+    // This time it succeeds: the saga ends compensated.
+    let t = machine::apply(&def, &t.state, ok(Phase::Compensate, 0, 3));
+    assert_eq!(t.state.status, SagaStatus::Compensated);
+    assert!(!machine::apply(&def, &t.state, Input::Retry).applied);
+}
+
+fn cancel() -> Input {
+    Input::Cancel {
+        reason: "customer withdrew".into(),
+    }
+}
+
+#[test]
+fn a_cancelled_saga_compensates_what_took_effect_and_the_step_in_flight() {
+    let def = definition(&[(1, true), (1, false), (1, true), (1, true)]);
+    let t = machine::start(&def, serde_json::json!({}));
+    let ok = |t: &machine::Transition, step| {
+        machine::apply(
+            &def,
+            &t.state,
+            Input::Reply {
+                phase: Phase::Forward,
+                step,
+                attempt: 1,
+                outcome: Outcome::Success(serde_json::json!({})),
+            },
+        )
+    };
+    let t = ok(&t, 0);
+    let t = ok(&t, 1);
+    // Step 2's command is out, its reply not in.
+    let t = machine::apply(&def, &t.state, cancel());
+    assert!(t.applied, "{}", t.note);
+    assert_eq!(
+        t.state.failure.as_ref().map(|f| f.code.as_str()),
+        Some("cancelled")
+    );
+    // Step 2 first (its outcome is unknown), then 0; step 1 has no compensation.
+    assert_eq!(t.commands.len(), 1);
+    assert_eq!(
+        (t.commands[0].phase, t.commands[0].step),
+        (Phase::Compensate, 2)
+    );
+    assert!(
+        !machine::apply(&def, &t.state, cancel()).applied,
+        "already compensating"
+    );
+    let undo = |t: &machine::Transition, step| {
+        machine::apply(
+            &def,
+            &t.state,
+            Input::Reply {
+                phase: Phase::Compensate,
+                step,
+                attempt: 1,
+                outcome: Outcome::Success(serde_json::Value::Null),
+            },
+        )
+    };
+    let t = undo(&t, 2);
+    assert_eq!(
+        (t.commands[0].phase, t.commands[0].step),
+        (Phase::Compensate, 0)
+    );
+    let t = undo(&t, 0);
+    assert_eq!(t.state.status, SagaStatus::Compensated);
+    assert!(!machine::apply(&def, &t.state, cancel()).applied, "over");
+    // The late reply of the cancelled step changes nothing.
+    assert!(!ok(&t, 2).applied);
 }
 
 #[test]

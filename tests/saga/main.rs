@@ -53,6 +53,7 @@ both!(
     commands_and_replies_match_the_published_schemas,
     replies_waiting_together_are_applied_as_one_by_one,
     sagas_started_together_run_as_if_started_alone,
+    cancel_and_retry_by_request,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -218,6 +219,104 @@ async fn timeout_retries_with_deterministic_command_ids(backend: Backend) -> any
             .iter()
             .any(|h| h.note.contains("timed out (attempt 1)")),
         "{history:?}"
+    );
+    ensure!(bed.db.double_effects().await? == 0);
+    bed.finish().await;
+    Ok(())
+}
+
+/// A person cancels a saga whose step never answers, the compensation of
+/// that step is refused until the cause is fixed, and a retry finishes it.
+async fn cancel_and_retry_by_request(backend: Backend) -> anyhow::Result<()> {
+    let mut bed = Bed::new(backend).await?;
+    let refuse = Arc::new(AtomicBool::new(true));
+    let refusing = refuse.clone();
+    bed.participants(
+        script(move |cmd| match (cmd.saga.step.as_str(), cmd.saga.phase) {
+            ("charge", Phase::Forward) if cmd.saga.saga_id == "o-1" => Act::Ignore,
+            ("charge", Phase::Compensate) if refusing.load(Ordering::SeqCst) => {
+                Act::Fail { retryable: false }
+            }
+            _ => Act::Succeed,
+        }),
+        up(),
+    )
+    .await?;
+    let c = bed.coordinator(defs(60_000, 3)?).await?;
+    c.start("order", "o-1", data()).await?;
+    c.start("order", "o-2", data()).await?;
+    ensure!(settled(&c, "o-2", WAIT).await? == "completed");
+    // o-1 waits for `charge`, whose reply never comes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.history("o-1").await?.len() < 2 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "o-1 did not reach `charge`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        matches!(c.retry("o-1").await?, Handled::Ignored(_)),
+        "retry of a running saga"
+    );
+    ensure!(
+        matches!(c.cancel("nope", "x").await?, Handled::Ignored(why) if why.contains("unknown saga"))
+    );
+    let cancelled = c.cancel("o-1", "customer withdrew").await?;
+    ensure!(
+        matches!(&cancelled, Handled::Applied(n) if n.contains("cancelled at step `charge`")),
+        "{cancelled:?}"
+    );
+    ensure!(settled(&c, "o-1", WAIT).await? == "compensation_failed");
+    let saga = c.saga("o-1").await?.context("saga")?;
+    ensure!(
+        saga.state.failure.as_ref().map(|f| f.code.as_str()) == Some("refused"),
+        "{saga:?}"
+    );
+    ensure!(
+        matches!(c.cancel("o-1", "again").await?, Handled::Ignored(_)),
+        "cancel after the end"
+    );
+
+    // The cause is fixed: a retry compensates `charge`, then `reserve`.
+    refuse.store(false, Ordering::SeqCst);
+    ensure!(matches!(c.retry("o-1").await?, Handled::Applied(_)));
+    ensure!(settled(&c, "o-1", WAIT).await? == "compensated");
+    let effects = bed.db.effects("o-1").await?;
+    ensure!(
+        pairs(&effects)
+            == [
+                ("reserve", "forward"),
+                ("charge", "compensate"),
+                ("reserve", "compensate")
+            ],
+        "{effects:?}"
+    );
+    // Past every attempt the policy allows a compensation (20).
+    let history = c.history("o-1").await?;
+    ensure!(
+        history
+            .iter()
+            .any(|h| h.note.contains("retried by request (attempt 21)")),
+        "{history:?}"
+    );
+
+    // Listing: by status, and page by page.
+    let compensated = c.list(Some("compensated"), "", 10).await?;
+    ensure!(
+        compensated
+            .iter()
+            .map(|s| s.saga_id.as_str())
+            .collect::<Vec<_>>()
+            == ["o-1"],
+        "{compensated:?}"
+    );
+    let first = c.list(None, "", 1).await?;
+    ensure!(first.len() == 1 && first[0].saga_id == "o-1", "{first:?}");
+    let next = c.list(None, &first[0].saga_id, 10).await?;
+    ensure!(
+        next.len() == 1 && next[0].saga_id == "o-2" && next[0].status == "completed",
+        "{next:?}"
     );
     ensure!(bed.db.double_effects().await? == 0);
     bed.finish().await;

@@ -10,7 +10,7 @@ use futures_util::{FutureExt as _, StreamExt};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::definition::Definitions;
 use super::machine::{self, Input, SagaState};
@@ -96,7 +96,7 @@ impl CoordinatorConfig {
 }
 
 /// A saga as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SagaRecord {
     /// The saga id.
     pub saga_id: String,
@@ -111,7 +111,7 @@ pub struct SagaRecord {
 }
 
 /// One transition in a saga's history.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HistoryEntry {
     /// 1 for the start, then one more per transition.
     pub seq: i64,
@@ -121,6 +121,21 @@ pub struct HistoryEntry {
     pub status: String,
     /// What happened.
     pub note: String,
+}
+
+/// A saga in a listing ([`Coordinator::list`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SagaSummary {
+    /// The saga id.
+    pub saga_id: String,
+    /// The saga type.
+    pub saga_type: String,
+    /// The definition version it runs.
+    pub version: u32,
+    /// Its status name (see [`SagaStatus::name`](super::SagaStatus::name)).
+    pub status: String,
+    /// The last change, ms since the epoch (database clock).
+    pub updated_ms: i64,
 }
 
 /// Starts sagas and drives them; cheap to clone. Several coordinators (in
@@ -354,6 +369,83 @@ impl Coordinator {
                 status,
                 note,
             })
+            .collect())
+    }
+
+    /// Cancels the running saga `saga_id` (see
+    /// [`Input::Cancel`](super::machine::Input::Cancel)): in one
+    /// transition, like a reply, it starts compensating what took effect
+    /// and the step in flight. `Handled::Ignored` says why nothing changed
+    /// (no such saga, already compensating, over).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::UnknownSaga`] when the saga's definition version is not
+    /// registered, or a database failure.
+    pub async fn cancel(&self, saga_id: &str, reason: &str) -> Result<Handled> {
+        let input = |_: &super::SagaDefinition, _: &SagaState| {
+            Ok(Input::Cancel {
+                reason: reason.to_owned(),
+            })
+        };
+        let handled = self
+            .store
+            .transition(&self.ctx, saga_id, None, false, &input)
+            .await?;
+        if let Handled::Applied(note) = &handled {
+            info!(saga = %saga_id, %note, "saga cancelled");
+            metrics::counter!("saga_cancelled_total").increment(1);
+        }
+        Ok(handled)
+    }
+
+    /// Sends the failed compensation of the `compensation_failed` saga
+    /// `saga_id` once more (see [`Input::Retry`](super::machine::Input::Retry)).
+    /// `Handled::Ignored` says why nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// As [`cancel`](Self::cancel).
+    pub async fn retry(&self, saga_id: &str) -> Result<Handled> {
+        let input = |_: &super::SagaDefinition, _: &SagaState| Ok(Input::Retry);
+        let handled = self
+            .store
+            .transition(&self.ctx, saga_id, None, false, &input)
+            .await?;
+        if let Handled::Applied(note) = &handled {
+            info!(saga = %saga_id, %note, "saga compensation retried");
+            metrics::counter!("saga_retried_total").increment(1);
+        }
+        Ok(handled)
+    }
+
+    /// At most `limit` sagas (1..=1000) in id order after `after` (`""`
+    /// for the first page), of status name `status` if given.
+    ///
+    /// # Errors
+    ///
+    /// A database failure.
+    pub async fn list(
+        &self,
+        status: Option<&str>,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<SagaSummary>> {
+        let limit = i64::try_from(limit.clamp(1, 1000)).unwrap_or(1000);
+        Ok(self
+            .store
+            .list(status, after, limit)
+            .await?
+            .into_iter()
+            .map(
+                |(saga_id, saga_type, version, status, updated_ms)| SagaSummary {
+                    saga_id,
+                    saga_type,
+                    version: u32::try_from(version).unwrap_or(0),
+                    status,
+                    updated_ms,
+                },
+            )
             .collect())
     }
 

@@ -84,6 +84,9 @@ pub enum SagaStatus {
     CompensationFailed {
         /// The step whose compensation failed.
         step: usize,
+        /// Its last attempt (0 in states stored before it was kept).
+        #[serde(default)]
+        attempt: u32,
     },
 }
 
@@ -154,6 +157,19 @@ pub enum Input {
         /// The attempt.
         attempt: u32,
     },
+    /// Someone asked to abandon the saga: the steps that took effect, and
+    /// the one in flight (its outcome is unknown), are compensated in
+    /// reverse order. Ignored once the saga compensates or is over.
+    Cancel {
+        /// Why, kept as the saga's failure (`code` `cancelled`).
+        reason: String,
+    },
+    /// Someone asked to try a failed compensation again: a saga in
+    /// `compensation_failed` sends the compensation of its step once more
+    /// (a new attempt, so participants see a new command id) and goes on
+    /// compensating if it succeeds; if it fails again it is back in
+    /// `compensation_failed`. Ignored in any other state.
+    Retry,
 }
 
 /// The persisted state of one saga.
@@ -321,6 +337,49 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, input: Input) -> Transitio
         note: why.to_owned(),
         applied: false,
     };
+    match input {
+        Input::Cancel { reason } => {
+            let (step, name) = match state.status {
+                SagaStatus::Running { step, .. } => (step, def.steps.get(step).map(|s| &s.name)),
+                SagaStatus::Compensating { .. } => {
+                    return ignore("the saga is already compensating");
+                }
+                _ => return ignore("the saga is over"),
+            };
+            let Some(name) = name else {
+                return ignore("the state names a step the definition lacks");
+            };
+            // Whether the step in flight took effect is unknown (its
+            // command was sent): it is compensated too, as after a timeout.
+            b.note = format!("cancelled at step `{name}`: {reason}");
+            b.state.done.push(step);
+            b.state.failure = Some(ReplyError {
+                code: "cancelled".into(),
+                message: reason,
+                retryable: false,
+            });
+            b.next_compensation();
+            return b.done(true);
+        }
+        Input::Retry => {
+            let SagaStatus::CompensationFailed { step, attempt } = state.status else {
+                return ignore("only a saga whose compensation failed can be retried");
+            };
+            let Some(action) = action(def, Phase::Compensate, step) else {
+                return ignore("the state names a step the definition lacks");
+            };
+            // An attempt number no earlier attempt used: past the policy's
+            // last one and every attempt a retry sent before.
+            let attempt = attempt.max(action.retry.max_attempts).saturating_add(1);
+            b.note = format!(
+                "compensation of step `{}` retried by request (attempt {attempt})",
+                def.steps[step].name
+            );
+            b.send(Phase::Compensate, step, attempt);
+            return b.done(true);
+        }
+        Input::Reply { .. } | Input::Timer { .. } => {}
+    }
     let Some((cur_phase, cur_step, cur_attempt)) = state.timer() else {
         return ignore("the saga is over");
     };
@@ -418,7 +477,7 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, input: Input) -> Transitio
                                     error.code
                                 );
                                 b.state.failure = Some(error);
-                                b.state.status = SagaStatus::CompensationFailed { step };
+                                b.state.status = SagaStatus::CompensationFailed { step, attempt };
                                 b.timer = None;
                             }
                         }
@@ -467,13 +526,14 @@ pub fn apply(def: &SagaDefinition, state: &SagaState, input: Input) -> Transitio
                                 "compensation of step `{name}` timed out after {attempt} attempts"
                             );
                             b.state.failure = Some(error);
-                            b.state.status = SagaStatus::CompensationFailed { step };
+                            b.state.status = SagaStatus::CompensationFailed { step, attempt };
                             b.timer = None;
                         }
                     }
                 }
             }
         }
+        Input::Cancel { .. } | Input::Retry => return ignore("handled above"),
     }
     b.done(true)
 }

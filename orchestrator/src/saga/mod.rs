@@ -31,6 +31,11 @@
 //!   compensated too; only a permanent failure reply is final. A
 //!   compensation that cannot succeed ends the saga in
 //!   [`SagaStatus::CompensationFailed`].
+//! - People step in through [`Coordinator::cancel`] (a running saga
+//!   compensates what took effect, and the step in flight, in reverse
+//!   order) and [`Coordinator::retry`] (a saga whose compensation failed
+//!   sends it once more, as a new attempt), each one transition like a
+//!   reply; the `saga-coordinator` binary serves them over HTTP.
 //! - [`Participant`] handles a command once (inbox) and replies through its
 //!   outbox. The wire contract is in `schemas/contracts/saga/`.
 
@@ -58,7 +63,7 @@ pub mod protocol;
 mod store;
 
 pub use self::coordinator::{
-    Coordinator, CoordinatorConfig, CoordinatorHandle, HistoryEntry, SagaRecord,
+    Coordinator, CoordinatorConfig, CoordinatorHandle, HistoryEntry, SagaRecord, SagaSummary,
 };
 pub use self::definition::{Action, Definitions, RetryPolicy, SagaBuilder, SagaDefinition, Step};
 pub use self::machine::{Outcome, Phase, ReplyError, SagaState, SagaStatus};

@@ -151,7 +151,12 @@ pub(crate) trait SagaStore: Send + Sync + std::fmt::Debug {
     async fn load(&self, saga_id: &str) -> Result<Option<Row>>;
     async fn history(&self, saga_id: &str) -> Result<Vec<(i64, i64, String, String)>>;
     async fn counts(&self) -> Result<Vec<(String, i64)>>;
+    /// Sagas by id after `after`, of `status` if given, at most `limit`.
+    async fn list(&self, status: Option<&str>, after: &str, limit: i64) -> Result<Vec<ListedRow>>;
 }
+
+/// A row of [`SagaStore::list`]: id, type, version, status, updated_ms.
+pub(crate) type ListedRow = (String, String, i64, String, i64);
 
 /// What a transition writes besides its history: the saga state as JSON,
 /// the timer in ms, and the outbox rows of its commands.
@@ -342,6 +347,19 @@ macro_rules! saga_store {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| crate::error::Error::db("count sagas", e))
+            }
+
+            async fn list(&self, status: Option<&str>, after: &str, limit: i64) -> Result<Vec<ListedRow>> {
+                sqlx::query_as(
+                    "select saga_id, saga_type, version, status, updated_ms from orchestrator_sagas \
+                     where saga_id > $1 and ($2 is null or status = $2) order by saga_id limit $3",
+                )
+                .bind(after)
+                .bind(status)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| crate::error::Error::db("list sagas", e))
             }
 
             $($extra)*
