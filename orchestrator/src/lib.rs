@@ -98,6 +98,7 @@
 //! | --- | --- |
 //! | `sqlite` (default) | the [`sqlite`] stores (WAL, in-process relay wake-up) |
 //! | `postgres` | the [`postgres`] stores (`LISTEN/NOTIFY` relay wake-up) |
+//! | `service` | the `saga-coordinator` binary and [`service`] (HTTP API; SQL broker, Kafka, NATS) |
 //!
 //! # Metrics
 //!
@@ -121,6 +122,9 @@ pub mod saga;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+#[cfg(feature = "service")]
+#[cfg_attr(docsrs, doc(cfg(feature = "service")))]
+pub mod service;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;

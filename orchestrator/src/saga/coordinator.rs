@@ -373,7 +373,7 @@ impl Coordinator {
     }
 
     /// Cancels the running saga `saga_id` (see
-    /// [`Input::Cancel`](super::machine::Input::Cancel)): in one
+    /// [`Input::Cancel`]): in one
     /// transition, like a reply, it starts compensating what took effect
     /// and the step in flight. `Handled::Ignored` says why nothing changed
     /// (no such saga, already compensating, over).
@@ -400,7 +400,7 @@ impl Coordinator {
     }
 
     /// Sends the failed compensation of the `compensation_failed` saga
-    /// `saga_id` once more (see [`Input::Retry`](super::machine::Input::Retry)).
+    /// `saga_id` once more (see [`Input::Retry`]).
     /// `Handled::Ignored` says why nothing changed.
     ///
     /// # Errors
@@ -516,10 +516,14 @@ impl Coordinator {
                 },
             }
         }
-        // The replies being applied finish and are settled.
+        // The replies being applied finish and are settled; then the
+        // subscription commits what was settled and leaves the group.
         while in_flight.next().await.is_some() {}
         timers.abort();
         let _ = timers.await;
+        if let Err(e) = replies.close().await {
+            warn!(error = %e, "could not close the reply subscription; settled replies may come again (and are skipped by the inbox)");
+        }
     }
 
     /// Applies replies of distinct sagas (one subscription hands out one

@@ -547,6 +547,18 @@ impl Definitions {
         let v = self.latest.get(name)?;
         self.get(name, *v)
     }
+
+    /// Every registered definition, by name, then version.
+    pub fn all(&self) -> Vec<&Arc<SagaDefinition>> {
+        let mut all: Vec<_> = self.by_key.values().collect();
+        all.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
+        all
+    }
+
+    /// Whether none is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
 }
 
 #[cfg(test)]
