@@ -42,6 +42,7 @@ pub struct ServerProcess {
     port: u16,
     log: PathBuf,
     dir: Option<PathBuf>,
+    envs: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -61,6 +62,7 @@ impl ServerProcess {
             port,
             log: log.into(),
             dir: None,
+            envs: Vec::new(),
             child: None,
         }
     }
@@ -69,6 +71,13 @@ impl ServerProcess {
     #[must_use]
     pub fn in_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
+        self
+    }
+
+    /// Sets an environment variable for it.
+    #[must_use]
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -102,6 +111,7 @@ impl ServerProcess {
         }
         let child = command
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -442,14 +442,14 @@ _harness_kafka() {
 # ------------------------------------------------------- interop Python peer
 
 _harness_interop_importable() {
-	python3 -c 'import cloudevents.core.bindings.kafka, confluent_kafka, nats, confluent_kafka.schema_registry' >/dev/null 2>&1
+	python3 -c 'import cloudevents.core.bindings.kafka, confluent_kafka, nats, confluent_kafka.schema_registry, moto.server, flask' >/dev/null 2>&1
 }
 
 # _harness_interop ROOT: the interop tests (tests/interop) run the Python CloudEvents
 # SDK as the other implementation; install its pinned packages when they are missing.
 _harness_interop() {
 	local req=$1/tests/interop/requirements.txt
-	local pkgs='cloudevents==2.2.0 confluent-kafka==2.16.1 (with its schema registry client: httpx, authlib, cachetools, attrs) nats-py==2.16.0' log
+	local pkgs='cloudevents==2.2.0 confluent-kafka==2.16.1 (with its schema registry client: httpx, authlib, cachetools, attrs) nats-py==2.16.0, and the S3 server moto[server]==5.2.1 (Tansu storage for the Kafka restart test)' log
 	if command -v python3 >/dev/null 2>&1 && _harness_interop_importable; then
 		return 0
 	fi

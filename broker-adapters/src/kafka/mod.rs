@@ -9,7 +9,13 @@
 //!   key stays on one partition. The producer is idempotent with `acks=all`,
 //!   and `publish` returns once every in-sync replica has the record.
 //!   [`publish_batch`](Publisher::publish_batch) enqueues the whole batch and
-//!   then awaits the acknowledgements, in order.
+//!   then awaits the acknowledgements, in order. A producer that hits a
+//!   fatal error, or whose producer id and epoch the broker no longer
+//!   accepts (`ProducerFenced`, `UnknownProducerId`, …, as after a broker
+//!   lost its producer state in a restart), can send nothing more: it is
+//!   replaced by a new one and that publish fails as retryable, so sending
+//!   again succeeds (at least once: the new producer id does not
+//!   de-duplicate the old one's records).
 //! - **Consuming** joins the Kafka consumer group named by
 //!   [`SubscribeOptions::group`]; [`subscribe`](Subscriber::subscribe) returns
 //!   once the member has its partitions. Offsets are committed only up to the
@@ -79,7 +85,9 @@ pub struct KafkaBroker {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer,
+    /// Replaced by a new one when librdkafka reports a fatal error (see
+    /// [`KafkaBroker::replace_if_fatal`]).
+    producer: std::sync::RwLock<FutureProducer>,
     closed: AtomicBool,
 }
 
@@ -101,22 +109,7 @@ impl KafkaBroker {
     /// [`ErrorKind::Connection`] if no broker answers within the delivery timeout.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
-        let mut client = client_config(&config);
-        client
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set(
-                "delivery.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            )
-            .set(
-                "message.max.bytes",
-                (config.max_event_bytes.get() + 64 * 1024).to_string(),
-            );
-        if !config.options.contains_key("linger.ms") {
-            client.set("linger.ms", "2");
-        }
-        let producer: FutureProducer = client.create().map_err(|e| map(e, "create producer"))?;
+        let producer = new_producer(&config)?;
         let probe = producer.clone();
         let wait = config.delivery_timeout.min(Duration::from_secs(10));
         tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, wait))
@@ -126,12 +119,101 @@ impl KafkaBroker {
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
-                producer,
+                producer: std::sync::RwLock::new(producer),
                 closed: AtomicBool::new(false),
             }),
         })
     }
 
+    /// The producer in use (a handle; clones share it).
+    fn producer(&self) -> FutureProducer {
+        self.inner
+            .producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a failed publish through `used`: if that producer hit a fatal
+    /// error (an idempotent producer fenced or out of sequence, e.g. after
+    /// a broker lost its producer state in a restart), it can send nothing
+    /// more, so a new one takes its place and the failure becomes
+    /// retryable: publishing again goes through the new producer, at least
+    /// once (the new producer id does not de-duplicate the old one's
+    /// retries).
+    fn replace_if_fatal(&self, used: &FutureProducer, error: Error) -> Error {
+        let (code, reason) = match used.client().fatal_error() {
+            Some(fatal) => fatal,
+            // The broker lost or moved on from this producer's id and epoch:
+            // the producer cannot go on either.
+            None => match kafka_code(&error) {
+                Some(
+                    code @ (RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::InvalidProducerIdMapping),
+                ) => (code, code.to_string()),
+                _ => return error,
+            },
+        };
+        let mut current = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Another failed publish may have replaced it already.
+        if current.client().native_ptr() == used.client().native_ptr() {
+            match new_producer(&self.inner.config) {
+                Ok(fresh) => {
+                    tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replaced by a new producer");
+                    *current = fresh;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, ?code, %reason, "kafka producer hit a fatal error and no new one could be created");
+                    return error;
+                }
+            }
+        }
+        Error::with_source(
+            ErrorKind::Broker {
+                system: SYSTEM,
+                operation: "publish (the producer was replaced after a fatal error)",
+                retryable: true,
+            },
+            error,
+        )
+    }
+}
+
+/// The librdkafka error code behind `error`, if it came from librdkafka.
+fn kafka_code(error: &Error) -> Option<RDKafkaErrorCode> {
+    std::error::Error::source(error)?
+        .downcast_ref::<KafkaError>()?
+        .rdkafka_error_code()
+}
+
+/// A producer for `config`: `acks=all`, idempotent.
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    let mut client = client_config(config);
+    client
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set(
+            "delivery.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        )
+        .set(
+            "message.max.bytes",
+            (config.max_event_bytes.get() + 64 * 1024).to_string(),
+        );
+    if !config.options.contains_key("linger.ms") {
+        client.set("linger.ms", "2");
+    }
+    client.create().map_err(|e| map(e, "create producer"))
+}
+
+impl KafkaBroker {
     /// The configuration in use.
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.config
@@ -225,10 +307,15 @@ impl KafkaBroker {
         })
     }
 
-    /// Hands one record to librdkafka, waiting while its queue is full.
-    async fn enqueue(&self, topic: &Topic, record: Record<'_>) -> Result<DeliveryFuture> {
+    /// Hands one record to `producer`, waiting while its queue is full.
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        topic: &Topic,
+        record: Record<'_>,
+    ) -> Result<DeliveryFuture> {
         enqueue_record(
-            &self.inner.producer,
+            producer,
             topic.as_str(),
             record.key,
             record.headers,
@@ -304,8 +391,12 @@ impl Publisher for KafkaBroker {
     async fn publish(&self, topic: &Topic, event: Event) -> Result<()> {
         self.check_open()?;
         let record = self.record(&event)?;
-        let delivery = self.enqueue(topic, record).await?;
-        acknowledged(delivery).await
+        let producer = self.producer();
+        let sent = async {
+            let delivery = self.enqueue(&producer, topic, record).await?;
+            acknowledged(delivery).await
+        };
+        sent.await.map_err(|e| self.replace_if_fatal(&producer, e))
     }
 
     /// Enqueues the events in order, then awaits every acknowledgement: one
@@ -320,16 +411,20 @@ impl Publisher for KafkaBroker {
         for event in &events {
             validate_attributes(event)?;
         }
-        let mut deliveries = Vec::with_capacity(events.len());
-        for event in &events {
-            let record = self.record(event)?;
-            deliveries.push(acknowledged(self.enqueue(topic, record).await?));
-        }
-        try_join_all(deliveries).await.map(|_| ())
+        let producer = self.producer();
+        let sent = async {
+            let mut deliveries = Vec::with_capacity(events.len());
+            for event in &events {
+                let record = self.record(event)?;
+                deliveries.push(acknowledged(self.enqueue(&producer, topic, record).await?));
+            }
+            try_join_all(deliveries).await.map(|_| ())
+        };
+        sent.await.map_err(|e| self.replace_if_fatal(&producer, e))
     }
 
     async fn flush(&self) -> Result<()> {
-        let producer = self.inner.producer.clone();
+        let producer = self.producer();
         let timeout = self.inner.config.delivery_timeout;
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
@@ -364,7 +459,7 @@ impl Subscriber for KafkaBroker {
         subscriber::subscribe(
             &self.inner.config,
             client_config(&self.inner.config),
-            self.inner.producer.clone(),
+            self.producer(),
             topic,
             options,
         )
