@@ -51,7 +51,8 @@
 //! costs nothing and a light load costs one read per look. The look
 //! publishes them, all its partitions at once, and the rows that
 //! went out are marked in one statement, run beside the next look's read
-//! (which leaves them out). A partition that fills its share of a look has
+//! (which leaves them out) and publish: a look does not wait for the mark
+//! before it, which on SQLite waits for the writer's turn. A partition that fills its share of a look has
 //! a backlog: it is drained batch by batch ([`RelayConfig::batch_size`]),
 //! one batch in flight per partition, each loaded, published and marked on
 //! its own, so that loading, publishing and marking overlap across
@@ -596,8 +597,10 @@ impl Relay {
             }
 
             // One look loads the pending rows of every owned partition that
-            // is not backing off (one statement), while the rows the last
-            // look published are marked (one statement).
+            // is not backing off (one statement) and publishes them, while
+            // the rows the last look published are marked (one statement,
+            // which on SQLite waits for the writer's turn: the look does
+            // not wait for it).
             let marking = std::mem::take(&mut sent);
             let mut worked = !marking.ids.is_empty();
             let mut more = false;
@@ -607,23 +610,28 @@ impl Relay {
                 .filter(|(_, b)| b.until > now)
                 .map(|(p, _)| *p)
                 .collect();
-            let load = async {
+            let look = async {
                 if owned.is_empty() {
-                    Ok(Vec::new())
-                } else {
-                    self.store
-                        .load_pending(&self.id, &skip, &marking.ids, look_limit)
-                        .await
+                    return Ok(None);
                 }
+                let rows = self
+                    .store
+                    .load_pending(&self.id, &skip, &marking.ids, look_limit)
+                    .await?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    self.relay_rows(rows, &mut report, &mut backoff, shutdown)
+                        .await,
+                ))
             };
-            let (marked, loaded) = tokio::join!(self.mark(&marking), load);
+            let (marked, looked): (Marked, Result<Option<Look>>) =
+                tokio::join!(self.mark(&marking), look);
             self.count_marked(marked, &mut report, &mut backoff);
-            match loaded {
-                Ok(rows) if !rows.is_empty() => {
+            match looked {
+                Ok(Some(look)) => {
                     worked = true;
-                    let look = self
-                        .relay_rows(rows, &mut report, &mut backoff, shutdown)
-                        .await;
                     sent = look.sent;
                     if look.abandoned {
                         break;
@@ -644,7 +652,7 @@ impl Relay {
                         more = true;
                     }
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(e) => warn!(error = %e, "could not load pending outbox rows"),
             }
 
