@@ -285,8 +285,31 @@ async fn post(
 /// Starts sagas over HTTP on the coordinators at `bases` (round robin) and
 /// checks every outcome, cancel, retry, listing, bad requests, readiness
 /// and metrics.
-async fn drive(bases: &[String]) -> anyhow::Result<()> {
-    let http = reqwest::Client::new();
+async fn drive(bases: &[String], token: Option<&str>) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse()?,
+        );
+        // Writes without the token are refused; reads stay open.
+        let anonymous = reqwest::Client::new();
+        let (code, body) = post(
+            &anonymous,
+            format!("{}/sagas", bases[0]),
+            Some(json!({ "type": "order", "data": {} })),
+        )
+        .await?;
+        ensure!(
+            code == 401 && body["code"] == "unauthorized",
+            "{code} {body}"
+        );
+        let listed = anonymous.get(format!("{}/sagas", bases[0])).send().await?;
+        ensure!(listed.status() == 200);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let base = &bases[0];
     let order = |amount: i64| json!({ "sku": "sku-1", "amount": amount });
     // Completed, and declined (compensated), spread over the instances.
@@ -482,7 +505,7 @@ async fn embedded_default_sqlite_and_the_sql_broker() -> anyhow::Result<()> {
     let coordinator = Coordinator::spawn(
         &dir,
         &["--definitions", defs.to_str().context("path")?],
-        &[],
+        &[("SAGA_COORDINATOR_TOKEN", "s3cret")],
     )?;
     let db = dir.join("saga-coordinator.db");
     ensure!(db.exists(), "the default database file");
@@ -502,7 +525,7 @@ async fn embedded_default_sqlite_and_the_sql_broker() -> anyhow::Result<()> {
     let part = Part::Lite(Participant::sqlite(pool.clone(), outbox, "services"));
     let participants = Participants::start(&run, part, relay, broker.clone()).await?;
 
-    let outcome = drive(std::slice::from_ref(&coordinator.base)).await;
+    let outcome = drive(std::slice::from_ref(&coordinator.base), Some("s3cret")).await;
     participants.stop().await;
     let exit = coordinator.terminate(Duration::from_secs(15))?;
     Publisher::close(&*broker).await?;
@@ -557,7 +580,7 @@ async fn postgres_and_nats_with_two_instances() -> anyhow::Result<()> {
         let part = Part::Pg(Participant::postgres(pool.clone(), outbox, "services"));
         let participants = Participants::start(&run, part, relay, broker.clone()).await?;
 
-        let outcome = drive(&[first.base.clone(), second.base.clone()]).await;
+        let outcome = drive(&[first.base.clone(), second.base.clone()], None).await;
         participants.stop().await;
         let exits = [
             first.terminate(Duration::from_secs(15))?,

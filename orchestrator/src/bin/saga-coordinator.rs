@@ -95,12 +95,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The address is printed on its own line so that scripts (and tests)
     // that ask for port 0 learn the one bound.
     println!("listening on http://{bound}");
-    tracing::info!(%bound, database = %redact(config.database_url()), "saga coordinator listening");
-    let app = router(App::new(
+    tracing::info!(%bound, database = %redact(config.database_url()), auth = config.token.is_some(), "saga coordinator listening");
+    let mut app = App::new(
         engine.coordinator().clone(),
         engine.database().clone(),
         Some(metrics),
-    ));
+    );
+    if let Some(token) = &config.token {
+        app = app.with_token(token.clone());
+    }
+    let app = router(app);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())
         .await;

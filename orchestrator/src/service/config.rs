@@ -8,6 +8,7 @@
 //! broker = "sql"                             # SAGA_COORDINATOR_BROKER: sql, kafka or nats
 //! reply_topic = "saga.replies"               # SAGA_COORDINATOR_REPLY_TOPIC
 //! consumer = "saga-coordinator"              # SAGA_COORDINATOR_CONSUMER: the reply consumer group
+//! token = "secret"                           # SAGA_COORDINATOR_TOKEN: bearer token for writes (POST)
 //! ```
 //!
 //! The broker's own settings come from its adapter's variables:
@@ -65,6 +66,8 @@ pub struct Config {
     pub reply_topic: Option<String>,
     /// The consumer group the coordinators read replies in.
     pub consumer: Option<String>,
+    /// The bearer token writes need; writes are open without one.
+    pub token: Option<String>,
 }
 
 fn config_error(key: &'static str, reason: impl Into<String>) -> Error {
@@ -109,6 +112,7 @@ impl Config {
             broker: var("BROKER"),
             reply_topic: var("REPLY_TOPIC"),
             consumer: var("CONSUMER"),
+            token: var("TOKEN"),
         }
     }
 
@@ -122,6 +126,7 @@ impl Config {
             broker: over.broker.or(self.broker),
             reply_topic: over.reply_topic.or(self.reply_topic),
             consumer: over.consumer.or(self.consumer),
+            token: over.token.or(self.token),
         }
     }
 

@@ -13,6 +13,9 @@
 //! | `GET /readyz` | the database answers | 200, or 503 |
 //! | `GET /metrics` | Prometheus text format | 200 |
 //!
+//! With a token configured ([`App::with_token`]), every `POST` needs
+//! `Authorization: Bearer <token>` (401 otherwise); reads stay open.
+//!
 //! Errors are `{"error": "<message>", "code": "<code>"}`: 400 for a body
 //! that is not the JSON asked for, 503 (`unavailable`) when the database
 //! fails, so a client may retry.
@@ -21,8 +24,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -39,6 +43,7 @@ pub struct App {
     coordinator: Coordinator,
     database: Database,
     metrics: Option<PrometheusHandle>,
+    token: Option<Arc<str>>,
 }
 
 impl App {
@@ -54,12 +59,53 @@ impl App {
             coordinator,
             database,
             metrics,
+            token: None,
         }
     }
+
+    /// Requires `Authorization: Bearer <token>` on every write (`POST`).
+    #[must_use]
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into().into());
+        self
+    }
+}
+
+async fn authorize(State(app): Shared, request: Request, next: Next) -> Response {
+    if let Some(token) = &app.token
+        && !matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS
+        )
+    {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            let mut response = problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this request needs `Authorization: Bearer <token>`",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The API's routes.
 pub fn router(app: App) -> Router {
+    let app = Arc::new(app);
     Router::new()
         .route("/sagas", post(start).get(list))
         .route("/sagas/{id}", get(show))
@@ -70,7 +116,8 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(Arc::new(app))
+        .layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .with_state(app)
 }
 
 use axum::Json;
