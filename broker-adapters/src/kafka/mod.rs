@@ -15,7 +15,8 @@
 //!   lost its producer state in a restart), can send nothing more: it is
 //!   replaced by a new one and that publish fails as retryable, so sending
 //!   again succeeds (at least once: the new producer id does not
-//!   de-duplicate the old one's records).
+//!   de-duplicate the old one's records). Subscriptions write dead letters
+//!   through the same, shared producer.
 //! - **Consuming** joins the Kafka consumer group named by
 //!   [`SubscribeOptions::group`]; [`subscribe`](Subscriber::subscribe) returns
 //!   once the member has its partitions. Offsets are committed only up to the
@@ -85,9 +86,8 @@ pub struct KafkaBroker {
 
 struct Inner {
     config: KafkaConfig,
-    /// Replaced by a new one when librdkafka reports a fatal error (see
-    /// [`KafkaBroker::replace_if_fatal`]).
-    producer: std::sync::RwLock<FutureProducer>,
+    /// Shared with the subscriptions (dead letters).
+    producers: Arc<ProducerSlot>,
     closed: AtomicBool,
 }
 
@@ -118,34 +118,44 @@ impl KafkaBroker {
             .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                producers: Arc::new(ProducerSlot {
+                    config: config.clone(),
+                    current: std::sync::RwLock::new(producer),
+                }),
                 config,
-                producer: std::sync::RwLock::new(producer),
                 closed: AtomicBool::new(false),
             }),
         })
     }
+}
 
+/// The producer a broker and its subscriptions (for dead letters) share,
+/// replaced by a new one when it can send nothing more.
+pub(crate) struct ProducerSlot {
+    config: KafkaConfig,
+    current: std::sync::RwLock<FutureProducer>,
+}
+
+impl ProducerSlot {
     /// The producer in use (a handle; clones share it).
-    fn producer(&self) -> FutureProducer {
-        self.inner
-            .producer
+    pub(crate) fn get(&self) -> FutureProducer {
+        self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
-    /// After a failed publish through `used`: if that producer hit a fatal
-    /// error (an idempotent producer fenced or out of sequence, e.g. after
-    /// a broker lost its producer state in a restart), it can send nothing
+    /// After a failed send through `used`: if that producer hit a fatal
+    /// error, or the broker no longer accepts its producer id and epoch (an
+    /// idempotent producer fenced, unknown or out of sequence, e.g. after a
+    /// broker lost its producer state in a restart), it can send nothing
     /// more, so a new one takes its place and the failure becomes
-    /// retryable: publishing again goes through the new producer, at least
+    /// retryable: sending again goes through the new producer, at least
     /// once (the new producer id does not de-duplicate the old one's
     /// retries).
-    fn replace_if_fatal(&self, used: &FutureProducer, error: Error) -> Error {
+    pub(crate) fn replace_if_fatal(&self, used: &FutureProducer, error: Error) -> Error {
         let (code, reason) = match used.client().fatal_error() {
             Some(fatal) => fatal,
-            // The broker lost or moved on from this producer's id and epoch:
-            // the producer cannot go on either.
             None => match kafka_code(&error) {
                 Some(
                     code @ (RDKafkaErrorCode::ProducerFenced
@@ -158,19 +168,18 @@ impl KafkaBroker {
             },
         };
         let mut current = self
-            .inner
-            .producer
+            .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Another failed publish may have replaced it already.
+        // Another failed send may have replaced it already.
         if current.client().native_ptr() == used.client().native_ptr() {
-            match new_producer(&self.inner.config) {
+            match new_producer(&self.config) {
                 Ok(fresh) => {
-                    tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replaced by a new producer");
+                    tracing::warn!(?code, %reason, "kafka producer can send no more; replaced by a new producer");
                     *current = fresh;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, ?code, %reason, "kafka producer hit a fatal error and no new one could be created");
+                    tracing::error!(error = %e, ?code, %reason, "kafka producer can send no more, and no new one could be created");
                     return error;
                 }
             }
@@ -178,7 +187,7 @@ impl KafkaBroker {
         Error::with_source(
             ErrorKind::Broker {
                 system: SYSTEM,
-                operation: "publish (the producer was replaced after a fatal error)",
+                operation: "publish (the producer was replaced: it could send no more)",
                 retryable: true,
             },
             error,
@@ -391,12 +400,13 @@ impl Publisher for KafkaBroker {
     async fn publish(&self, topic: &Topic, event: Event) -> Result<()> {
         self.check_open()?;
         let record = self.record(&event)?;
-        let producer = self.producer();
+        let producer = self.inner.producers.get();
         let sent = async {
             let delivery = self.enqueue(&producer, topic, record).await?;
             acknowledged(delivery).await
         };
-        sent.await.map_err(|e| self.replace_if_fatal(&producer, e))
+        sent.await
+            .map_err(|e| self.inner.producers.replace_if_fatal(&producer, e))
     }
 
     /// Enqueues the events in order, then awaits every acknowledgement: one
@@ -411,7 +421,7 @@ impl Publisher for KafkaBroker {
         for event in &events {
             validate_attributes(event)?;
         }
-        let producer = self.producer();
+        let producer = self.inner.producers.get();
         let sent = async {
             let mut deliveries = Vec::with_capacity(events.len());
             for event in &events {
@@ -420,11 +430,12 @@ impl Publisher for KafkaBroker {
             }
             try_join_all(deliveries).await.map(|_| ())
         };
-        sent.await.map_err(|e| self.replace_if_fatal(&producer, e))
+        sent.await
+            .map_err(|e| self.inner.producers.replace_if_fatal(&producer, e))
     }
 
     async fn flush(&self) -> Result<()> {
-        let producer = self.producer();
+        let producer = self.inner.producers.get();
         let timeout = self.inner.config.delivery_timeout;
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
@@ -459,7 +470,7 @@ impl Subscriber for KafkaBroker {
         subscriber::subscribe(
             &self.inner.config,
             client_config(&self.inner.config),
-            self.producer(),
+            Arc::clone(&self.inner.producers),
             topic,
             options,
         )

@@ -20,7 +20,6 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -194,7 +193,7 @@ impl ConsumerContext for Context {
 pub(super) async fn subscribe(
     config: &KafkaConfig,
     mut client: ClientConfig,
-    producer: FutureProducer,
+    producers: Arc<super::ProducerSlot>,
     topic: &Topic,
     options: SubscribeOptions,
 ) -> Result<Subscription> {
@@ -230,7 +229,7 @@ pub(super) async fn subscribe(
     let pump = Pump {
         consumer,
         shared: Arc::clone(&shared),
-        producer,
+        producers,
         topic: topic.clone(),
         dead_letter: format!("{}{}", topic, config.dead_letter_suffix),
         max_event_bytes: config.max_event_bytes.get(),
@@ -277,7 +276,8 @@ pub(super) async fn subscribe(
 struct Pump {
     consumer: StreamConsumer<Context>,
     shared: Arc<Shared>,
-    producer: FutureProducer,
+    /// For dead letters.
+    producers: Arc<super::ProducerSlot>,
     topic: Topic,
     dead_letter: String,
     max_event_bytes: usize,
@@ -470,8 +470,9 @@ impl Pump {
             let key = message
                 .key()
                 .map(|k| String::from_utf8_lossy(k).into_owned());
+            let producer = self.producers.get();
             let sent = match enqueue_record(
-                &self.producer,
+                &producer,
                 &self.dead_letter,
                 key.as_deref(),
                 headers,
@@ -482,7 +483,8 @@ impl Pump {
             {
                 Ok(delivery) => acknowledged(delivery).await,
                 Err(e) => Err(e),
-            };
+            }
+            .map_err(|e| self.producers.replace_if_fatal(&producer, e));
             match sent {
                 Ok(()) => return,
                 Err(e) => {
