@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use broker_adapters::nats::{NatsBroker, NatsConfig};
 use broker_adapters::prelude::*;
 use broker_adapters::sql::{SqlBroker, SqlConfig};
@@ -538,9 +539,47 @@ async fn embedded_default_sqlite_and_the_sql_broker() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_and_nats_with_two_instances() -> anyhow::Result<()> {
+    on_postgres(Transport::Nats, 2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_kafka() -> anyhow::Result<()> {
+    on_postgres(Transport::Kafka, 1).await
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Nats,
+    Kafka,
+}
+
+fn kafka_servers() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The production shape: `instances` coordinators on one PostgreSQL
+/// database, commands and replies over `transport`, the participants on a
+/// database of their own.
+async fn on_postgres(transport: Transport, instances: usize) -> anyhow::Result<()> {
     let url = database_url();
     require("PostgreSQL", &url, 5432)?;
-    require("NATS", &nats_url(), 4222)?;
+    let (name, env) = match transport {
+        Transport::Nats => {
+            require("NATS", &nats_url(), 4222)?;
+            ("nats", vec![("NATS_URL", nats_url())])
+        }
+        Transport::Kafka => {
+            require("Kafka", &kafka_servers(), 9092)?;
+            (
+                "kafka",
+                vec![
+                    ("KAFKA_BOOTSTRAP_SERVERS", kafka_servers()),
+                    // A consumer-group join takes about half of it on Tansu.
+                    ("KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
+                ],
+            )
+        }
+    };
     let run = run_id();
     let dir = std::env::temp_dir().join(&run);
     std::fs::create_dir_all(&dir)?;
@@ -557,7 +596,6 @@ async fn postgres_and_nats_with_two_instances() -> anyhow::Result<()> {
     let outcome = async {
         let coordinator_db = format!("{base_url}/{run}");
         let reply_topic = format!("{run}-replies");
-        let env = [("NATS_URL", nats_url())];
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let args = [
             "--definitions",
@@ -565,28 +603,42 @@ async fn postgres_and_nats_with_two_instances() -> anyhow::Result<()> {
             "--database-url",
             &coordinator_db,
             "--broker",
-            "nats",
+            name,
             "--reply-topic",
             &reply_topic,
         ];
-        let first = Coordinator::spawn(&dir, &args, &env)?;
-        let second = Coordinator::spawn(&dir, &args, &env)?;
+        let coordinators = (0..instances)
+            .map(|_| Coordinator::spawn(&dir, &args, &env))
+            .collect::<anyhow::Result<Vec<_>>>()?;
 
-        let broker = Arc::new(NatsBroker::connect(NatsConfig::builder().url(nats_url())).await?);
+        let broker: Arc<dyn Broker> = match transport {
+            Transport::Nats => {
+                Arc::new(NatsBroker::connect(NatsConfig::builder().url(nats_url())).await?)
+            }
+            Transport::Kafka => Arc::new(
+                KafkaBroker::connect(
+                    KafkaConfig::builder(kafka_servers().split(','))
+                        .session_timeout(Duration::from_secs(6)),
+                )
+                .await?,
+            ),
+        };
         let pool = sqlx::PgPool::connect(&format!("{base_url}/{run}p")).await?;
         orchestrator::postgres::migrate(&pool).await?;
         let outbox = Outbox::postgres(pool.clone(), OutboxConfig::new()).await?;
-        let relay = outbox.relay(broker.clone(), RelayConfig::new())?;
+        let relay = outbox.relay(broker.clone().publisher(), RelayConfig::new())?;
         let part = Part::Pg(Participant::postgres(pool.clone(), outbox, "services"));
-        let participants = Participants::start(&run, part, relay, broker.clone()).await?;
+        let participants =
+            Participants::start(&run, part, relay, broker.clone().subscriber()).await?;
 
-        let outcome = drive(&[first.base.clone(), second.base.clone()], None).await;
+        let bases: Vec<String> = coordinators.iter().map(|c| c.base.clone()).collect();
+        let outcome = drive(&bases, None).await;
         participants.stop().await;
-        let exits = [
-            first.terminate(Duration::from_secs(15))?,
-            second.terminate(Duration::from_secs(15))?,
-        ];
-        Publisher::close(&*broker).await?;
+        let exits = coordinators
+            .into_iter()
+            .map(|c| c.terminate(Duration::from_secs(15)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        broker.clone().publisher().close().await?;
         pool.close().await;
         outcome?;
         for exit in exits {
@@ -605,6 +657,21 @@ async fn postgres_and_nats_with_two_instances() -> anyhow::Result<()> {
     admin.close().await;
     let _ = std::fs::remove_dir_all(&dir);
     outcome
+}
+
+/// A broker as both halves.
+trait Broker: Publisher + Subscriber {
+    fn publisher(self: Arc<Self>) -> Arc<dyn Publisher>;
+    fn subscriber(self: Arc<Self>) -> Arc<dyn Subscriber>;
+}
+
+impl<B: Publisher + Subscriber + 'static> Broker for B {
+    fn publisher(self: Arc<Self>) -> Arc<dyn Publisher> {
+        self
+    }
+    fn subscriber(self: Arc<Self>) -> Arc<dyn Subscriber> {
+        self
+    }
 }
 
 #[test]

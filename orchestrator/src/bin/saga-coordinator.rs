@@ -70,7 +70,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    let env = Config::from_env(|k| std::env::var(k).ok());
+    let env = Config::from_env(|k| std::env::var(k).ok())?;
     let flags = Config {
         listen: args.listen,
         database_url: args.database_url,

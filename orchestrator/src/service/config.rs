@@ -9,7 +9,12 @@
 //! reply_topic = "saga.replies"               # SAGA_COORDINATOR_REPLY_TOPIC
 //! consumer = "saga-coordinator"              # SAGA_COORDINATOR_CONSUMER: the reply consumer group
 //! token = "secret"                           # SAGA_COORDINATOR_TOKEN: bearer token for writes (POST)
+//! kafka_partitions = 6                       # SAGA_COORDINATOR_KAFKA_PARTITIONS: of the topics it creates on Kafka
 //! ```
+//!
+//! On Kafka the service creates the reply topic and every command topic of
+//! the definitions that does not exist yet, with `kafka_partitions`
+//! partitions (the broker's default replication).
 //!
 //! The broker's own settings come from its adapter's variables:
 //! `KAFKA_*` ([`KafkaConfig::from_env`](broker_adapters::kafka::KafkaConfig::from_env)),
@@ -37,6 +42,10 @@ pub const DEFAULT_REPLY_TOPIC: &str = "saga.replies";
 
 /// The reply consumer group when nothing else is configured.
 pub const DEFAULT_CONSUMER: &str = "saga-coordinator";
+
+/// The partitions of the Kafka topics the service creates when nothing else
+/// is configured.
+pub const DEFAULT_KAFKA_PARTITIONS: u16 = 6;
 
 /// Which broker carries commands and replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +77,8 @@ pub struct Config {
     pub consumer: Option<String>,
     /// The bearer token writes need; writes are open without one.
     pub token: Option<String>,
+    /// The partitions of the Kafka topics the service creates.
+    pub kafka_partitions: Option<u16>,
 }
 
 fn config_error(key: &'static str, reason: impl Into<String>) -> Error {
@@ -99,13 +110,28 @@ impl Config {
     }
 
     /// `SAGA_COORDINATOR_*` variables, through `get` (e.g. `std::env::var`).
-    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] naming the variable when
+    /// `SAGA_COORDINATOR_KAFKA_PARTITIONS` is not a number from 1 to 65535.
+    pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let var = |name: &str| {
             get(&format!("SAGA_COORDINATOR_{name}"))
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        Self {
+        let kafka_partitions = var("KAFKA_PARTITIONS")
+            .map(|v| {
+                v.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    config_error(
+                        "SAGA_COORDINATOR_KAFKA_PARTITIONS",
+                        format!("`{v}` is not a number from 1 to 65535"),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(Self {
             listen: var("LISTEN"),
             database_url: var("DATABASE_URL"),
             definitions: var("DEFINITIONS").map(PathBuf::from),
@@ -113,7 +139,8 @@ impl Config {
             reply_topic: var("REPLY_TOPIC"),
             consumer: var("CONSUMER"),
             token: var("TOKEN"),
-        }
+            kafka_partitions,
+        })
     }
 
     /// `self`, with every setting `over` has replacing it.
@@ -127,6 +154,7 @@ impl Config {
             reply_topic: over.reply_topic.or(self.reply_topic),
             consumer: over.consumer.or(self.consumer),
             token: over.token.or(self.token),
+            kafka_partitions: over.kafka_partitions.or(self.kafka_partitions),
         }
     }
 
@@ -172,6 +200,19 @@ impl Config {
     /// The reply consumer group.
     pub fn consumer(&self) -> &str {
         self.consumer.as_deref().unwrap_or(DEFAULT_CONSUMER)
+    }
+
+    /// The partitions of the Kafka topics the service creates.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`] for 0.
+    pub fn kafka_partitions(&self) -> Result<u16> {
+        match self.kafka_partitions {
+            Some(0) => Err(config_error("kafka_partitions", "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(DEFAULT_KAFKA_PARTITIONS),
+        }
     }
 
     /// Loads the definitions: one file, or every `.yaml`, `.yml` and
@@ -247,7 +288,15 @@ mod tests {
     #[test]
     fn file_then_env_then_flags() -> Result<()> {
         let file = Config::from_toml("listen = \"127.0.0.1:9000\"\nbroker = \"nats\"\n")?;
-        let env = Config::from_env(|k| (k == "SAGA_COORDINATOR_BROKER").then(|| "kafka".into()));
+        let env = Config::from_env(|k| (k == "SAGA_COORDINATOR_BROKER").then(|| "kafka".into()))?;
+        assert!(
+            Config::from_env(|k| (k == "SAGA_COORDINATOR_KAFKA_PARTITIONS").then(|| "0".into()))
+                .is_err()
+        );
+        assert_eq!(
+            Config::default().kafka_partitions()?,
+            DEFAULT_KAFKA_PARTITIONS
+        );
         let config = file.overlay(env);
         assert_eq!(config.broker_kind()?, BrokerKind::Kafka);
         assert_eq!(config.listen_addr()?.port(), 9000);

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 pub use self::config::{BrokerKind, Config};
 use crate::error::{Error, ErrorKind, Result};
-use crate::saga::{Coordinator, CoordinatorConfig, CoordinatorHandle};
+use crate::saga::{Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions};
 use crate::{Outbox, OutboxConfig, RelayConfig, RelayHandle};
 
 /// The service's database.
@@ -104,7 +104,10 @@ impl Database {
 
 /// The broker of `config`: the publisher the relay sends commands with and
 /// the subscriber replies come from.
-async fn broker(config: &Config) -> Result<(Arc<dyn Publisher>, Arc<dyn Subscriber>)> {
+async fn broker(
+    config: &Config,
+    definitions: &Definitions,
+) -> Result<(Arc<dyn Publisher>, Arc<dyn Subscriber>)> {
     let err = |what: &'static str| {
         move |e: broker_adapters::Error| {
             Error::with_source(
@@ -137,6 +140,32 @@ async fn broker(config: &Config) -> Result<(Arc<dyn Publisher>, Arc<dyn Subscrib
                     .await
                     .map_err(err("connect to Kafka"))?,
             );
+            // Commands and replies need their topics before the first
+            // publish; those that exist are left as they are.
+            let partitions = config.kafka_partitions()?;
+            let mut topics = std::collections::BTreeSet::from([config.reply_topic().to_owned()]);
+            for def in definitions.all() {
+                for step in &def.steps {
+                    topics.insert(step.command.topic.clone());
+                    if let Some(c) = &step.compensation {
+                        topics.insert(c.topic.clone());
+                    }
+                }
+            }
+            for name in topics {
+                let topic = Topic::try_from(name.as_str()).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Config {
+                            key: "definitions",
+                            reason: format!("`{name}` is not a valid topic"),
+                        },
+                        e,
+                    )
+                })?;
+                b.create_topic(&topic, partitions)
+                    .await
+                    .map_err(err("create the Kafka topics"))?;
+            }
             (b.clone(), b)
         }
         BrokerKind::Nats => {
@@ -182,7 +211,7 @@ impl Engine {
             )
         })?;
         let database = Database::open(config.database_url()).await?;
-        let (publisher, subscriber) = broker(config).await?;
+        let (publisher, subscriber) = broker(config, &definitions).await?;
         let coordinator_config =
             CoordinatorConfig::new(reply_topic.clone()).consumer(config.consumer());
         let relay_config = RelayConfig::new();
