@@ -52,8 +52,9 @@
 //! publishes them, all its partitions at once, and the rows that
 //! went out are marked in one statement, run beside the next look's read
 //! (which leaves them out) and publish: a look does not wait for the mark
-//! before it, which on SQLite waits for the writer's turn. A partition that fills its share of a look has
-//! a backlog: it is drained batch by batch ([`RelayConfig::batch_size`]),
+//! before it, which on SQLite waits for the writer's turn. A partition that
+//! fills its share of a look has a backlog: it is drained batch by batch
+//! ([`RelayConfig::batch_size`]),
 //! one batch in flight per partition, each loaded, published and marked on
 //! its own, so that loading, publishing and marking overlap across
 //! partitions.

@@ -270,6 +270,10 @@ async fn settled(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result
     }
 }
 
+async fn get_json(http: &reqwest::Client, url: String) -> anyhow::Result<Value> {
+    Ok(http.get(url).send().await?.json().await?)
+}
+
 async fn post(
     http: &reqwest::Client,
     url: String,
@@ -341,12 +345,7 @@ async fn drive(bases: &[String], token: Option<&str>) -> anyhow::Result<()> {
         saga["state"]["data"]["results"]["charge"]["by"] == "com.example.payment.charge",
         "{saga}"
     );
-    let h: Value = http
-        .get(format!("{base}/sagas/o-2/history"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let h: Value = get_json(&http, format!("{base}/sagas/o-2/history")).await?;
     let notes: Vec<&str> = h["history"]
         .as_array()
         .context("history")?
@@ -400,27 +399,12 @@ async fn drive(bases: &[String], token: Option<&str>) -> anyhow::Result<()> {
     ensure!(code == 409, "cancel after the end: {code}");
 
     // Listing, a page at a time, and by status.
-    let page: Value = http
-        .get(format!("{base}/sagas?limit=4"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let page: Value = get_json(&http, format!("{base}/sagas?limit=4")).await?;
     ensure!(page["sagas"].as_array().map(Vec::len) == Some(4), "{page}");
     let next = page["next"].as_str().context("next")?;
-    let rest: Value = http
-        .get(format!("{base}/sagas?limit=100&after={next}"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let rest: Value = get_json(&http, format!("{base}/sagas?limit=100&after={next}")).await?;
     ensure!(rest["sagas"].as_array().map(Vec::len) == Some(7), "{rest}");
-    let compensated: Value = http
-        .get(format!("{base}/sagas?status=compensated"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let compensated: Value = get_json(&http, format!("{base}/sagas?status=compensated")).await?;
     ensure!(
         compensated["sagas"].as_array().map(Vec::len) == Some(4),
         "{compensated}"
@@ -454,12 +438,7 @@ async fn drive(bases: &[String], token: Option<&str>) -> anyhow::Result<()> {
     ensure!(code == 404);
     let (code, _) = post(&http, format!("{base}/sagas/missing/cancel"), None).await?;
     ensure!(code == 404);
-    let all: Value = http
-        .get(format!("{base}/sagas"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let all: Value = get_json(&http, format!("{base}/sagas")).await?;
     ensure!(all["sagas"].as_array().map(Vec::len) == Some(11), "{all}");
 
     // Operations.
@@ -475,12 +454,7 @@ async fn drive(bases: &[String], token: Option<&str>) -> anyhow::Result<()> {
         .await?;
     ensure!(metrics.contains("saga_started_total"), "{metrics}");
     ensure!(metrics.contains("saga_cancelled_total 1"), "{metrics}");
-    let defs: Value = http
-        .get(format!("{base}/definitions"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let defs: Value = get_json(&http, format!("{base}/definitions")).await?;
     ensure!(
         defs["definitions"][0]["steps"] == json!(["reserve", "charge", "ship"]),
         "{defs}"

@@ -383,20 +383,11 @@ impl Coordinator {
     /// [`ErrorKind::UnknownSaga`] when the saga's definition version is not
     /// registered, or a database failure.
     pub async fn cancel(&self, saga_id: &str, reason: &str) -> Result<Handled> {
-        let input = |_: &super::SagaDefinition, _: &SagaState| {
-            Ok(Input::Cancel {
-                reason: reason.to_owned(),
-            })
+        let input = Input::Cancel {
+            reason: reason.to_owned(),
         };
-        let handled = self
-            .store
-            .transition(&self.ctx, saga_id, None, false, &input)
-            .await?;
-        if let Handled::Applied(note) = &handled {
-            info!(saga = %saga_id, %note, "saga cancelled");
-            metrics::counter!("saga_cancelled_total").increment(1);
-        }
-        Ok(handled)
+        self.by_request(saga_id, input, "saga_cancelled_total")
+            .await
     }
 
     /// Sends the failed compensation of the `compensation_failed` saga
@@ -407,14 +398,26 @@ impl Coordinator {
     ///
     /// As [`cancel`](Self::cancel).
     pub async fn retry(&self, saga_id: &str) -> Result<Handled> {
-        let input = |_: &super::SagaDefinition, _: &SagaState| Ok(Input::Retry);
+        self.by_request(saga_id, Input::Retry, "saga_retried_total")
+            .await
+    }
+
+    /// Applies a person's `input` to `saga_id` in one transition, logging
+    /// and counting (`counter`) it when it changed the saga.
+    async fn by_request(
+        &self,
+        saga_id: &str,
+        input: Input,
+        counter: &'static str,
+    ) -> Result<Handled> {
+        let decide = |_: &super::SagaDefinition, _: &SagaState| Ok(input.clone());
         let handled = self
             .store
-            .transition(&self.ctx, saga_id, None, false, &input)
+            .transition(&self.ctx, saga_id, None, false, &decide)
             .await?;
         if let Handled::Applied(note) = &handled {
-            info!(saga = %saga_id, %note, "saga compensation retried");
-            metrics::counter!("saga_retried_total").increment(1);
+            info!(saga = %saga_id, %note, "saga changed by request");
+            metrics::counter!(counter).increment(1);
         }
         Ok(handled)
     }

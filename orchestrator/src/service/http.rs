@@ -270,12 +270,16 @@ struct CancelRequest {
     reason: Option<String>,
 }
 
-/// The answer to a cancel or retry.
-fn settled(id: &str, handled: Result<Handled, Error>) -> Response {
+/// The answer to a cancel or retry: 404 when nothing changed because
+/// there is no such saga.
+async fn settled(app: &App, id: &str, handled: Result<Handled, Error>) -> Response {
     match handled {
         Ok(Handled::Applied(note)) => Json(json!({ "saga_id": id, "note": note })).into_response(),
-        Ok(Handled::Ignored(why)) if why.starts_with("unknown saga") => not_found(id),
-        Ok(Handled::Ignored(why)) => problem(StatusCode::CONFLICT, "not_applicable", why),
+        Ok(Handled::Ignored(why)) => match app.coordinator.saga(id).await {
+            Ok(None) => not_found(id),
+            Ok(Some(_)) => problem(StatusCode::CONFLICT, "not_applicable", why),
+            Err(e) => failed(&e),
+        },
         Ok(Handled::Duplicate) => problem(StatusCode::CONFLICT, "not_applicable", "already done"),
         Err(e) => failed(&e),
     }
@@ -293,11 +297,11 @@ async fn cancel(State(app): Shared, Path(id): Path<String>, bytes: Bytes) -> Res
     let reason = request
         .reason
         .unwrap_or_else(|| "cancelled through the API".into());
-    settled(&id, app.coordinator.cancel(&id, &reason).await)
+    settled(&app, &id, app.coordinator.cancel(&id, &reason).await).await
 }
 
 async fn retry(State(app): Shared, Path(id): Path<String>) -> Response {
-    settled(&id, app.coordinator.retry(&id).await)
+    settled(&app, &id, app.coordinator.retry(&id).await).await
 }
 
 async fn definitions(State(app): Shared) -> Response {

@@ -29,6 +29,15 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::saga::{Coordinator, CoordinatorConfig, CoordinatorHandle, Definitions};
 use crate::{Outbox, OutboxConfig, RelayConfig, RelayHandle};
 
+/// A configuration error of `key`, with its cause.
+fn invalid(
+    key: &'static str,
+    reason: String,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::with_source(ErrorKind::Config { key, reason }, source)
+}
+
 /// The service's database.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -109,15 +118,7 @@ async fn broker(
     definitions: &Definitions,
 ) -> Result<(Arc<dyn Publisher>, Arc<dyn Subscriber>)> {
     let err = |what: &'static str| {
-        move |e: broker_adapters::Error| {
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "broker",
-                    reason: format!("could not {what}"),
-                },
-                e,
-            )
-        }
+        move |e: broker_adapters::Error| invalid("broker", format!("could not {what}"), e)
     };
     Ok(match config.broker_kind()? {
         BrokerKind::Sql => {
@@ -154,13 +155,7 @@ async fn broker(
             }
             for name in topics {
                 let topic = Topic::try_from(name.as_str()).map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Config {
-                            key: "definitions",
-                            reason: format!("`{name}` is not a valid topic"),
-                        },
-                        e,
-                    )
+                    invalid("definitions", format!("`{name}` is not a valid topic"), e)
                 })?;
                 b.create_topic(&topic, partitions)
                     .await
@@ -202,13 +197,8 @@ impl Engine {
     pub async fn start(config: &Config) -> Result<Self> {
         let definitions = config.load_definitions()?;
         let reply_topic = Topic::try_from(config.reply_topic()).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "reply_topic",
-                    reason: format!("`{}` is not a valid topic", config.reply_topic()),
-                },
-                e,
-            )
+            let reason = format!("`{}` is not a valid topic", config.reply_topic());
+            invalid("reply_topic", reason, e)
         })?;
         let database = Database::open(config.database_url()).await?;
         let (publisher, subscriber) = broker(config, &definitions).await?;
@@ -231,13 +221,8 @@ impl Engine {
             }
         };
         let options = SubscribeOptions::new(config.consumer()).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "consumer",
-                    reason: format!("`{}` is not a valid consumer group", config.consumer()),
-                },
-                e,
-            )
+            let reason = format!("`{}` is not a valid consumer group", config.consumer());
+            invalid("consumer", reason, e)
         })?;
         let subscription = subscriber
             .subscribe(&reply_topic, options)
