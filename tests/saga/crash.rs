@@ -33,6 +33,8 @@ async fn sqlite_coordinator_killed_at_random_loses_nothing() -> anyhow::Result<(
 
 const SAGAS: u32 = 1_000;
 const WAIT: Duration = Duration::from_secs(300);
+/// Kills every run makes at the least.
+const MIN_KILLS: u32 = 5;
 
 /// A `saga-proc` child; SIGKILLed when dropped.
 struct SagaProc {
@@ -198,14 +200,17 @@ async fn killed_at_random(backend: Backend) -> anyhow::Result<()> {
             "not finished after {kills} kills: {counts:?}"
         );
         proc.check_alive()?;
-        if kills < 40 && rng.below(4) > 0 {
+        // The first MIN_KILLS chances always kill (each slice of at most
+        // 100 starts gives one, so there are at least nine); later ones
+        // kill at random.
+        if kills < 40 && (kills < MIN_KILLS || rng.below(4) > 0) {
             proc.kill()?;
             kills += 1;
             proc = SagaProc::start(db.url(), &nats_url, &prefix)?;
         }
     };
     eprintln!("{kills} kills in {:?}: {counts:?}", started.elapsed());
-    ensure!(kills >= 5, "only {kills} kills");
+    ensure!(kills >= MIN_KILLS, "only {kills} kills");
     ensure!(counts.get("completed") == Some(&800), "{counts:?}");
     ensure!(counts.get("compensated") == Some(&200), "{counts:?}");
     ensure!(db.double_effects().await? == 0, "a step took effect twice");
