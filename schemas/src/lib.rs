@@ -62,6 +62,7 @@ pub mod client;
 pub mod compat;
 pub mod config;
 pub mod error;
+pub mod process;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -28,7 +28,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 
 use crate::compat::CompatibilityLevel;
 use crate::error::{Error, ErrorKind};
+use crate::process::bearer_allows;
 use crate::registry::{Registry, SCHEMA_TYPE_JSON, VersionSpec};
 
 /// The content type of every answer.
@@ -431,32 +432,14 @@ async fn not_found() -> Response {
 }
 
 async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let read = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    );
-    if let Some(token) = &app.token
-        && !read
-    {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            let mut response = ApiError(Error::new(ErrorKind::Unauthorized)).into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    if !bearer_allows(app.token.as_deref(), request.method(), request.headers()) {
+        let mut response = ApiError(Error::new(ErrorKind::Unauthorized)).into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
     }
     next.run(request).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The REST API over `registry`, as an axum [`Router`].

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use orchestrator::service::http::{App, router};
 use orchestrator::service::{Config, Engine};
+use schemas::process::{redact_url, shutdown_signal};
 
 /// Runs a saga coordinator: loads the definitions, drives sagas, serves the
 /// HTTP API.
@@ -95,7 +96,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The address is printed on its own line so that scripts (and tests)
     // that ask for port 0 learn the one bound.
     println!("listening on http://{bound}");
-    tracing::info!(%bound, database = %redact(config.database_url()), auth = config.token.is_some(), "saga coordinator listening");
+    tracing::info!(%bound, database = %redact_url(config.database_url()), auth = config.token.is_some(), "saga coordinator listening");
     let mut app = App::new(
         engine.coordinator().clone(),
         engine.database().clone(),
@@ -106,38 +107,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let app = router(app);
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(shutdown_signal())
         .await;
     engine.shutdown().await;
     served?;
     Ok(())
-}
-
-/// The URL without any password in it.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use schemas::config::Config;
+use schemas::process::{redact_url, shutdown_signal};
 use schemas::server::{ServerOptions, router, serve};
 use schemas::{Registry, Store};
 
@@ -67,46 +68,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let options = config.registry_options(bound)?;
     let store = Store::connect(config.database_url()).await?;
     let registry = Registry::open(store.clone(), options).await?;
-    tracing::info!(%bound, database = %redact(config.database_url()), auth = config.token.is_some(), "schema registry listening");
+    tracing::info!(%bound, database = %redact_url(config.database_url()), auth = config.token.is_some(), "schema registry listening");
     let app = router(
         registry,
         ServerOptions {
             token: config.token.clone(),
         },
     );
-    serve(listener, app, shutdown()).await?;
+    serve(listener, app, shutdown_signal()).await?;
     store.close().await;
     Ok(())
-}
-
-/// The URL without any password in it.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }
