@@ -6,6 +6,8 @@
 //!
 //! No I/O and no clock of its own: callers pass `now`.
 
+pub(crate) mod buffered;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,11 +9,9 @@
 //! partitions' next owner reads again from the committed offset.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cloudevents::Event;
 use futures_util::{FutureExt as _, stream};
 use rdkafka::consumer::{
@@ -21,20 +19,18 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
-use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::config::KafkaConfig;
 use super::error::{SYSTEM, map};
 use super::{acknowledged, enqueue_record};
 use crate::binding::Binding;
-use crate::dispatch::{Dispatcher, Settled};
+use crate::dispatch::Dispatcher;
+use crate::dispatch::buffered::{self, Buffered, Member};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventExt;
-use crate::subscriber::{
-    AckKind, Acker, Delivery, DeliveryInfo, StartFrom, SubscribeOptions, Subscription,
-};
+use crate::subscriber::{StartFrom, SubscribeOptions, Subscription};
 use crate::topic::Topic;
 
 /// How many already-fetched records the pump takes in one go.
@@ -108,16 +104,35 @@ impl State {
     }
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    state: Mutex<State>,
-    changed: Notify,
-}
+type Shared = buffered::Shared<State>;
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every method leaves the state consistent, so a poisoned lock is usable.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+impl Buffered for State {
+    type Record = Record;
+    const SYSTEM: &'static str = SYSTEM;
+    const STALE_ACK: &'static str = "ack (the partition was reassigned or the ack deadline passed; the event will be delivered again)";
+    const STALE_IN_PROGRESS: &'static str =
+        "in-progress (the event was already redelivered or reassigned)";
+
+    fn dispatcher(&mut self) -> &mut Dispatcher<Record> {
+        &mut self.dispatcher
+    }
+
+    fn take_failure(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
+    fn event(record: &Record) -> &Event {
+        &record.event
+    }
+
+    fn settled(&mut self, record: Record) {
+        if let Some(p) = self.partitions.get_mut(&record.partition) {
+            p.pending.remove(&record.offset);
+        }
     }
 }
 
@@ -257,12 +272,7 @@ pub(super) async fn subscribe(
         pump,
         "kafka consumer",
         |stop| {
-            let member = Member {
-                shared: member_shared,
-                topic: topic.clone(),
-                options,
-                _stop: stop,
-            };
+            let member = Member::new(member_shared, topic.clone(), options, stop);
             stream::unfold(member, |member| async move {
                 let next = member.next_delivery().await?;
                 Some((next, member))
@@ -514,123 +524,6 @@ impl Pump {
             buffered > self.max_buffered / 2
         } else {
             buffered >= self.max_buffered
-        }
-    }
-}
-
-/// One subscription's view of its buffer.
-struct Member {
-    shared: Arc<Shared>,
-    topic: Topic,
-    options: SubscribeOptions,
-    /// Stops the pump when the subscription is dropped.
-    _stop: DropGuard,
-}
-
-impl Member {
-    async fn next_delivery(&self) -> Option<Result<Delivery>> {
-        crate::dispatch::next_when_ready(&self.shared.changed, || self.try_next()).await
-    }
-
-    /// The next delivery or the end of the stream (`Ok`), or when to look
-    /// again (`Err`, `None` meaning after the next change).
-    fn try_next(&self) -> std::result::Result<Next, Option<Instant>> {
-        let mut state = self.shared.lock();
-        if let Some(e) = state.failure.take() {
-            return Ok(Some(Err(e)));
-        }
-        if state.done {
-            return Ok(None);
-        }
-        let pulled = state
-            .dispatcher
-            .pull(Instant::now(), self.options.ack_deadline())?;
-        let info = DeliveryInfo {
-            topic: self.topic.clone(),
-            group: self.options.group().clone(),
-            attempt: NonZeroU32::new(pulled.attempt).unwrap_or(NonZeroU32::MIN),
-        };
-        let event = pulled.msg.event.clone();
-        let acker = KafkaAcker {
-            shared: Arc::clone(&self.shared),
-            seq: pulled.seq,
-            token: pulled.token,
-            ack_wait: self.options.ack_deadline(),
-            settled: false,
-        };
-        Ok(Some(Ok(Delivery::new(event, info, Box::new(acker)))))
-    }
-}
-
-/// What the subscription stream yields next: a delivery, an error, or its end.
-type Next = Option<Result<Delivery>>;
-
-#[derive(Debug)]
-struct KafkaAcker {
-    shared: Arc<Shared>,
-    seq: u64,
-    token: u64,
-    ack_wait: Duration,
-    settled: bool,
-}
-
-impl KafkaAcker {
-    fn apply(&self, kind: AckKind) -> Result<()> {
-        let mut state = self.shared.lock();
-        let outcome = state
-            .dispatcher
-            .settle(self.seq, self.token, kind, Instant::now());
-        let result = match outcome {
-            Settled::Done(record) => {
-                if let Some(p) = state.partitions.get_mut(&record.partition) {
-                    p.pending.remove(&record.offset);
-                }
-                Ok(())
-            }
-            Settled::Requeued => Ok(()),
-            Settled::Stale if matches!(kind, AckKind::Nack(_)) => Ok(()),
-            Settled::Stale => Err(Error::new(ErrorKind::Broker {
-                system: SYSTEM,
-                operation: "ack (the partition was reassigned or the ack deadline passed; the event will be delivered again)",
-                retryable: false,
-            })),
-        };
-        drop(state);
-        self.shared.changed.notify_waiters();
-        result
-    }
-}
-
-#[async_trait]
-impl Acker for KafkaAcker {
-    async fn settle(&mut self, kind: AckKind) -> Result<()> {
-        self.settled = true;
-        self.apply(kind)
-    }
-
-    async fn in_progress(&mut self) -> Result<()> {
-        let deadline = Instant::now() + self.ack_wait;
-        if self
-            .shared
-            .lock()
-            .dispatcher
-            .touch(self.seq, self.token, deadline)
-        {
-            Ok(())
-        } else {
-            Err(Error::new(ErrorKind::Broker {
-                system: SYSTEM,
-                operation: "in-progress (the event was already redelivered or reassigned)",
-                retryable: false,
-            }))
-        }
-    }
-}
-
-impl Drop for KafkaAcker {
-    fn drop(&mut self) {
-        if !self.settled {
-            let _ = self.apply(AckKind::Nack(None));
         }
     }
 }

@@ -13,24 +13,22 @@
 //! the next owner skips them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cloudevents::Event;
 use futures_util::stream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::config::SqlConfig;
 use super::{DeadLetter, Membership, Pos, Store, StoredRow, Wake, partition_of};
-use crate::dispatch::{Dispatcher, Settled};
+use crate::dispatch::Dispatcher;
+use crate::dispatch::buffered::{self, Buffered, Member};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EventExt;
-use crate::subscriber::{AckKind, Acker, Delivery, DeliveryInfo, SubscribeOptions, Subscription};
+use crate::subscriber::{SubscribeOptions, Subscription};
 use crate::topic::Topic;
 
 /// At most this many settled positions past a cursor are committed; beyond
@@ -132,16 +130,36 @@ impl State {
     }
 }
 
-#[derive(Debug, Default)]
-struct Shared {
-    state: Mutex<State>,
-    changed: Notify,
-}
+type Shared = buffered::Shared<State>;
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every method leaves the state consistent, so a poisoned lock is usable.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+impl Buffered for State {
+    type Record = Record;
+    const SYSTEM: &'static str = "sql";
+    const STALE_ACK: &'static str = "ack (the partition moved to another member or the ack deadline passed; the event will be delivered again)";
+    const STALE_IN_PROGRESS: &'static str =
+        "in-progress (the event was already redelivered or moved to another member)";
+
+    fn dispatcher(&mut self) -> &mut Dispatcher<Record> {
+        &mut self.dispatcher
+    }
+
+    fn take_failure(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
+    fn event(record: &Record) -> &Event {
+        &record.event
+    }
+
+    fn settled(&mut self, record: Record) {
+        if let Some(p) = self.partitions.get_mut(&record.partition) {
+            p.pending.remove(&record.pos);
+            p.settled.insert(record.pos);
+        }
     }
 }
 
@@ -205,12 +223,7 @@ pub(super) async fn subscribe(
         pump,
         "sql subscription",
         |stop| {
-            let member = Member {
-                shared: member_shared,
-                topic: topic.clone(),
-                options,
-                _stop: stop,
-            };
+            let member = Member::new(member_shared, topic.clone(), options, stop);
             stream::unfold(member, |member| async move {
                 let next = member.next_delivery().await?;
                 Some((next, member))
@@ -682,124 +695,6 @@ impl Pump {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
-    }
-}
-
-/// One subscription's view of its buffer.
-struct Member {
-    shared: Arc<Shared>,
-    topic: Topic,
-    options: SubscribeOptions,
-    /// Stops the pump when the subscription is dropped.
-    _stop: DropGuard,
-}
-
-/// What the subscription stream yields next: a delivery, an error, or its end.
-type Next = Option<Result<Delivery>>;
-
-impl Member {
-    async fn next_delivery(&self) -> Option<Result<Delivery>> {
-        crate::dispatch::next_when_ready(&self.shared.changed, || self.try_next()).await
-    }
-
-    /// The next delivery or the end of the stream (`Ok`), or when to look
-    /// again (`Err`, `None` meaning after the next change).
-    fn try_next(&self) -> std::result::Result<Next, Option<Instant>> {
-        let mut state = self.shared.lock();
-        if let Some(e) = state.failure.take() {
-            return Ok(Some(Err(e)));
-        }
-        if state.done {
-            return Ok(None);
-        }
-        let pulled = state
-            .dispatcher
-            .pull(Instant::now(), self.options.ack_deadline())?;
-        let info = DeliveryInfo {
-            topic: self.topic.clone(),
-            group: self.options.group().clone(),
-            attempt: NonZeroU32::new(pulled.attempt).unwrap_or(NonZeroU32::MIN),
-        };
-        let event = pulled.msg.event.clone();
-        let acker = SqlAcker {
-            shared: Arc::clone(&self.shared),
-            seq: pulled.seq,
-            token: pulled.token,
-            ack_wait: self.options.ack_deadline(),
-            settled: false,
-        };
-        Ok(Some(Ok(Delivery::new(event, info, Box::new(acker)))))
-    }
-}
-
-#[derive(Debug)]
-struct SqlAcker {
-    shared: Arc<Shared>,
-    seq: u64,
-    token: u64,
-    ack_wait: Duration,
-    settled: bool,
-}
-
-impl SqlAcker {
-    fn apply(&self, kind: AckKind) -> Result<()> {
-        let mut state = self.shared.lock();
-        let outcome = state
-            .dispatcher
-            .settle(self.seq, self.token, kind, Instant::now());
-        let result = match outcome {
-            Settled::Done(record) => {
-                if let Some(p) = state.partitions.get_mut(&record.partition) {
-                    p.pending.remove(&record.pos);
-                    p.settled.insert(record.pos);
-                }
-                Ok(())
-            }
-            Settled::Requeued => Ok(()),
-            Settled::Stale if matches!(kind, AckKind::Nack(_)) => Ok(()),
-            Settled::Stale => Err(Error::new(ErrorKind::Broker {
-                system: "sql",
-                operation: "ack (the partition moved to another member or the ack deadline passed; the event will be delivered again)",
-                retryable: false,
-            })),
-        };
-        drop(state);
-        self.shared.changed.notify_waiters();
-        result
-    }
-}
-
-#[async_trait]
-impl Acker for SqlAcker {
-    async fn settle(&mut self, kind: AckKind) -> Result<()> {
-        self.settled = true;
-        self.apply(kind)
-    }
-
-    async fn in_progress(&mut self) -> Result<()> {
-        let deadline = Instant::now() + self.ack_wait;
-        if self
-            .shared
-            .lock()
-            .dispatcher
-            .touch(self.seq, self.token, deadline)
-        {
-            Ok(())
-        } else {
-            Err(Error::new(ErrorKind::Broker {
-                system: "sql",
-                operation: "in-progress (the event was already redelivered or moved to another member)",
-                retryable: false,
-            }))
-        }
-    }
-}
-
-impl Drop for SqlAcker {
-    fn drop(&mut self) {
-        if !self.settled {
-            let _ = self.apply(AckKind::Nack(None));
         }
     }
 }
