@@ -255,7 +255,7 @@ where
     S: Service<Received, Response = ()>,
     S::Error: Into<HandlerError>,
 {
-    let id = cloudevents::AttributesReader::id(&received.event).to_owned();
+    let id = cloudevents::AttributesReader::id(&*received.event).to_owned();
     let kind = match service.oneshot(received).await.map_err(Into::into) {
         Ok(()) => AckKind::Ack,
         Err(e) if e.is_retryable() => {

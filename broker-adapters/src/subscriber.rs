@@ -238,8 +238,11 @@ pub struct DeliveryInfo {
 /// what a handler sees.
 #[derive(Debug, Clone)]
 pub struct Received {
-    /// The event.
-    pub event: Event,
+    /// The event. It is shared with the subscription's buffer until the
+    /// delivery is settled (the buffer keeps it for a redelivery), so
+    /// receiving it copies nothing; `Arc::unwrap_or_clone` gives an owned
+    /// [`Event`].
+    pub event: Arc<Event>,
     /// Delivery metadata.
     pub info: DeliveryInfo,
 }
@@ -331,9 +334,12 @@ pub struct Delivery {
 
 impl Delivery {
     /// Assembles a delivery; used by adapters.
-    pub fn new(event: Event, info: DeliveryInfo, acker: Box<dyn Acker>) -> Self {
+    pub fn new(event: impl Into<Arc<Event>>, info: DeliveryInfo, acker: Box<dyn Acker>) -> Self {
         Self {
-            received: Received { event, info },
+            received: Received {
+                event: event.into(),
+                info,
+            },
             handle: AckHandle::new(acker),
         }
     }

@@ -36,8 +36,8 @@ pub(crate) trait Buffered: Send + 'static {
     fn take_failure(&mut self) -> Option<Error>;
     /// The pump has stopped: the stream ends.
     fn done(&self) -> bool;
-    /// The event a record carries.
-    fn event(record: &Self::Record) -> &Event;
+    /// The event a record carries, shared with its deliveries.
+    fn event(record: &Self::Record) -> &Arc<Event>;
     /// `record` was acked or terminated: it no longer holds back its
     /// partition's commit point.
     fn settled(&mut self, record: Self::Record);
@@ -109,8 +109,8 @@ impl<S: Buffered> Member<S> {
             group: self.options.group().clone(),
             attempt: NonZeroU32::new(pulled.attempt).unwrap_or(NonZeroU32::MIN),
         };
-        // The buffer keeps its copy for a redelivery.
-        let event = S::event(pulled.msg).clone();
+        // The buffer keeps the event for a redelivery: shared, not copied.
+        let event = Arc::clone(S::event(pulled.msg));
         let acker = BufferAcker {
             shared: Arc::clone(&self.shared),
             seq: pulled.seq,

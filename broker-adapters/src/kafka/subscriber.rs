@@ -51,7 +51,7 @@ struct Accepted {
 struct Record {
     partition: i32,
     offset: i64,
-    event: Event,
+    event: Arc<Event>,
 }
 
 #[derive(Debug, Default)]
@@ -125,7 +125,7 @@ impl Buffered for State {
         self.done
     }
 
-    fn event(record: &Record) -> &Event {
+    fn event(record: &Record) -> &Arc<Event> {
         &record.event
     }
 
@@ -396,7 +396,7 @@ impl Pump {
                     record: Record {
                         partition,
                         offset,
-                        event,
+                        event: Arc::new(event),
                     },
                 });
             }

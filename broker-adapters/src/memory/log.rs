@@ -14,7 +14,8 @@ use crate::subscriber::{AckKind, ConsumerGroup, StartFrom};
 
 #[derive(Debug)]
 struct Entry {
-    event: Event,
+    /// Shared with the deliveries of every group.
+    event: Arc<Event>,
     key: Option<Arc<str>>,
 }
 
@@ -37,7 +38,7 @@ pub(crate) struct Pulled {
     pub(crate) offset: u64,
     pub(crate) token: u64,
     pub(crate) attempt: u32,
-    pub(crate) event: Event,
+    pub(crate) event: Arc<Event>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +84,10 @@ impl TopicLog {
         }
         for event in events {
             let key = crate::event::EventExt::partition_key(&event).map(Arc::from);
-            self.entries.push_back(Entry { event, key });
+            self.entries.push_back(Entry {
+                event: Arc::new(event),
+                key,
+            });
         }
         Ok(())
     }
@@ -180,7 +184,7 @@ impl TopicLog {
             offset,
             token,
             attempt,
-            event: entries[(offset - *base) as usize].event.clone(),
+            event: Arc::clone(&entries[(offset - *base) as usize].event),
         })
     }
 

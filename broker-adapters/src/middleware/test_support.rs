@@ -21,7 +21,7 @@ use crate::topic::Topic;
 /// `event` as delivered on `orders` to group `billing`, attempt `attempt`.
 pub(crate) fn received_event(event: Event, attempt: u32) -> Received {
     Received {
-        event,
+        event: event.into(),
         info: DeliveryInfo {
             topic: Topic::from_static("orders"),
             group: ConsumerGroup::try_from("billing").expect("valid group"),

@@ -41,7 +41,7 @@ pub(super) const MAX_SETTLED_LIST: usize = 10_000;
 struct Record {
     partition: i32,
     pos: Pos,
-    event: Event,
+    event: Arc<Event>,
 }
 
 #[derive(Debug)]
@@ -151,7 +151,7 @@ impl Buffered for State {
         self.done
     }
 
-    fn event(record: &Record) -> &Event {
+    fn event(record: &Record) -> &Arc<Event> {
         &record.event
     }
 
@@ -628,7 +628,7 @@ impl Pump {
                     Record {
                         partition,
                         pos,
-                        event,
+                        event: Arc::new(event),
                     },
                     now,
                 );

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use cloudevents::Event;
@@ -46,7 +47,7 @@ pub const MAX_REASON_LEN: usize = 1024;
 ///
 /// let event = CloudEventBuilder::new("com.example.order.placed", "/orders").json_data(&1).build()?;
 /// let received = Received {
-///     event: event.clone(),
+///     event: event.clone().into(),
 ///     info: DeliveryInfo {
 ///         topic: Topic::from_static("orders"),
 ///         group: ConsumerGroup::try_from("billing")?,
@@ -61,7 +62,8 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// # Ok::<(), broker_adapters::Error>(())
 /// ```
 pub fn dead_letter_event(received: Received, reason: impl fmt::Display) -> Event {
-    let Received { mut event, info } = received;
+    let Received { event, info } = received;
+    let mut event = Arc::unwrap_or_clone(event);
     event.set_extension(DLQ_REASON, truncate(reason.to_string()));
     event.set_extension(DLQ_TOPIC, info.topic.as_str());
     event.set_extension(DLQ_GROUP, info.group.as_str());
@@ -162,7 +164,7 @@ mod tests {
 
     fn received(event: Event, attempt: u32) -> Received {
         Received {
-            event,
+            event: event.into(),
             info: DeliveryInfo {
                 topic: Topic::from_static("orders"),
                 group: ConsumerGroup::try_from("billing").expect("valid"),
