@@ -30,18 +30,6 @@ fn raw_client() -> ClientConfig {
     c
 }
 
-fn events(n: usize, size: usize) -> anyhow::Result<Vec<Event>> {
-    (0..n)
-        .map(|i| {
-            CloudEventBuilder::new("com.example.order.placed", "/bench")
-                .partition_key(crate::key(i))
-                .json_data(&crate::payload(size))
-                .build()
-                .map_err(Into::into)
-        })
-        .collect()
-}
-
 pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     e2e::require(e2e::Server::Kafka)?;
     let broker = KafkaBroker::connect(config()).await?;
@@ -61,43 +49,35 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             .create_topic(&Topic::try_from(raw_topic.as_str())?, PARTITIONS)
             .await?;
 
-        // Whichever goes second finds the allocator's and the broker's
-        // memory already grown, so the order alternates by round (the best
-        // round of each side is reported).
         let ours_first = round % 2 == 0;
-        if ours_first {
-            pub_ours.push(publish_ours(&broker, &topic, n, size).await?);
-            pub_raw.push(publish_raw(&raw, &raw_topic, n, size).await?);
-            con_ours.push(consume_ours(&broker, &topic, round, n).await?);
-            con_raw.push(consume_raw(&topic, round, n).await?);
-        } else {
-            pub_raw.push(publish_raw(&raw, &raw_topic, n, size).await?);
-            pub_ours.push(publish_ours(&broker, &topic, n, size).await?);
-            con_raw.push(consume_raw(&topic, round, n).await?);
-            con_ours.push(consume_ours(&broker, &topic, round, n).await?);
-        }
+        let (ours, raw) = crate::in_turn(
+            ours_first,
+            Box::pin(crate::publish_timed(
+                "kafka publish (ours)",
+                &broker,
+                &topic,
+                n,
+                size,
+            )),
+            Box::pin(publish_raw(&raw, &raw_topic, n, size)),
+        )
+        .await?;
+        pub_ours.push(ours);
+        pub_raw.push(raw);
+        let (ours, raw) = crate::in_turn(
+            ours_first,
+            Box::pin(consume_ours(&broker, &topic, round, n)),
+            Box::pin(consume_raw(&topic, round, n)),
+        )
+        .await?;
+        con_ours.push(ours);
+        con_raw.push(raw);
         eprintln!("kafka round {round}: done");
     }
     Ok(vec![
         Figure::rate("kafka.publish", n, best(pub_ours), best(pub_raw)),
         Figure::rate("kafka.consume", n, best(con_ours), best(con_raw)),
     ])
-}
-
-/// Publish: the whole batch pipelined, every event acknowledged.
-async fn publish_ours(
-    broker: &KafkaBroker,
-    topic: &Topic,
-    n: usize,
-    size: usize,
-) -> anyhow::Result<Duration> {
-    let batch = events(n, size)?;
-    let cpu = crate::cpu_time();
-    let start = Instant::now();
-    broker.publish_batch(topic, batch).await?;
-    let took = start.elapsed();
-    crate::report_cpu("kafka publish (ours)", cpu, n);
-    Ok(took)
 }
 
 /// Raw rdkafka sends byte-for-byte the same records (key, CloudEvents
@@ -109,7 +89,7 @@ async fn publish_raw(
     n: usize,
     size: usize,
 ) -> anyhow::Result<Duration> {
-    let records: Vec<Message> = events(n, size)?
+    let records: Vec<Message> = crate::events(n, size)?
         .iter()
         .map(|e| Binding::KAFKA.encode(e, Mode::Binary))
         .collect::<Result<_, _>>()?;

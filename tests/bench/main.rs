@@ -239,6 +239,58 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
+/// `n` events of `size` bytes of JSON data, cycling through the keys, as
+/// the broker benchmarks publish them.
+fn events(n: usize, size: usize) -> anyhow::Result<Vec<broker_adapters::Event>> {
+    (0..n)
+        .map(|i| {
+            broker_adapters::CloudEventBuilder::new("com.example.order.placed", "/bench")
+                .partition_key(key(i))
+                .json_data(&payload(size))
+                .build()
+                .map_err(Into::into)
+        })
+        .collect()
+}
+
+/// Publishes `n` events of `size` bytes through `broker` as one batch
+/// (pipelined, every event acknowledged); returns how long it took and
+/// prints its CPU per event as `what`.
+async fn publish_timed(
+    what: &str,
+    broker: &dyn broker_adapters::Publisher,
+    topic: &broker_adapters::Topic,
+    n: usize,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let batch = events(n, size)?;
+    let cpu = cpu_time();
+    let start = std::time::Instant::now();
+    broker.publish_batch(topic, batch).await?;
+    let took = start.elapsed();
+    report_cpu(what, cpu, n);
+    Ok(took)
+}
+
+/// Runs our side and the raw side of a figure one after the other, ours
+/// first when `ours_first`; returns (ours, raw). Whichever goes second finds
+/// the allocator's and the broker's memory already grown, so the broker
+/// benchmarks alternate the order by round (the best round of each side is
+/// reported).
+async fn in_turn<A, B>(
+    ours_first: bool,
+    ours: futures_util::future::LocalBoxFuture<'_, anyhow::Result<A>>,
+    raw: futures_util::future::LocalBoxFuture<'_, anyhow::Result<B>>,
+) -> anyhow::Result<(A, B)> {
+    if ours_first {
+        let ours = ours.await?;
+        Ok((ours, raw.await?))
+    } else {
+        let raw = raw.await?;
+        Ok((ours.await?, raw))
+    }
+}
+
 /// A 1 KiB-ish JSON document of `size` bytes.
 fn payload(size: usize) -> serde_json::Value {
     json!({ "order": "o-1", "blob": "x".repeat(size.saturating_sub(30)) })

@@ -18,18 +18,6 @@ use crate::{Figure, best};
 /// Acks and publish acks kept in flight by both sides.
 const WINDOW: usize = 256;
 
-fn events(n: usize, size: usize) -> anyhow::Result<Vec<Event>> {
-    (0..n)
-        .map(|i| {
-            CloudEventBuilder::new("com.example.order.placed", "/bench")
-                .partition_key(crate::key(i))
-                .json_data(&crate::payload(size))
-                .build()
-                .map_err(Into::into)
-        })
-        .collect()
-}
-
 pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     e2e::require(e2e::Server::Nats)?;
     let config = || {
@@ -51,20 +39,29 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         let stream = broker.provision(&topic).await?;
         let raw_stream = broker.provision(&raw_topic).await?;
 
-        // Whichever goes second finds the server's and the allocator's
-        // memory already grown, so the order alternates by round (the best
-        // round of each side is reported).
-        if round % 2 == 0 {
-            pub_ours.push(publish_ours(&broker, &topic, n, size).await?);
-            pub_raw.push(publish_raw(&js, &raw_subject, n, size).await?);
-            con_ours.push(consume_ours(&broker, &topic, round, n).await?);
-            con_raw.push(consume_raw(&js, &raw_stream, round, n).await?);
-        } else {
-            pub_raw.push(publish_raw(&js, &raw_subject, n, size).await?);
-            pub_ours.push(publish_ours(&broker, &topic, n, size).await?);
-            con_raw.push(consume_raw(&js, &raw_stream, round, n).await?);
-            con_ours.push(consume_ours(&broker, &topic, round, n).await?);
-        }
+        let ours_first = round % 2 == 0;
+        let (ours, raw) = crate::in_turn(
+            ours_first,
+            Box::pin(crate::publish_timed(
+                "nats publish (ours)",
+                &broker,
+                &topic,
+                n,
+                size,
+            )),
+            Box::pin(publish_raw(&js, &raw_subject, n, size)),
+        )
+        .await?;
+        pub_ours.push(ours);
+        pub_raw.push(raw);
+        let (ours, raw) = crate::in_turn(
+            ours_first,
+            Box::pin(consume_ours(&broker, &topic, round, n)),
+            Box::pin(consume_raw(&js, &raw_stream, round, n)),
+        )
+        .await?;
+        con_ours.push(ours);
+        con_raw.push(raw);
         for s in [&stream, &raw_stream] {
             let _ = js.delete_stream(s).await;
         }
@@ -76,22 +73,6 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
     ])
 }
 
-/// Publish: ours pipelines the batch.
-async fn publish_ours(
-    broker: &NatsBroker,
-    topic: &Topic,
-    n: usize,
-    size: usize,
-) -> anyhow::Result<Duration> {
-    let batch = events(n, size)?;
-    let cpu = crate::cpu_time();
-    let start = Instant::now();
-    broker.publish_batch(topic, batch).await?;
-    let took = start.elapsed();
-    crate::report_cpu("nats publish (ours)", cpu, n);
-    Ok(took)
-}
-
 /// Raw sends the same messages (encoded before the clock starts) with
 /// WINDOW acks in flight.
 async fn publish_raw(
@@ -100,7 +81,7 @@ async fn publish_raw(
     n: usize,
     size: usize,
 ) -> anyhow::Result<Duration> {
-    let messages: Vec<(HeaderMap, Vec<u8>)> = events(n, size)?
+    let messages: Vec<(HeaderMap, Vec<u8>)> = crate::events(n, size)?
         .iter()
         .map(|e| {
             let m = Binding::NATS.encode(e, Mode::Binary)?;
