@@ -238,10 +238,10 @@ pub struct DeliveryInfo {
 /// what a handler sees.
 #[derive(Debug, Clone)]
 pub struct Received {
-    /// The event. It is shared with the subscription's buffer until the
-    /// delivery is settled (the buffer keeps it for a redelivery), so
-    /// receiving it copies nothing; `Arc::unwrap_or_clone` gives an owned
-    /// [`Event`].
+    /// The event. An adapter that keeps the event for a redelivery (the
+    /// in-memory broker's log, the Kafka and SQL buffers) shares it with
+    /// the delivery rather than copying it; `Arc::unwrap_or_clone` gives an
+    /// owned [`Event`], copying only while it is still shared.
     pub event: Arc<Event>,
     /// Delivery metadata.
     pub info: DeliveryInfo,
