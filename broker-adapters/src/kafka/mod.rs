@@ -85,8 +85,7 @@ pub struct KafkaBroker {
 }
 
 struct Inner {
-    config: KafkaConfig,
-    /// Shared with the subscriptions (dead letters).
+    /// Shared with the subscriptions (dead letters); holds the configuration.
     producers: Arc<ProducerSlot>,
     closed: AtomicBool,
 }
@@ -94,7 +93,7 @@ struct Inner {
 impl std::fmt::Debug for KafkaBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaBroker")
-            .field("config", &self.inner.config)
+            .field("config", self.config())
             .finish_non_exhaustive()
     }
 }
@@ -119,10 +118,9 @@ impl KafkaBroker {
         Ok(Self {
             inner: Arc::new(Inner {
                 producers: Arc::new(ProducerSlot {
-                    config: config.clone(),
+                    config,
                     current: std::sync::RwLock::new(producer),
                 }),
-                config,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -225,7 +223,7 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
 impl KafkaBroker {
     /// The configuration in use.
     pub fn config(&self) -> &KafkaConfig {
-        &self.inner.config
+        &self.inner.producers.config
     }
 
     /// Creates `topic` with `partitions` partitions (replication factor: the
@@ -235,10 +233,9 @@ impl KafkaBroker {
     ///
     /// The cluster refused to create it.
     pub async fn create_topic(&self, topic: &Topic, partitions: u16) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            client_config(&self.inner.config)
-                .create()
-                .map_err(|e| map(e, "create admin client"))?;
+        let admin: AdminClient<DefaultClientContext> = client_config(self.config())
+            .create()
+            .map_err(|e| map(e, "create admin client"))?;
         let new = NewTopic::new(
             topic.as_str(),
             i32::from(partitions.max(1)),
@@ -273,7 +270,7 @@ impl KafkaBroker {
     fn record<'e>(&self, event: &'e Event) -> Result<Record<'e>> {
         validate_attributes(event)?;
         let key = event.partition_key();
-        let (headers, payload, size) = match self.inner.config.mode {
+        let (headers, payload, size) = match self.config().mode {
             Mode::Binary => {
                 let mut size = key.map_or(0, str::len);
                 let mut headers = Some(OwnedHeaders::new_with_capacity(12));
@@ -305,7 +302,7 @@ impl KafkaBroker {
                 (headers, Cow::Owned(message.payload), size)
             }
         };
-        let limit = self.inner.config.max_event_bytes.get();
+        let limit = self.config().max_event_bytes.get();
         if size > limit {
             return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
         }
@@ -329,7 +326,7 @@ impl KafkaBroker {
             record.key,
             record.headers,
             &record.payload,
-            self.inner.config.delivery_timeout,
+            self.config().delivery_timeout,
         )
         .await
     }
@@ -436,7 +433,7 @@ impl Publisher for KafkaBroker {
 
     async fn flush(&self) -> Result<()> {
         let producer = self.inner.producers.get();
-        let timeout = self.inner.config.delivery_timeout;
+        let timeout = self.config().delivery_timeout;
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
             .map_err(|e| {
@@ -464,12 +461,11 @@ impl Subscriber for KafkaBroker {
     /// not exist, so undecodable records always have a place to go.
     async fn subscribe(&self, topic: &Topic, options: SubscribeOptions) -> Result<Subscription> {
         self.check_open()?;
-        let dead_letter =
-            Topic::try_from(format!("{topic}{}", self.inner.config.dead_letter_suffix))?;
+        let dead_letter = Topic::try_from(format!("{topic}{}", self.config().dead_letter_suffix))?;
         self.create_topic(&dead_letter, 1).await?;
         subscriber::subscribe(
-            &self.inner.config,
-            client_config(&self.inner.config),
+            self.config(),
+            client_config(self.config()),
             Arc::clone(&self.inner.producers),
             topic,
             options,
