@@ -29,6 +29,7 @@ mod kafka;
 mod memory;
 mod nats;
 mod outbox;
+mod raw_relay;
 mod raw_sql;
 mod registry;
 mod saga;

@@ -6,6 +6,11 @@
 //!   through the broker adapter (acknowledged) and deleted, in events/s,
 //!   beside the raw batched insert rate of the same database, measured in
 //!   the same run (target ≥ 0.8).
+//! - `outbox.<db>.raw_relay_to_<broker>`: the same drain by a relay written
+//!   with the raw clients (`raw_relay.rs`), beside the raw batched insert
+//!   rate: what relaying costs on this machine before any of ours; and
+//!   `relay_to_<broker>_of_raw_relay`, ours beside it. The two relays take
+//!   turns, first by round.
 //! - `outbox.<db>.commit_to_ack_p50/p99_to_<broker>`: from the commit of
 //!   the enqueueing transaction to the broker's acknowledgement of the
 //!   relay's publish, with producers committing at half the measured relay
@@ -24,6 +29,7 @@ use broker_adapters::prelude::*;
 use orchestrator::{Outbox, OutboxConfig, RelayConfig};
 use sqlx::{Postgres, Sqlite};
 
+use crate::raw_relay;
 use crate::raw_sql::{self, RawRates};
 use crate::{Figure, best};
 
@@ -153,6 +159,14 @@ impl Db {
         })
     }
 
+    /// The table of the raw relay, in the same database.
+    fn raw_table(&self) -> raw_relay::Table {
+        match self {
+            Self::Pg(outbox) => raw_relay::Table::Pg(outbox.pool().clone()),
+            Self::Lite(outbox) => raw_relay::Table::Lite(outbox.pool().clone()),
+        }
+    }
+
     fn relay(
         &self,
         publisher: Arc<dyn Publisher>,
@@ -199,6 +213,7 @@ async fn relay_rate(
         db.commit(topic, chunk).await?;
     }
     let counted = Timed::new(publisher, false);
+    let cpu = crate::cpu_time();
     let start = Instant::now();
     let relay = db.relay(counted.clone(), relay_config())?.spawn();
     let deadline = start + Duration::from_secs(300);
@@ -220,6 +235,7 @@ async fn relay_rate(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let took = start.elapsed();
+    crate::report_cpu("relay", cpu, n);
     relay.shutdown().await?;
     Ok(took)
 }
@@ -275,7 +291,8 @@ async fn latency(
     Ok((at(0.50), at(0.99)))
 }
 
-async fn brokers() -> anyhow::Result<Vec<(&'static str, Arc<dyn Publisher>)>> {
+/// The brokers relayed to: the adapter, and the raw client of the raw relay.
+async fn brokers() -> anyhow::Result<Vec<(&'static str, Arc<dyn Publisher>, raw_relay::Sink)>> {
     e2e::require(e2e::Server::Nats)?;
     e2e::require(e2e::Server::Kafka)?;
     let nats = NatsBroker::connect(
@@ -291,7 +308,10 @@ async fn brokers() -> anyhow::Result<Vec<(&'static str, Arc<dyn Publisher>)>> {
             .session_timeout(Duration::from_secs(6)),
     )
     .await?;
-    Ok(vec![("nats", Arc::new(nats)), ("kafka", Arc::new(kafka))])
+    Ok(vec![
+        ("nats", Arc::new(nats), raw_relay::Sink::nats().await?),
+        ("kafka", Arc::new(kafka), raw_relay::Sink::kafka()?),
+    ])
 }
 
 async fn measure(
@@ -314,20 +334,40 @@ async fn measure(
             raw.single,
         ),
     ];
-    for (broker, publisher) in brokers().await? {
+    let table = db.raw_table();
+    for (broker, publisher, sink) in brokers().await? {
         let topic = Topic::try_from(
             format!("bench.outbox.{name}.{broker}.p{}", std::process::id()).replace('.', "-"),
         )?;
-        let mut took = Vec::new();
+        let raw_topic = format!("{topic}-raw");
+        let (mut took, mut took_raw) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            took.push(relay_rate(db, publisher.clone(), &topic, n, size, round).await?);
+            let (ours, raw) = crate::in_turn(
+                round % 2 == 0,
+                Box::pin(relay_rate(db, publisher.clone(), &topic, n, size, round)),
+                Box::pin(raw_relay::drain(&table, &sink, &raw_topic, n, size)),
+            )
+            .await?;
+            took.push(ours);
+            took_raw.push(raw);
             eprintln!("outbox {name} → {broker} round {round}: done");
         }
         let rate = n as f64 / best(took).as_secs_f64();
+        let raw_rate = n as f64 / best(took_raw).as_secs_f64();
         figures.push(Figure::rates(
             format!("outbox.{name}.relay_to_{broker}"),
             rate,
             raw.batched,
+        ));
+        figures.push(Figure::rates(
+            format!("outbox.{name}.raw_relay_to_{broker}"),
+            raw_rate,
+            raw.batched,
+        ));
+        figures.push(Figure::rates(
+            format!("outbox.{name}.relay_to_{broker}_of_raw_relay"),
+            rate,
+            raw_rate,
         ));
         let (p50, p99) = latency(db, publisher.clone(), &topic, rate / 2.0, size).await?;
         figures.push(Figure::millis(
