@@ -219,7 +219,7 @@ impl Binding {
                 .is_some_and(|head| head.eq_ignore_ascii_case(CLOUDEVENTS_JSON))
         });
         if structured {
-            return serde_json::from_slice::<Event>(payload)
+            return crate::event::from_json_slice(payload)
                 .map_err(|e| decode_error("a structured CloudEvent", e));
         }
         let Some(spec_version) = spec_version else {

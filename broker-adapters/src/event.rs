@@ -35,6 +35,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
 
+mod json;
+pub use json::from_json_slice;
+
 /// Names of the extension attributes used across the system.
 ///
 /// All are lower-case letters and digits, as the CloudEvents spec requires.

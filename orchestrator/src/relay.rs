@@ -65,7 +65,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_adapters::cloudevents::Event;
 use broker_adapters::{Publisher, Topic};
 use futures_util::StreamExt as _;
 use tokio::task::JoinHandle;
@@ -1014,7 +1013,7 @@ impl Relay {
         let events = rows
             .iter()
             .map(|r| {
-                serde_json::from_str::<Event>(&r.payload).map_err(|e| {
+                broker_adapters::event::from_json_slice(r.payload.as_bytes()).map_err(|e| {
                     Error::with_source(
                         ErrorKind::Codec {
                             operation: "decode an outbox row",

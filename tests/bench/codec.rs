@@ -51,10 +51,29 @@ pub(crate) fn run(size: usize) -> Vec<Figure> {
         };
         black_box(serde_json::from_slice::<Event>(&bytes).ok());
     });
-    vec![Figure {
-        bench: "codec.kafka_binary_roundtrip".into(),
-        ours,
-        baseline,
-        unit: "ns/event",
-    }]
+    // Decoding the JSON event format (structured mode, outbox and SQL
+    // broker rows): the crate's one-pass decoder beside the SDK's.
+    let Ok(json) = serde_json::to_vec(&event) else {
+        panic!("serialize")
+    };
+    let decode_ours = time_per_event(|| {
+        black_box(broker_adapters::event::from_json_slice(black_box(&json)).ok());
+    });
+    let decode_sdk = time_per_event(|| {
+        black_box(serde_json::from_slice::<Event>(black_box(&json)).ok());
+    });
+    vec![
+        Figure {
+            bench: "codec.kafka_binary_roundtrip".into(),
+            ours,
+            baseline,
+            unit: "ns/event",
+        },
+        Figure {
+            bench: "codec.json_decode".into(),
+            ours: decode_ours,
+            baseline: decode_sdk,
+            unit: "ns/event",
+        },
+    ]
 }

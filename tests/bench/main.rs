@@ -22,7 +22,9 @@
 //!   insert rate, and commit-to-broker-ack latency at half load beside the
 //!   25 ms target (see `outbox.rs`).
 //! - codec: encode + decode of one 1 KiB event in the CloudEvents Kafka
-//!   binary binding, against the SDK's structured JSON round trip.
+//!   binary binding, against the SDK's structured JSON round trip; and
+//!   decoding the JSON event format with the crate's one-pass decoder,
+//!   against the SDK's.
 
 mod codec;
 mod kafka;

@@ -637,7 +637,7 @@ impl Pump {
     }
 
     fn decode(&self, row: &StoredRow) -> Result<Event> {
-        serde_json::from_slice::<Event>(&row.payload).map_err(|e| {
+        crate::event::from_json_slice(&row.payload).map_err(|e| {
             Error::with_source(
                 ErrorKind::Decode {
                     what: "a stored row as a CloudEvent",
