@@ -79,7 +79,10 @@ impl Fields {
         let data = match self.data {
             None => None,
             Some(value) => {
-                let content_type = self.datacontenttype.as_deref().unwrap_or("application/json");
+                let content_type = self
+                    .datacontenttype
+                    .as_deref()
+                    .unwrap_or("application/json");
                 if is_json_content_type(content_type) {
                     Some(Data::Json(value))
                 } else if let Value::String(text) = value {
@@ -313,7 +316,9 @@ mod tests {
                     .prop_map(|b| Some(("application/octet-stream".to_owned(), Data::Binary(b)))),
                 (text, any::<i32>(), -8_i32..8).prop_map(|(s, i, f)| Some((
                     "application/json".to_owned(),
-                    Data::Json(json!({ "s": s, "i": i, "f": f64::from(f) / 4.0, "l": [true, null] }))
+                    Data::Json(
+                        json!({ "s": s, "i": i, "f": f64::from(f) / 4.0, "l": [true, null] })
+                    )
                 ))),
             ],
         )
