@@ -247,9 +247,9 @@ mod tests {
             .extension("flag", true)
             .data("application/json", json!({"a": [1, 2.5, null], "b": "é\n"}))
             .build()
-            .unwrap();
-        let text = serde_json::to_string(&event).unwrap();
-        assert_eq!(fast(text.as_bytes()), Some(event.clone()));
+            .expect("valid event");
+        let text = serde_json::to_string(&event).expect("serialize");
+        assert_eq!(fast(text.as_bytes()).as_ref(), Some(&event));
         agree(&text);
     }
 
@@ -300,7 +300,20 @@ mod tests {
             proptest::option::of(0_i64..4_000_000_000),
             proptest::collection::vec(
                 (
-                    "[a-z]{1,6}",
+                    // Not an attribute's or the data's member name: the SDK
+                    // would write the member twice.
+                    "[a-z]{1,6}".prop_filter("a member of its own", |name| {
+                        ![
+                            "specversion",
+                            "id",
+                            "type",
+                            "source",
+                            "subject",
+                            "time",
+                            "data",
+                        ]
+                        .contains(&name.as_str())
+                    }),
                     prop_oneof![
                         text.prop_map(ExtensionValue::String),
                         any::<bool>().prop_map(ExtensionValue::Boolean),
@@ -343,9 +356,10 @@ mod tests {
     proptest! {
         #[test]
         fn events_round_trip_as_the_sdk_decodes_them(event in arb_event()) {
-            let text = serde_json::to_string(&event).unwrap();
-            let ours = from_json_slice(text.as_bytes()).unwrap();
-            prop_assert_eq!(&ours, &serde_json::from_str::<Event>(&text).unwrap());
+            let text = serde_json::to_string(&event).expect("serialize");
+            let ours = from_json_slice(text.as_bytes()).expect("ours decodes");
+            let sdk = serde_json::from_str::<Event>(&text).expect("the SDK decodes");
+            prop_assert_eq!(&ours, &sdk);
             // Floats are exact quarters: serde_json's float parsing may
             // differ in the last bit from what it printed, for both.
             prop_assert_eq!(&ours, &event);
