@@ -305,16 +305,22 @@ impl Inner {
     }
 }
 
-/// Appends one CloudEvents header, or says which attribute cannot be one.
+/// Adds one CloudEvents header, or says which attribute cannot be one.
+///
+/// An event's headers have distinct names (one per attribute, and
+/// `content-type`), so each is inserted, not appended: one hash each.
 fn append_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()> {
-    let header = HeaderName::from_str(name).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidEvent {
-                reason: format!("attribute header `{name}` is not a valid NATS header name"),
-            },
-            e,
-        )
-    })?;
+    let header = match known_header(name) {
+        Some(header) => header,
+        None => HeaderName::from_str(name).map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidEvent {
+                    reason: format!("attribute header `{name}` is not a valid NATS header name"),
+                },
+                e,
+            )
+        })?,
+    };
     let value = HeaderValue::from_str(value).map_err(|e| {
         Error::with_source(
             ErrorKind::InvalidEvent {
@@ -323,8 +329,40 @@ fn append_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()>
             e,
         )
     })?;
-    headers.append(header, value);
+    headers.insert(header, value);
     Ok(())
+}
+
+/// The header name of a CloudEvents attribute this crate writes, without
+/// validating or copying it: the standard attributes, `content-type`, and
+/// the crate's extensions. Other names are parsed.
+fn known_header(name: &str) -> Option<HeaderName> {
+    macro_rules! known {
+        ($($name:literal),* $(,)?) => {
+            match name {
+                $($name => Some(HeaderName::from_static($name)),)*
+                _ => None,
+            }
+        };
+    }
+    known!(
+        "ce-specversion",
+        "ce-id",
+        "ce-source",
+        "ce-type",
+        "ce-subject",
+        "ce-time",
+        "ce-dataschema",
+        "content-type",
+        "ce-partitionkey",
+        "ce-traceparent",
+        "ce-tracestate",
+        "ce-sagaid",
+        "ce-sagastep",
+        "ce-sagaattempt",
+        "ce-correlationid",
+        "ce-causationid",
+    )
 }
 
 /// `value` with what a header value cannot hold (`\r`, `\n`, and `%` to keep
@@ -348,6 +386,38 @@ fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_header_names_are_the_parsed_ones() {
+        let prefix = Binding::NATS.prefix();
+        let attributes = [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "dataschema",
+            crate::event::ext::PARTITION_KEY,
+            crate::event::ext::TRACEPARENT,
+            crate::event::ext::TRACESTATE,
+            crate::event::ext::SAGA_ID,
+            crate::event::ext::SAGA_STEP,
+            crate::event::ext::SAGA_ATTEMPT,
+            crate::event::ext::CORRELATION_ID,
+            crate::event::ext::CAUSATION_ID,
+        ];
+        let names = attributes
+            .iter()
+            .map(|a| format!("{prefix}{a}"))
+            .chain([crate::binding::CONTENT_TYPE.to_owned()]);
+        for name in names {
+            let known = known_header(&name).unwrap_or_else(|| panic!("{name} is not known"));
+            let parsed = HeaderName::from_str(&name).expect("valid name");
+            assert_eq!(known, parsed, "{name}");
+        }
+        assert!(known_header("ce-other").is_none());
+    }
 
     #[test]
     fn message_ids_fit_in_a_header() {
