@@ -165,7 +165,7 @@ async fn consume_raw(
         .await?;
     let mut messages = consumer.messages().await?;
     let mut pending = tokio::task::JoinSet::new();
-    let first = messages.next().await.context("raw stream ended")??;
+    let first = next_raw(&mut messages).await?;
     let cpu = crate::cpu_time();
     let start = Instant::now();
     pending.spawn(raw_ack(first));
@@ -173,7 +173,7 @@ async fn consume_raw(
         if pending.len() >= WINDOW {
             pending.join_next().await.context("ack task")???;
         }
-        let m = messages.next().await.context("raw stream ended")??;
+        let m = next_raw(&mut messages).await?;
         pending.spawn(raw_ack(m));
     }
     while let Some(done) = pending.join_next().await {
@@ -182,6 +182,22 @@ async fn consume_raw(
     let took = start.elapsed();
     crate::report_cpu("nats consume (raw)", cpu, n);
     Ok(took)
+}
+
+/// The raw stream's next message. A missed idle heartbeat is reported as
+/// an item but the stream goes on (it pulls again, as async-nats documents),
+/// so the raw side skips it as a user of the client would, rather than
+/// failing the run.
+async fn next_raw(messages: &mut pull::Stream) -> anyhow::Result<jetstream::Message> {
+    loop {
+        match messages.next().await.context("raw stream ended")? {
+            Ok(message) => return Ok(message),
+            Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                eprintln!("nats consume (raw): {e}; the stream goes on");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn ack(mut delivery: Delivery) -> broker_adapters::Result<()> {
