@@ -29,7 +29,7 @@ use async_nats::jetstream::{self, AckKind as NatsAck};
 use async_nats::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use async_trait::async_trait;
 use cloudevents::Event;
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -79,6 +79,9 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(5);
 
 /// The longest dead-letter reason header, in bytes.
 const MAX_REASON_LEN: usize = 1024;
+
+/// How many messages already on the inbox the pump handles in one go.
+const INBOX_BURST: usize = 64;
 
 /// Joins `options.group` on `topic`.
 pub(super) async fn subscribe(
@@ -626,7 +629,7 @@ impl Pump {
                     self.send_queued_naks().await;
                 }
                 Step::Message(Some(message)) => {
-                    if let Err(fatal) = self.on_message(message).await {
+                    if let Err(fatal) = self.on_burst(message).await {
                         break Some(fatal);
                     }
                 }
@@ -702,6 +705,22 @@ impl Pump {
                 self.next_pull_at = now + PULL_BACKOFF;
             }
         }
+    }
+
+    /// Handles `first` and the messages already waiting behind it on the
+    /// inbox (up to [`INBOX_BURST`]), without going back to the wait for
+    /// each: a pull request's messages arrive together. `Err` only for
+    /// failures that end the subscription.
+    async fn on_burst(&mut self, first: async_nats::Message) -> Result<()> {
+        self.on_message(first).await?;
+        for _ in 1..INBOX_BURST {
+            match self.messages.next().now_or_never() {
+                Some(Some(message)) => self.on_message(message).await?,
+                // Nothing waiting, or the inbox closed (the wait sees it).
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     /// Handles one message on the inbox. `Err` only for failures that end
