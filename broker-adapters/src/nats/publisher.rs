@@ -188,7 +188,7 @@ impl Inner {
                 let mut failed = None;
                 Binding::NATS.binary_headers(event, |name, value| {
                     if failed.is_none()
-                        && let Err(e) = append_header(&mut headers, name, value)
+                        && let Err(e) = add_header(&mut headers, name, value)
                     {
                         failed = Some(e);
                     }
@@ -203,7 +203,7 @@ impl Inner {
             mode => {
                 let message = Binding::NATS.encode(event, mode)?;
                 for (name, value) in &message.headers {
-                    append_header(&mut headers, name, value)?;
+                    add_header(&mut headers, name, value)?;
                 }
                 (message.payload, event.encoded_size())
             }
@@ -309,7 +309,7 @@ impl Inner {
 ///
 /// An event's headers have distinct names (one per attribute, and
 /// `content-type`), so each is inserted, not appended: one hash each.
-fn append_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()> {
+fn add_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<()> {
     let header = match known_header(name) {
         Some(header) => header,
         None => HeaderName::from_str(name).map_err(|e| {

@@ -709,11 +709,15 @@ impl Pump {
 
     /// Handles `first` and the messages already waiting behind it on the
     /// inbox (up to [`INBOX_BURST`]), without going back to the wait for
-    /// each: a pull request's messages arrive together. `Err` only for
-    /// failures that end the subscription.
+    /// each: a pull request's messages arrive together. Stops early when
+    /// the subscription is being closed. `Err` only for failures that end
+    /// the subscription.
     async fn on_burst(&mut self, first: async_nats::Message) -> Result<()> {
         self.on_message(first).await?;
         for _ in 1..INBOX_BURST {
+            if self.cancel.is_cancelled() {
+                break;
+            }
             match self.messages.next().now_or_never() {
                 Some(Some(message)) => self.on_message(message).await?,
                 // Nothing waiting, or the inbox closed (the wait sees it).
