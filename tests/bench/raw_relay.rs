@@ -70,11 +70,11 @@ impl Sink {
     }
 
     /// Publishes `rows` in order and waits for every acknowledgement.
-    async fn publish(&self, topic: &str, rows: &[Row]) -> anyhow::Result<()> {
+    async fn publish(&self, topic: &str, rows: Vec<Row>) -> anyhow::Result<()> {
         match self {
             Self::Kafka(producer) => {
                 let mut acks = Vec::with_capacity(rows.len());
-                for (_, key, event) in rows {
+                for (_, key, event) in &rows {
                     let mut record = FutureRecord::to(topic).key(key).payload(event);
                     loop {
                         match producer.send_result(record) {
@@ -103,7 +103,7 @@ impl Sink {
                     let mut headers = HeaderMap::new();
                     headers.insert("Nats-Msg-Id", id.to_string().as_str());
                     let ack = js
-                        .publish_with_headers(topic.to_owned(), headers, event.clone().into())
+                        .publish_with_headers(topic.to_owned(), headers, event.into())
                         .await?;
                     acks.push(ack.into_future());
                 }
@@ -264,10 +264,10 @@ pub(crate) async fn drain(
     let mut published = 0;
     let mut rows = table.next(0).await?;
     while let (Some(first), Some(last)) = (rows.first(), rows.last()) {
-        let (first, last) = (first.0, last.0);
-        let (sent, next) = tokio::join!(sink.publish(topic, &rows), table.next(last));
+        let (first, last, count) = (first.0, last.0, rows.len());
+        let (sent, next) = tokio::join!(sink.publish(topic, rows), table.next(last));
         sent?;
-        published += rows.len();
+        published += count;
         deletes.spawn(table.clone().delete(first, last));
         rows = next?;
     }
