@@ -77,6 +77,27 @@ impl Trip {
     }
 }
 
+/// Binds `rows` as the five arrays a statement inserts outbox rows from
+/// with `unnest` (event ids, topics, partition keys, partitions,
+/// payloads), the statement's parameters `$1`..`$5`, and the notify
+/// channel as `$6`.
+pub(crate) fn bind_outbox_arrays<'q, O>(
+    query: sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    rows: &[NewRow],
+) -> sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.topic.clone()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.partition_key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.part).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
+        .bind(NOTIFY_CHANNEL)
+}
+
 /// Applies the embedded migrations (outbox, leases, inbox tables) to the
 /// schema first on the connections' `search_path`.
 ///

@@ -47,6 +47,7 @@ both!(
     timeout_retries_with_deterministic_command_ids,
     compensation_that_cannot_succeed_ends_visible,
     duplicate_unknown_and_malformed_replies_change_nothing,
+    one_reply_racing_itself_and_a_cancel_applies_once,
     running_saga_keeps_its_definition_version,
     participant_down_then_up,
     two_coordinators_share_the_database_and_hand_over,
@@ -420,6 +421,66 @@ async fn duplicate_unknown_and_malformed_replies_change_nothing(
     ensure!(
         c.history("o-1").await?.len() == before,
         "an ignored reply changed the history"
+    );
+    bed.finish().await;
+    Ok(())
+}
+
+/// The same reply handled at once by two coordinators, eight times over,
+/// is applied once; a reply racing a cancel of its saga leaves one
+/// history, numbered without gaps, and the saga still ends compensated.
+async fn one_reply_racing_itself_and_a_cancel_applies_once(backend: Backend) -> anyhow::Result<()> {
+    let (bed, mut replies) = fed_by_hand(backend).await?;
+    let a = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    let b = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    a.start("order", "o-1", data()).await?;
+    a.start("order", "o-2", data()).await?;
+    let mut first = std::collections::HashMap::new();
+    while first.len() < 2 {
+        let mut d = tokio::time::timeout(WAIT, replies.next())
+            .await?
+            .context("reply")??;
+        let event = d.event().clone();
+        d.ack().await?;
+        let saga = orchestrator::saga::protocol::reply_ref(&event)?.saga_id;
+        first.insert(saga, event);
+    }
+
+    let one = first.get("o-1").context("o-1's reply")?;
+    let handled = futures_util::future::join_all((0..8).map(|i| {
+        let c = if i % 2 == 0 { &a } else { &b };
+        c.handle_reply(one)
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let applied = handled
+        .iter()
+        .filter(|h| matches!(h, Handled::Applied(_)))
+        .count();
+    let duplicates = handled.iter().filter(|h| **h == Handled::Duplicate).count();
+    ensure!(applied == 1 && duplicates == 7, "{handled:?}");
+    ensure!(a.history("o-1").await?.len() == 2, "one start, one step");
+
+    let two = first.get("o-2").context("o-2's reply")?;
+    let (reply, cancel) = tokio::join!(b.handle_reply(two), a.cancel("o-2", "race"));
+    reply?;
+    ensure!(matches!(cancel?, Handled::Applied(_)));
+    // The compensation's replies come back; the saga ends compensated.
+    let deadline = std::time::Instant::now() + WAIT;
+    while a.saga("o-2").await?.context("o-2")?.state.status.name() == "compensating" {
+        ensure!(std::time::Instant::now() < deadline, "o-2 did not settle");
+        let next = tokio::time::timeout(WAIT, replies.next()).await?;
+        let mut d = next.context("reply")??;
+        let event = d.event().clone();
+        d.ack().await?;
+        a.handle_reply(&event).await?;
+    }
+    ensure!(a.saga("o-2").await?.context("o-2")?.state.status.name() == "compensated");
+    let seqs: Vec<i64> = a.history("o-2").await?.iter().map(|h| h.seq).collect();
+    ensure!(
+        seqs == (1..=i64::try_from(seqs.len())?).collect::<Vec<_>>(),
+        "{seqs:?}"
     );
     bed.finish().await;
     Ok(())

@@ -200,7 +200,9 @@ fn written<DB: sqlx::Database>(
 /// The store over one backend. `$trip` is its transaction (SQLite's folds
 /// `BEGIN` into the first statement, spelled `$first`, and `COMMIT` into
 /// the last, written by `close`); `$load_fresh` records a reply in the
-/// inbox and loads the saga row in one statement.
+/// inbox and loads the saga row in one statement. A start and a reply are
+/// first offered to the store's `insert_in_one` and `reply_unlocked`
+/// (PostgreSQL's one-statement forms; SQLite's decline with `None`).
 macro_rules! saga_store {
     ($store:ident, $db:ty, $pool:ty, $trip:ty, $first:literal, $now:ident, $lock:literal, $skip:literal, $load_fresh:expr, { $($extra:tt)* }) => {
         #[derive(Debug)]
@@ -213,6 +215,9 @@ macro_rules! saga_store {
         impl SagaStore for $store {
             async fn insert(&self, ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<()> {
                 use crate::error::{Error, ErrorKind};
+                if let Some(done) = self.insert_in_one(ctx, saga_id, def, t).await {
+                    return done;
+                }
                 let err = |e| Error::db("start a saga", e);
                 let mut trip = <$trip>::start(&self.pool, "start a saga").await?;
                 let inserted: Option<i32> = sqlx::query_scalar(concat!(
@@ -246,6 +251,12 @@ macro_rules! saga_store {
                 use sqlx::Row as _;
                 use crate::error::Error;
                 const OPERATION: &str = "run a saga transition";
+                if let Some(event_id) = dedupe
+                    && !due_only
+                    && let Some(done) = self.reply_unlocked(ctx, saga_id, event_id, input).await
+                {
+                    return done;
+                }
                 let err = |e| Error::db(OPERATION, e);
                 let mut trip = <$trip>::start(&self.pool, OPERATION).await?;
                 // With a reply to record, one statement records it in the
@@ -439,6 +450,244 @@ impl PgSagaStore {
     }
 }
 
+/// The end of a one-statement transition on PostgreSQL: its commands
+/// inserted into the outbox from the arrays `$1`..`$5` (event ids, topics,
+/// partition keys, partitions, payloads; see
+/// [`bind_outbox_arrays`](crate::postgres::bind_outbox_arrays)) when the
+/// saga's write `done` returned a row, and the relays notified on `$6`.
+/// The statement returns `applied`: whether `done` wrote.
+#[cfg(feature = "postgres")]
+macro_rules! pg_commands_and_notify {
+    () => {
+        concat!(
+            "commands as (insert into orchestrator_outbox (event_id, topic, partition_key, part, payload, created_ms) \
+             select r.e, r.t, r.k, r.p, r.b, ",
+            pg_now!(),
+            " from unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[]) with ordinality as r(e, t, k, p, b, n) \
+             where exists (select 1 from done) order by r.n returning 1) \
+             select (select count(*) from done) as applied, \
+             (select count(*) from (select pg_notify($6, current_schema()) from (select 1 from commands limit 1) c) n) as notified"
+        )
+    };
+}
+
+/// Times a reply is tried without a lock before it takes the row lock:
+/// each retry means another transition of the same saga committed between
+/// the read and the write.
+#[cfg(feature = "postgres")]
+const UNLOCKED_TRIES: usize = 4;
+
+#[cfg(feature = "postgres")]
+impl PgSagaStore {
+    /// Starts a saga in one statement (its own transaction): the saga row,
+    /// its first history row and its commands, and the relays' wake-up.
+    async fn insert_in_one(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        def: &SagaDefinition,
+        t: &Transition,
+    ) -> Option<Result<()>> {
+        Some(self.start_one(ctx, saga_id, def, t).await)
+    }
+
+    async fn start_one(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        def: &SagaDefinition,
+        t: &Transition,
+    ) -> Result<()> {
+        use crate::error::{Error, ErrorKind};
+        let w = written(ctx, &self.outbox, saga_id, def, t)?;
+        let query = sqlx::query_scalar(concat!(
+            "with done as (insert into orchestrator_sagas (saga_id, saga_type, version, status, state, wake_ms, \
+             claim_ms, seq, created_ms, updated_ms) values ($7, $8, $9, $10, $11, ",
+            pg_now!(),
+            " + $12, 0, 1, ",
+            pg_now!(),
+            ", ",
+            pg_now!(),
+            ") on conflict do nothing returning saga_id), \
+             history as (insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) \
+             select saga_id, 1, ",
+            pg_now!(),
+            ", $10, $13 from done), ",
+            pg_commands_and_notify!()
+        ));
+        let applied: i64 = crate::postgres::bind_outbox_arrays(query, &w.rows)
+            .bind(saga_id)
+            .bind(&def.name)
+            .bind(i64::from(def.version))
+            .bind(t.state.status.name())
+            .bind(&w.state)
+            .bind(w.timer)
+            .bind(&t.note)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| Error::db("start a saga", e))?;
+        if applied == 0 {
+            return Err(Error::new(ErrorKind::SagaExists {
+                saga_id: saga_id.to_owned(),
+            }));
+        }
+        metrics::counter!("outbox_enqueued_total").increment(w.rows.len() as u64);
+        metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
+        metrics::counter!("saga_transitions_total", "status" => t.state.status.name()).increment(1);
+        Ok(())
+    }
+
+    /// Applies a reply without locking the saga row: one statement reads
+    /// the row and whether the reply was handled; one statement writes the
+    /// transition (inbox record, saga row if its `seq` is still the one
+    /// read, history, commands) and commits. When another transition of the
+    /// saga came in between, nothing is written and the reply is tried
+    /// again; after [`UNLOCKED_TRIES`] the locked transaction (`None`) takes
+    /// over.
+    async fn reply_unlocked(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        event_id: &str,
+        input: &InputFn<'_>,
+    ) -> Option<Result<Handled>> {
+        for _ in 0..UNLOCKED_TRIES {
+            match self.reply_once(ctx, saga_id, event_id, input).await {
+                Ok(Some(handled)) => return Some(Ok(handled)),
+                Ok(None) => metrics::counter!("saga_reply_retries_total").increment(1),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
+    }
+
+    /// One try of [`reply_unlocked`](Self::reply_unlocked): `None` when the
+    /// saga moved on between the read and the write.
+    async fn reply_once(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        event_id: &str,
+        input: &InputFn<'_>,
+    ) -> Result<Option<Handled>> {
+        use crate::error::Error;
+        use sqlx::Row as _;
+        const OPERATION: &str = "run a saga transition";
+        let err = |e| Error::db(OPERATION, e);
+        let row = sqlx::query(
+            "select exists (select 1 from orchestrator_inbox where consumer = $2 and event_id = $3) as seen, \
+             s.saga_type, s.version, s.state, s.seq \
+             from (select 1) one left join orchestrator_sagas s on s.saga_id = $1",
+        )
+        .bind(saga_id)
+        .bind(&ctx.consumer)
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err)?;
+        if row.try_get::<bool, _>("seen").map_err(err)? {
+            return Ok(Some(Handled::Duplicate));
+        }
+        let saga_type: Option<String> = row.try_get("saga_type").map_err(err)?;
+        let Some(saga_type) = saga_type else {
+            // Recorded while the saga is still unknown.
+            let recorded = self.record_reply(ctx, saga_id, event_id, None).await?;
+            return Ok(recorded.then(|| Handled::Ignored(format!("unknown saga `{saga_id}`"))));
+        };
+        let version: i64 = row.try_get("version").map_err(err)?;
+        let state: String = row.try_get("state").map_err(err)?;
+        let seq: i64 = row.try_get("seq").map_err(err)?;
+        match decide(ctx, &saga_type, version, &state, seq, input)? {
+            Decision::Done(handled) => {
+                // Recorded while the saga is still as read.
+                let recorded = self.record_reply(ctx, saga_id, event_id, Some(seq)).await?;
+                Ok(recorded.then_some(handled))
+            }
+            Decision::Write { def, t, seq } => {
+                let w = written(ctx, &self.outbox, saga_id, def, &t)?;
+                let query = sqlx::query_scalar(concat!(
+                    "with done as (update orchestrator_sagas set status = $10, state = $11, wake_ms = ",
+                    pg_now!(),
+                    " + $12, claim_ms = 0, seq = $13, updated_ms = ",
+                    pg_now!(),
+                    " where saga_id = $7 and seq = $13 - 1 returning saga_id), \
+                     inbox as (insert into orchestrator_inbox (consumer, event_id, processed_ms) \
+                     select $8, $9, ",
+                    pg_now!(),
+                    " from done), \
+                     history as (insert into orchestrator_saga_history (saga_id, seq, at_ms, status, note) \
+                     select saga_id, $13, ",
+                    pg_now!(),
+                    ", $10, $14 from done), ",
+                    pg_commands_and_notify!()
+                ));
+                let written: std::result::Result<i64, sqlx::Error> =
+                    crate::postgres::bind_outbox_arrays(query, &w.rows)
+                        .bind(saga_id)
+                        .bind(&ctx.consumer)
+                        .bind(event_id)
+                        .bind(t.state.status.name())
+                        .bind(&w.state)
+                        .bind(w.timer)
+                        .bind(seq)
+                        .bind(&t.note)
+                        .fetch_one(&self.pool)
+                        .await;
+                match written {
+                    Ok(0) => Ok(None),
+                    Ok(_) => {
+                        metrics::counter!("outbox_enqueued_total").increment(w.rows.len() as u64);
+                        metrics::counter!("saga_transitions_total", "status" => t.state.status.name())
+                            .increment(1);
+                        Ok(Some(Handled::Applied(t.note)))
+                    }
+                    // Recorded meanwhile by another delivery of the reply:
+                    // nothing was written; the next read tells.
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(None),
+                    Err(e) => Err(err(e)),
+                }
+            }
+        }
+    }
+
+    /// Records a reply that changes nothing in the inbox if the saga is
+    /// still as read: at `seq`, or (`None`) still unknown. Returns whether
+    /// it did (if not, read again).
+    async fn record_reply(
+        &self,
+        ctx: &Ctx,
+        saga_id: &str,
+        event_id: &str,
+        seq: Option<i64>,
+    ) -> Result<bool> {
+        const AT_SEQ: &str = concat!(
+            "insert into orchestrator_inbox (consumer, event_id, processed_ms) select $2, $3, ",
+            pg_now!(),
+            " where exists (select 1 from orchestrator_sagas where saga_id = $1 and seq = $4) \
+             on conflict do nothing returning 1"
+        );
+        const UNKNOWN: &str = concat!(
+            "insert into orchestrator_inbox (consumer, event_id, processed_ms) select $2, $3, ",
+            pg_now!(),
+            " where not exists (select 1 from orchestrator_sagas where saga_id = $1) \
+             on conflict do nothing returning 1"
+        );
+        let query = sqlx::query_scalar(if seq.is_some() { AT_SEQ } else { UNKNOWN })
+            .bind(saga_id)
+            .bind(&ctx.consumer)
+            .bind(event_id);
+        let query = match seq {
+            Some(seq) => query.bind(seq),
+            None => query,
+        };
+        let recorded: Option<i32> = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| crate::error::Error::db("record a saga reply", e))?;
+        Ok(recorded.is_some())
+    }
+}
+
 #[cfg(feature = "sqlite")]
 saga_store!(
     SqliteSagaStore,
@@ -557,6 +806,32 @@ fn lite_bind_write<'q>(
         .bind(seq)
         .bind(&t.note);
     crate::sqlite::bind_rows(query, &w.rows)
+}
+
+/// SQLite's transactions already fold `BEGIN` into their first statement
+/// and `COMMIT` into their last, under the one writer's lock: its starts
+/// and replies take the shared path.
+#[cfg(feature = "sqlite")]
+impl SqliteSagaStore {
+    async fn insert_in_one(
+        &self,
+        _: &Ctx,
+        _: &str,
+        _: &SagaDefinition,
+        _: &Transition,
+    ) -> Option<Result<()>> {
+        None
+    }
+
+    async fn reply_unlocked(
+        &self,
+        _: &Ctx,
+        _: &str,
+        _: &str,
+        _: &InputFn<'_>,
+    ) -> Option<Result<Handled>> {
+        None
+    }
 }
 
 #[cfg(feature = "sqlite")]
