@@ -479,14 +479,21 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
+        // Committed without waiting for the WAL flush: a mark lost in a
+        // database crash only publishes its rows again, with the same event
+        // ids, as a relay killed before marking does.
         let query = if keep {
             sqlx::query(concat!(
-                "update orchestrator_outbox set published_ms = ",
+                "with no_wait as (select set_config('synchronous_commit', 'off', true)) \
+                 update orchestrator_outbox set published_ms = ",
                 now_ms!(),
-                " where id = any($1)"
+                " where id = any($1) and exists (select 1 from no_wait)"
             ))
         } else {
-            sqlx::query("delete from orchestrator_outbox where id = any($1)")
+            sqlx::query(
+                "with no_wait as (select set_config('synchronous_commit', 'off', true)) \
+                 delete from orchestrator_outbox where id = any($1) and exists (select 1 from no_wait)",
+            )
         };
         query
             .bind(ids)
