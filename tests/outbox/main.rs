@@ -61,6 +61,43 @@ both!(
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The relay's marks on PostgreSQL commit without waiting for the WAL
+/// flush; that setting stays within their own statement: every pooled
+/// connection still commits synchronously afterwards (the business
+/// transactions that share the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_marks_leave_the_pool_committing_synchronously() -> anyhow::Result<()> {
+    let db = Db::open(Backend::Postgres, OutboxConfig::new()).await?;
+    let Db::Pg { pool, .. } = &db else {
+        bail!("a PostgreSQL database");
+    };
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let relay = db.relay(broker.clone(), fast_relay("r1"))?.spawn();
+    for n in 0..40 {
+        db.enqueue(&topic, &[event(&format!("k{n}"), n)?], true)
+            .await?;
+    }
+    sink.wait_for(40, WAIT).await?;
+    db.wait_all_marked(WAIT).await?;
+    relay.shutdown().await?;
+    let mut held = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        let mut conn = pool.acquire().await?;
+        let setting: String = sqlx::query_scalar("show synchronous_commit")
+            .fetch_one(&mut *conn)
+            .await?;
+        ensure!(
+            setting == "on",
+            "a pooled connection commits with synchronous_commit = {setting}"
+        );
+        held.push(conn);
+    }
+    drop(held);
+    db.close().await
+}
+
 fn fast_relay(id: &str) -> RelayConfig {
     RelayConfig::new()
         .relay_id(id)
