@@ -83,18 +83,18 @@ impl Trip {
 /// channel as `$6`.
 pub(crate) fn bind_outbox_arrays<'q, O>(
     query: sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>,
-    rows: &[NewRow],
+    rows: &'q [NewRow],
 ) -> sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments> {
     query
-        .bind(rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.topic.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
         .bind(
             rows.iter()
-                .map(|r| r.partition_key.clone())
+                .map(|r| r.partition_key.as_deref())
                 .collect::<Vec<_>>(),
         )
         .bind(rows.iter().map(|r| r.part).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>())
         .bind(NOTIFY_CHANNEL)
 }
 

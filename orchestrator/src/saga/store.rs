@@ -200,9 +200,10 @@ fn written<DB: sqlx::Database>(
 /// The store over one backend. `$trip` is its transaction (SQLite's folds
 /// `BEGIN` into the first statement, spelled `$first`, and `COMMIT` into
 /// the last, written by `close`); `$load_fresh` records a reply in the
-/// inbox and loads the saga row in one statement. A start and a reply are
-/// first offered to the store's `insert_in_one` and `reply_unlocked`
-/// (PostgreSQL's one-statement forms; SQLite's decline with `None`).
+/// inbox and loads the saga row in one statement. A reply is first offered
+/// to the store's `reply_unlocked` (PostgreSQL's two-statement form;
+/// SQLite's declines with `None`). Each backend writes its own `insert`
+/// (a start) in `$extra`.
 macro_rules! saga_store {
     ($store:ident, $db:ty, $pool:ty, $trip:ty, $first:literal, $now:ident, $lock:literal, $skip:literal, $load_fresh:expr, { $($extra:tt)* }) => {
         #[derive(Debug)]
@@ -213,33 +214,6 @@ macro_rules! saga_store {
 
         #[async_trait]
         impl SagaStore for $store {
-            async fn insert(&self, ctx: &Ctx, saga_id: &str, def: &SagaDefinition, t: &Transition) -> Result<()> {
-                use crate::error::{Error, ErrorKind};
-                if let Some(done) = self.insert_in_one(ctx, saga_id, def, t).await {
-                    return done;
-                }
-                let err = |e| Error::db("start a saga", e);
-                let mut trip = <$trip>::start(&self.pool, "start a saga").await?;
-                let inserted: Option<i32> = sqlx::query_scalar(concat!(
-                    $first,
-                    "insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
-                     values ($1, $2, $3, 'running', '{}', 0, 0, ", $now!(), ", ", $now!(), ") on conflict do nothing returning 1"
-                ))
-                .bind(saga_id)
-                .bind(&def.name)
-                .bind(i64::from(def.version))
-                .fetch_optional(trip.open())
-                .await
-                .map_err(err)?;
-                if inserted.is_none() {
-                    trip.rollback().await;
-                    return Err(Error::new(ErrorKind::SagaExists { saga_id: saga_id.to_owned() }));
-                }
-                self.close(trip, ctx, saga_id, def, t, 1, "start a saga").await?;
-                metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
-                Ok(())
-            }
-
             async fn transition(
                 &self,
                 ctx: &Ctx,
@@ -416,7 +390,18 @@ saga_store!(
         " then 1 else 0 end as due \
          from orchestrator_sagas where saga_id = $1 for update"
     ),
-    {}
+    {
+        // A start: one statement (its own transaction).
+        async fn insert(
+            &self,
+            ctx: &Ctx,
+            saga_id: &str,
+            def: &SagaDefinition,
+            t: &Transition,
+        ) -> Result<()> {
+            self.start_in_one(ctx, saga_id, def, t).await
+        }
+    }
 );
 
 #[cfg(feature = "postgres")]
@@ -481,17 +466,7 @@ const UNLOCKED_TRIES: usize = 4;
 impl PgSagaStore {
     /// Starts a saga in one statement (its own transaction): the saga row,
     /// its first history row and its commands, and the relays' wake-up.
-    async fn insert_in_one(
-        &self,
-        ctx: &Ctx,
-        saga_id: &str,
-        def: &SagaDefinition,
-        t: &Transition,
-    ) -> Option<Result<()>> {
-        Some(self.start_one(ctx, saga_id, def, t).await)
-    }
-
-    async fn start_one(
+    async fn start_in_one(
         &self,
         ctx: &Ctx,
         saga_id: &str,
@@ -709,6 +684,39 @@ saga_store!(
          from orchestrator_sagas where saga_id = $1"
     ),
     {
+        // A start: one transaction of two round trips.
+        async fn insert(
+            &self,
+            ctx: &Ctx,
+            saga_id: &str,
+            def: &SagaDefinition,
+            t: &Transition,
+        ) -> Result<()> {
+            use crate::error::{Error, ErrorKind};
+            let err = |e| Error::db("start a saga", e);
+            let mut trip = crate::sqlite::Trip::start(&self.pool, "start a saga").await?;
+            let inserted: Option<i32> = sqlx::query_scalar(concat!(
+                "begin immediate; insert into orchestrator_sagas (saga_id, saga_type, version, status, state, claim_ms, seq, created_ms, updated_ms) \
+                 values ($1, $2, $3, 'running', '{}', 0, 0, ", lite_now!(), ", ", lite_now!(), ") on conflict do nothing returning 1"
+            ))
+            .bind(saga_id)
+            .bind(&def.name)
+            .bind(i64::from(def.version))
+            .fetch_optional(trip.open())
+            .await
+            .map_err(err)?;
+            if inserted.is_none() {
+                trip.rollback().await;
+                return Err(Error::new(ErrorKind::SagaExists {
+                    saga_id: saga_id.to_owned(),
+                }));
+            }
+            self.close(trip, ctx, saga_id, def, t, 1, "start a saga")
+                .await?;
+            metrics::counter!("saga_started_total", "saga" => def.name.clone()).increment(1);
+            Ok(())
+        }
+
         // Sagas started together: one transaction of two round trips per
         // STARTS_PER_TRANSACTION of them.
         async fn insert_many(
@@ -809,20 +817,10 @@ fn lite_bind_write<'q>(
 }
 
 /// SQLite's transactions already fold `BEGIN` into their first statement
-/// and `COMMIT` into their last, under the one writer's lock: its starts
-/// and replies take the shared path.
+/// and `COMMIT` into their last, under the one writer's lock: its replies
+/// take the shared path.
 #[cfg(feature = "sqlite")]
 impl SqliteSagaStore {
-    async fn insert_in_one(
-        &self,
-        _: &Ctx,
-        _: &str,
-        _: &SagaDefinition,
-        _: &Transition,
-    ) -> Option<Result<()>> {
-        None
-    }
-
     async fn reply_unlocked(
         &self,
         _: &Ctx,
