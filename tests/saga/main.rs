@@ -486,6 +486,78 @@ async fn one_reply_racing_itself_and_a_cancel_applies_once(backend: Backend) -> 
     Ok(())
 }
 
+/// On PostgreSQL a reply is first written without a lock: one statement,
+/// its own transaction, that writes only if no other transition of the
+/// saga committed since the read. Here every such write loses (a trigger
+/// skips the saga row's update in that statement, as if another
+/// transition had just committed), so each
+/// reply is applied, once, by the locked transaction the store falls back
+/// to; the saga still completes in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reply_losing_every_unlocked_race_is_applied_under_the_lock() -> anyhow::Result<()>
+{
+    let (bed, mut replies) = fed_by_hand(Backend::Postgres).await?;
+    let support::Db::Pg { pool, .. } = &bed.db else {
+        anyhow::bail!("a PostgreSQL bed");
+    };
+    // The unlocked write records the reply in the inbox in the same
+    // statement as the saga row's update; the locked transaction recorded
+    // it in an earlier statement, with the row's `select ... for update`.
+    for ddl in [
+        "create table lost_races (saga_id text not null, seq bigint not null)",
+        "create function lose_race() returns trigger language plpgsql as $$ \
+         begin \
+           if new.seq <> old.seq and current_query() ilike '%insert into orchestrator_inbox%' then \
+             insert into lost_races values (new.saga_id, new.seq); \
+             return null; \
+           end if; \
+           return new; \
+         end $$",
+        "create trigger lose_race before update on orchestrator_sagas \
+         for each row execute function lose_race()",
+    ] {
+        sqlx::query(ddl).execute(pool).await?;
+    }
+    let c = bed.db.coordinator(defs(5_000, 3)?, Bed::config());
+    c.start("order", "o-1", data()).await?;
+    let mut handled = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while c.saga("o-1").await?.context("o-1")?.state.status.name() == "running" {
+        ensure!(std::time::Instant::now() < deadline, "o-1 did not settle");
+        let next = tokio::time::timeout(WAIT, replies.next()).await?;
+        let mut d = next.context("reply")??;
+        let event = d.event().clone();
+        d.ack().await?;
+        handled.push(c.handle_reply(&event).await?);
+        // Handled again: the inbox knows it, whichever path recorded it.
+        ensure!(c.handle_reply(&event).await? == Handled::Duplicate);
+    }
+    ensure!(c.saga("o-1").await?.context("o-1")?.state.status.name() == "completed");
+    ensure!(
+        handled.len() == 3 && handled.iter().all(|h| matches!(h, Handled::Applied(_))),
+        "{handled:?}"
+    );
+    // Every reply's unlocked write was tried, and lost, before the lock.
+    let lost: Vec<i64> = sqlx::query_scalar("select distinct seq from lost_races order by seq")
+        .fetch_all(pool)
+        .await?;
+    ensure!(lost == [2, 3, 4], "unlocked writes lost at seq {lost:?}");
+    let seqs: Vec<i64> = c.history("o-1").await?.iter().map(|h| h.seq).collect();
+    ensure!(seqs == [1, 2, 3, 4], "{seqs:?}");
+    let effects = bed.db.effects("o-1").await?;
+    ensure!(
+        pairs(&effects)
+            == [
+                ("reserve", "forward"),
+                ("charge", "forward"),
+                ("ship", "forward")
+            ],
+        "{effects:?}"
+    );
+    bed.finish().await;
+    Ok(())
+}
+
 async fn running_saga_keeps_its_definition_version(backend: Backend) -> anyhow::Result<()> {
     let mut bed = Bed::new(backend).await?;
     let gate = Arc::new(AtomicBool::new(false));
