@@ -40,7 +40,7 @@
 
 use std::borrow::Cow;
 
-use cloudevents::event::{AttributeValue, EventBuilderError, SpecVersion};
+use cloudevents::event::{EventBuilderError, SpecVersion};
 use cloudevents::message::{
     BinaryDeserializer, BinarySerializer, Error as MessageError, MessageAttributeValue,
 };
@@ -152,12 +152,9 @@ impl Binding {
     /// [`EventExt::partition_key`].
     pub fn binary_headers(&self, event: &Event, mut header: impl FnMut(&str, &str)) {
         let mut name = String::with_capacity(32);
+        let mut scratch = String::new();
         for (attribute, value) in event.iter() {
-            let value = match value {
-                AttributeValue::String(s) => Cow::Borrowed(s),
-                other => Cow::Owned(other.to_string()),
-            };
-            let value = self.escape(&value);
+            let value = self.escape(crate::event::attribute_text(&value, &mut scratch));
             if attribute == "datacontenttype" {
                 header(CONTENT_TYPE, &value);
             } else {

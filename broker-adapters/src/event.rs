@@ -463,8 +463,7 @@ impl EventExt for Event {
         Some(match self.data()? {
             Data::Binary(bytes) => Cow::Borrowed(bytes.as_slice()),
             Data::String(s) => Cow::Borrowed(s.as_bytes()),
-            // Serializing a `serde_json::Value` cannot fail.
-            Data::Json(value) => Cow::Owned(serde_json::to_vec(value).unwrap_or_default()),
+            Data::Json(value) => Cow::Owned(json_vec(value)),
         })
     }
 
@@ -501,6 +500,34 @@ impl EventExt for Event {
     }
 }
 
+/// Buffers kept by a thread for [`json_vec`] up to this size.
+const JSON_SCRATCH_KEPT: usize = 1 << 20;
+
+thread_local! {
+    static JSON_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `value` serialized as JSON, in a vector of its exact size. It is written
+/// first into a buffer the thread keeps, then copied once: `to_vec` would
+/// grow its vector five times for 1 KiB.
+pub(crate) fn json_vec(value: &serde_json::Value) -> Vec<u8> {
+    JSON_SCRATCH.with(|scratch| {
+        let Ok(mut scratch) = scratch.try_borrow_mut() else {
+            // Serializing a `Value` cannot fail.
+            return serde_json::to_vec(value).unwrap_or_default();
+        };
+        scratch.clear();
+        if serde_json::to_writer(&mut *scratch, value).is_err() {
+            scratch.clear();
+        }
+        let bytes = scratch.to_vec();
+        if scratch.capacity() > JSON_SCRATCH_KEPT {
+            *scratch = Vec::new();
+        }
+        bytes
+    })
+}
+
 /// The attribute part of [`EventExt::encoded_size`]: every attribute's name
 /// and value, without the data.
 pub(crate) fn attributes_size(event: &Event) -> usize {
@@ -530,7 +557,103 @@ fn attribute_len(value: &AttributeValue<'_>) -> usize {
         AttributeValue::URI(u) => u.as_str().len(),
         AttributeValue::URIRef(u) => u.len(),
         AttributeValue::Binary(b) => b.len().div_ceil(3) * 4,
+        AttributeValue::SpecVersion(v) => v.as_str().len(),
+        AttributeValue::Time(t) => rfc3339_len(t),
         other => other.to_string().len(),
+    }
+}
+
+/// An attribute's value as text, as the SDK displays it (and so as the
+/// bindings write it): borrowed from the event where it holds text; a time
+/// or a number is written into `scratch`.
+pub(crate) fn attribute_text<'a>(
+    value: &'a AttributeValue<'_>,
+    scratch: &'a mut String,
+) -> &'a str {
+    match value {
+        AttributeValue::String(s) => s,
+        AttributeValue::URI(u) => u.as_str(),
+        AttributeValue::URIRef(u) => u.as_str(),
+        AttributeValue::SpecVersion(v) => v.as_str(),
+        AttributeValue::Time(t) => {
+            scratch.clear();
+            write_rfc3339(t, scratch);
+            scratch
+        }
+        other => {
+            use std::fmt::Write as _;
+            scratch.clear();
+            // Writing to a String cannot fail.
+            let _ = write!(scratch, "{other}");
+            scratch
+        }
+    }
+}
+
+/// Appends `time` as [`DateTime::to_rfc3339`] writes it (seconds, then
+/// milli-, micro- or nanoseconds as needed, `+00:00`), without its
+/// allocation; a year outside 0–9999 is left to chrono.
+pub(crate) fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
+    use chrono::{Datelike as _, Timelike as _};
+    let Some(year) = u32::try_from(time.year()).ok().filter(|y| *y <= 9999) else {
+        out.push_str(&time.to_rfc3339());
+        return;
+    };
+    out.reserve("0000-00-00T00:00:00.000000000+00:00".len());
+    let (mut second, mut nano) = (time.second(), time.nanosecond());
+    // A leap second, as chrono writes it.
+    if nano >= 1_000_000_000 {
+        second += 1;
+        nano -= 1_000_000_000;
+    }
+    push_digits(out, year, 4);
+    out.push('-');
+    push_digits(out, time.month(), 2);
+    out.push('-');
+    push_digits(out, time.day(), 2);
+    out.push('T');
+    push_digits(out, time.hour(), 2);
+    out.push(':');
+    push_digits(out, time.minute(), 2);
+    out.push(':');
+    push_digits(out, second, 2);
+    let digits = fraction_digits(nano);
+    if digits > 0 {
+        out.push('.');
+        push_digits(out, nano / 10u32.pow(9 - digits), digits);
+    }
+    out.push_str("+00:00");
+}
+
+/// The length of [`write_rfc3339`]'s text for `time`.
+fn rfc3339_len(time: &DateTime<Utc>) -> usize {
+    use chrono::{Datelike as _, Timelike as _};
+    if !(0..=9999).contains(&time.year()) {
+        return time.to_rfc3339().len();
+    }
+    let digits = fraction_digits(time.nanosecond() % 1_000_000_000) as usize;
+    "0000-00-00T00:00:00+00:00".len() + if digits > 0 { 1 + digits } else { 0 }
+}
+
+/// How many fraction digits chrono writes for `nano` (under 10⁹): none,
+/// or milli-, micro- or nanoseconds, the fewest that are exact.
+fn fraction_digits(nano: u32) -> u32 {
+    if nano == 0 {
+        0
+    } else if nano.is_multiple_of(1_000_000) {
+        3
+    } else if nano.is_multiple_of(1_000) {
+        6
+    } else {
+        9
+    }
+}
+
+/// Appends the last `width` decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        let digit = (value / 10u32.pow(place)) % 10;
+        out.push(char::from_digit(digit, 10).unwrap_or('0'));
     }
 }
 
@@ -675,5 +798,64 @@ mod tests {
             .expect("valid")
             .encoded_size();
         assert!(big >= small + 1024);
+    }
+
+    proptest::proptest! {
+        /// Times are written as chrono writes them, whatever their year and
+        /// precision, leap seconds included.
+        #[test]
+        fn times_are_written_as_chrono_writes_them(
+            secs in -70_000_000_000_i64..300_000_000_000,
+            nanos in proptest::prop_oneof![
+                Just(0_u32),
+                (0_u32..1_000).prop_map(|ms| ms * 1_000_000),
+                (0_u32..1_000_000).prop_map(|us| us * 1_000),
+                0_u32..2_000_000_000,
+            ],
+        ) {
+            // A leap second (nanoseconds past 10⁹) only where chrono allows it.
+            let Some(time) = DateTime::<Utc>::from_timestamp(secs, nanos) else {
+                return Ok(());
+            };
+            let mut text = String::from("kept ");
+            write_rfc3339(&time, &mut text);
+            proptest::prop_assert_eq!(&text[5..], time.to_rfc3339());
+            proptest::prop_assert_eq!(rfc3339_len(&time), time.to_rfc3339().len());
+            let value = AttributeValue::Time(&time);
+            proptest::prop_assert_eq!(attribute_len(&value), value.to_string().len());
+            let mut scratch = String::new();
+            proptest::prop_assert_eq!(attribute_text(&value, &mut scratch), value.to_string());
+        }
+    }
+
+    use proptest::prelude::Just;
+    use proptest::strategy::Strategy as _;
+
+    #[test]
+    fn attribute_text_is_the_sdk_display() {
+        let time = DateTime::<Utc>::from_timestamp(1_764_846_041, 123_000_000).expect("time");
+        // 2016's leap second, half-way through.
+        let leap = DateTime::<Utc>::from_timestamp(1_483_228_799, 1_500_000_000).expect("leap");
+        let far = DateTime::<Utc>::from_timestamp(-70_000_000_000, 7).expect("far");
+        let url = Url::parse("https://example.com/schema").expect("url");
+        let reference = "/things".to_owned();
+        let values = [
+            AttributeValue::Boolean(&true),
+            AttributeValue::Integer(&-42),
+            AttributeValue::String("o-1"),
+            AttributeValue::Binary(b"\x00\xffbytes"),
+            AttributeValue::URI(&url),
+            AttributeValue::URIRef(&reference),
+            AttributeValue::Time(&time),
+            AttributeValue::Time(&leap),
+            AttributeValue::Time(&far),
+            AttributeValue::SpecVersion(SpecVersion::V10),
+            AttributeValue::SpecVersion(SpecVersion::V03),
+        ];
+        let mut scratch = String::new();
+        for value in &values {
+            assert_eq!(attribute_text(value, &mut scratch), value.to_string());
+            assert_eq!(attribute_len(value), value.to_string().len(), "{value:?}");
+        }
     }
 }

@@ -4,7 +4,6 @@
 //! `partitionkey` before it was acknowledged, so a failure leaves each key's
 //! stored events a prefix of its events in the batch.
 
-use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
@@ -12,9 +11,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_nats::{HeaderMap, HeaderName, HeaderValue, Subject};
 use bytes::Bytes;
-use cloudevents::{AttributesReader, Event};
+use cloudevents::{AttributesReader, Data, Event};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -22,7 +21,7 @@ use super::error::{self, SYSTEM};
 use super::{Inner, MAX_PENDING_ACKS};
 use crate::binding::{Binding, Mode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{EventExt, attributes_size, validate_attributes};
+use crate::event::{EventExt, attributes_size, json_vec, validate_attributes};
 use crate::telemetry::{self, operation};
 use crate::topic::Topic;
 
@@ -62,6 +61,8 @@ impl Outgoing {
 /// behind an earlier event of their key that is not yet stored.
 struct Sending<'a> {
     events: &'a [Event],
+    /// Each event's partition key, looked up once.
+    keys: Vec<Option<&'a str>>,
     /// The first event, in batch order, not looked at yet.
     next: usize,
     /// Events whose key's previous event is stored: sent before new ones.
@@ -76,6 +77,7 @@ impl<'a> Sending<'a> {
     fn new(events: &'a [Event]) -> Self {
         Self {
             events,
+            keys: events.iter().map(EventExt::partition_key).collect(),
             next: 0,
             ready: VecDeque::new(),
             held: HashMap::new(),
@@ -93,7 +95,7 @@ impl<'a> Sending<'a> {
         while self.next < self.events.len() {
             let i = self.next;
             self.next += 1;
-            let Some(key) = self.events[i].partition_key() else {
+            let Some(key) = self.keys[i] else {
                 return Some(i);
             };
             match self.held.entry(key) {
@@ -109,7 +111,7 @@ impl<'a> Sending<'a> {
 
     /// Event `i` is stored: the next event of its key may go.
     fn stored(&mut self, i: usize) {
-        let Some(key) = self.events[i].partition_key() else {
+        let Some(key) = self.keys[i] else {
             return;
         };
         if let Entry::Occupied(mut behind) = self.held.entry(key) {
@@ -161,9 +163,10 @@ impl Inner {
         // refuse one event and store the next: had the later event of a key
         // been in flight, it could be stored before a retry of the earlier.
         let mut sending = Sending::new(&events);
+        let subject = Subject::from(topic.as_str());
         loop {
             if let Some(i) = sending.take() {
-                let (ack, size) = self.send(topic, i, &mut sending).await?;
+                let (ack, size) = self.send(topic, &subject, i, &mut sending).await?;
                 sending.pending.push_back((ack, i, size));
                 if sending.pending.len() >= BATCH_WINDOW {
                     self.confirm_oldest(topic, &mut sending).await?;
@@ -180,45 +183,7 @@ impl Inner {
     /// Encodes `event` in the configured mode, with `Nats-Msg-Id`, and
     /// checks its size.
     fn encode(&self, event: &Event) -> Result<Outgoing> {
-        let mut headers = HeaderMap::new();
-        // The limit applies to `EventExt::encoded_size`, whose data part is
-        // the binary-mode payload: counted here without serializing again.
-        let (payload, size) = match self.config.mode() {
-            Mode::Binary => {
-                let mut failed = None;
-                Binding::NATS.binary_headers(event, |name, value| {
-                    if failed.is_none()
-                        && let Err(e) = add_header(&mut headers, name, value)
-                    {
-                        failed = Some(e);
-                    }
-                });
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                let payload = event.data_bytes().map(Cow::into_owned).unwrap_or_default();
-                let size = attributes_size(event).saturating_add(payload.len());
-                (payload, size)
-            }
-            mode => {
-                let message = Binding::NATS.encode(event, mode)?;
-                for (name, value) in &message.headers {
-                    add_header(&mut headers, name, value)?;
-                }
-                (message.payload, event.encoded_size())
-            }
-        };
-        let id = HeaderValue::from_str(&header_safe(event.id()))
-            .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-        let limit = self.max_event_bytes;
-        if size > limit {
-            return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
-        }
-        Ok(Outgoing {
-            headers,
-            payload: Bytes::from(payload),
-        })
+        encode(event, self.config.mode(), self.max_event_bytes)
     }
 
     /// Encodes and sends the batch's event `i`; returns its acknowledgement
@@ -229,6 +194,7 @@ impl Inner {
     async fn send(
         &self,
         topic: &Topic,
+        subject: &Subject,
         i: usize,
         sending: &mut Sending<'_>,
     ) -> Result<(PublishAckFuture, usize)> {
@@ -239,7 +205,7 @@ impl Inner {
             let size = message.size();
             match self
                 .js
-                .send_publish(topic.to_string(), message.into_message())
+                .send_publish(subject.clone(), message.into_message())
                 .await
             {
                 Ok(ack) => return Ok((ack, size)),
@@ -303,6 +269,54 @@ impl Inner {
             self.timeout(),
         )
     }
+}
+
+/// Encodes `event` in `mode`, with `Nats-Msg-Id`, and checks its size
+/// against `limit`.
+fn encode(event: &Event, mode: Mode, limit: usize) -> Result<Outgoing> {
+    let mut headers = HeaderMap::new();
+    // The limit applies to `EventExt::encoded_size`, whose data part is
+    // the binary-mode payload: counted here without serializing again.
+    let (payload, size) = match mode {
+        Mode::Binary => {
+            let mut failed = None;
+            Binding::NATS.binary_headers(event, |name, value| {
+                if failed.is_none()
+                    && let Err(e) = add_header(&mut headers, name, value)
+                {
+                    failed = Some(e);
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let payload = match event.data() {
+                None => Vec::new(),
+                Some(Data::Binary(bytes)) => bytes.clone(),
+                Some(Data::String(text)) => text.as_bytes().to_vec(),
+                Some(Data::Json(value)) => json_vec(value),
+            };
+            let size = attributes_size(event).saturating_add(payload.len());
+            (payload, size)
+        }
+        mode => {
+            let message = Binding::NATS.encode(event, mode)?;
+            for (name, value) in &message.headers {
+                add_header(&mut headers, name, value)?;
+            }
+            (message.payload, event.encoded_size())
+        }
+    };
+    let id = HeaderValue::from_str(&header_safe(event.id()))
+        .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+    if size > limit {
+        return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
+    }
+    Ok(Outgoing {
+        headers,
+        payload: Bytes::from(payload),
+    })
 }
 
 /// Adds one CloudEvents header, or says which attribute cannot be one.
