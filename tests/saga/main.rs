@@ -90,6 +90,31 @@ async fn fed_by_hand(backend: Backend) -> anyhow::Result<(Bed, Subscription)> {
     Ok((bed, replies))
 }
 
+/// The next reply on `replies`, acked.
+async fn next_reply(replies: &mut Subscription) -> anyhow::Result<Event> {
+    let mut d = tokio::time::timeout(WAIT, replies.next())
+        .await?
+        .context("reply")??;
+    let event = d.event().clone();
+    d.ack().await?;
+    Ok(event)
+}
+
+/// The saga's three forward effects were recorded, in order, once each.
+async fn ensure_forward_in_order(db: &support::Db, saga_id: &str) -> anyhow::Result<()> {
+    let effects = db.effects(saga_id).await?;
+    ensure!(
+        pairs(&effects)
+            == [
+                ("reserve", "forward"),
+                ("charge", "forward"),
+                ("ship", "forward")
+            ],
+        "{effects:?}"
+    );
+    Ok(())
+}
+
 fn pairs(effects: &[(String, String)]) -> Vec<(&str, &str)> {
     effects
         .iter()
@@ -103,16 +128,7 @@ async fn saga_completes_its_steps_in_order(backend: Backend) -> anyhow::Result<(
     let c = bed.coordinator(defs(5_000, 3)?).await?;
     c.start("order", "o-1", data()).await?;
     ensure!(settled(&c, "o-1", WAIT).await? == "completed");
-    let effects = bed.db.effects("o-1").await?;
-    ensure!(
-        pairs(&effects)
-            == [
-                ("reserve", "forward"),
-                ("charge", "forward"),
-                ("ship", "forward")
-            ],
-        "{effects:?}"
-    );
+    ensure_forward_in_order(&bed.db, "o-1").await?;
     let saga = c.saga("o-1").await?.context("saga")?;
     ensure!(saga.version == 1 && saga.saga_type == "order");
     ensure!(
@@ -368,11 +384,7 @@ async fn duplicate_unknown_and_malformed_replies_change_nothing(
     c.start("order", "o-1", data()).await?;
     let mut seen = 0;
     while seen < 3 {
-        let mut d = tokio::time::timeout(WAIT, replies.next())
-            .await?
-            .context("reply")??;
-        let event = d.event().clone();
-        d.ack().await?;
+        let event = next_reply(&mut replies).await?;
         ensure!(matches!(c.handle_reply(&event).await?, Handled::Applied(_)));
         ensure!(c.handle_reply(&event).await? == Handled::Duplicate);
         // The same reply under a new id (a participant re-sending) is stale.
@@ -437,11 +449,7 @@ async fn one_reply_racing_itself_and_a_cancel_applies_once(backend: Backend) -> 
     a.start("order", "o-2", data()).await?;
     let mut first = std::collections::HashMap::new();
     while first.len() < 2 {
-        let mut d = tokio::time::timeout(WAIT, replies.next())
-            .await?
-            .context("reply")??;
-        let event = d.event().clone();
-        d.ack().await?;
+        let event = next_reply(&mut replies).await?;
         let saga = orchestrator::saga::protocol::reply_ref(&event)?.saga_id;
         first.insert(saga, event);
     }
@@ -470,10 +478,7 @@ async fn one_reply_racing_itself_and_a_cancel_applies_once(backend: Backend) -> 
     let deadline = std::time::Instant::now() + WAIT;
     while a.saga("o-2").await?.context("o-2")?.state.status.name() == "compensating" {
         ensure!(std::time::Instant::now() < deadline, "o-2 did not settle");
-        let next = tokio::time::timeout(WAIT, replies.next()).await?;
-        let mut d = next.context("reply")??;
-        let event = d.event().clone();
-        d.ack().await?;
+        let event = next_reply(&mut replies).await?;
         a.handle_reply(&event).await?;
     }
     ensure!(a.saga("o-2").await?.context("o-2")?.state.status.name() == "compensated");
@@ -524,10 +529,7 @@ async fn postgres_reply_losing_every_unlocked_race_is_applied_under_the_lock() -
     let deadline = std::time::Instant::now() + WAIT;
     while c.saga("o-1").await?.context("o-1")?.state.status.name() == "running" {
         ensure!(std::time::Instant::now() < deadline, "o-1 did not settle");
-        let next = tokio::time::timeout(WAIT, replies.next()).await?;
-        let mut d = next.context("reply")??;
-        let event = d.event().clone();
-        d.ack().await?;
+        let event = next_reply(&mut replies).await?;
         handled.push(c.handle_reply(&event).await?);
         // Handled again: the inbox knows it, whichever path recorded it.
         ensure!(c.handle_reply(&event).await? == Handled::Duplicate);
@@ -544,16 +546,7 @@ async fn postgres_reply_losing_every_unlocked_race_is_applied_under_the_lock() -
     ensure!(lost == [2, 3, 4], "unlocked writes lost at seq {lost:?}");
     let seqs: Vec<i64> = c.history("o-1").await?.iter().map(|h| h.seq).collect();
     ensure!(seqs == [1, 2, 3, 4], "{seqs:?}");
-    let effects = bed.db.effects("o-1").await?;
-    ensure!(
-        pairs(&effects)
-            == [
-                ("reserve", "forward"),
-                ("charge", "forward"),
-                ("ship", "forward")
-            ],
-        "{effects:?}"
-    );
+    ensure_forward_in_order(&bed.db, "o-1").await?;
     bed.finish().await;
     Ok(())
 }
