@@ -459,6 +459,57 @@ impl RelayStore for PgRelayStore {
         .map_err(|e| Error::db("load pending outbox rows", e))
     }
 
+    fn finishes_in_load(&self) -> bool {
+        true
+    }
+
+    async fn load_pending_finishing(
+        &self,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        keep: bool,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>> {
+        // The mark (a data-modifying part, run whether or not the load reads
+        // it) does not change what the load sees, which leaves the marked
+        // rows out by id. The statement commits without waiting for the WAL
+        // flush, as `finish` does.
+        macro_rules! load_finishing {
+            ($mark:expr) => {
+                concat!(
+                    "with no_wait as (select set_config('synchronous_commit', 'off', true)), marked as (",
+                    $mark,
+                    " where id = any($4) and exists (select 1 from no_wait)) \
+                     select o.part, o.id, o.topic, o.payload, ",
+                    now_ms!(),
+                    " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
+                     select p.part, p.id, p.topic, p.payload, p.created_ms from orchestrator_outbox p \
+                     where p.part = l.part and p.published_ms is null and p.failed_ms is null \
+                     and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
+                    now_ms!(),
+                    " and l.part <> all($2) order by o.part, o.id"
+                )
+            };
+        }
+        let query = if keep {
+            sqlx::query_as(load_finishing!(concat!(
+                "update orchestrator_outbox set published_ms = ",
+                now_ms!()
+            )))
+        } else {
+            sqlx::query_as(load_finishing!("delete from orchestrator_outbox"))
+        };
+        query
+            .bind(relay)
+            .bind(skip)
+            .bind(limit)
+            .bind(exclude)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::db("mark outbox rows published and load pending ones", e))
+    }
+
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
         sqlx::query_as(concat!(
             "select o.part, o.id, o.topic, o.payload, ",

@@ -49,10 +49,11 @@
 //! Each look is one statement that loads the oldest pending rows (up to 32
 //! per partition) of every partition the relay holds, so an idle partition
 //! costs nothing and a light load costs one read per look. The look
-//! publishes them, all its partitions at once, and the rows that
-//! went out are marked in one statement, run beside the next look's read
-//! (which leaves them out) and publish: a look does not wait for the mark
-//! before it, which on SQLite waits for the writer's turn. A partition that
+//! publishes them, all its partitions at once, and the rows that went out
+//! are marked by the next look, whose read leaves them out: on PostgreSQL
+//! in the read's own statement (one round trip for both); on SQLite in a
+//! statement of its own run beside the read, so a look does not wait for
+//! the mark, which waits for the writer's turn. A partition that
 //! fills its share of a look has a backlog: it is drained batch by batch
 //! ([`RelayConfig::batch_size`]),
 //! one batch in flight per partition, each loaded, published and marked on
@@ -342,6 +343,27 @@ pub(crate) trait RelayStore: fmt::Debug + Send + Sync + 'static {
         exclude: &[i64],
         limit: i64,
     ) -> Result<Vec<StoredRow>>;
+    /// Whether [`load_pending_finishing`](Self::load_pending_finishing)
+    /// marks and loads in one statement (PostgreSQL). Where it does not
+    /// (SQLite, whose mark waits for the writer's turn while a load does
+    /// not), a relay marks beside its look instead.
+    fn finishes_in_load(&self) -> bool {
+        false
+    }
+    /// Marks the rows in `exclude` published, as [`finish`](Self::finish)
+    /// does, and loads as [`load_pending`](Self::load_pending) does; in one
+    /// statement where [`finishes_in_load`](Self::finishes_in_load).
+    async fn load_pending_finishing(
+        &self,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        keep: bool,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>> {
+        self.finish(exclude, keep).await?;
+        self.load_pending(relay, skip, exclude, limit).await
+    }
     /// The oldest pending rows of `part`, if `relay` holds its lease.
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>>;
     /// Marks rows published: deletes them, or stamps them when `keep`.
@@ -597,10 +619,11 @@ impl Relay {
             }
 
             // One look loads the pending rows of every owned partition that
-            // is not backing off (one statement) and publishes them, while
-            // the rows the last look published are marked (one statement,
-            // which on SQLite waits for the writer's turn: the look does
-            // not wait for it).
+            // is not backing off (one statement) and publishes them; the
+            // rows the last look published are marked in that statement
+            // where the store can (PostgreSQL), else in one beside it
+            // (SQLite, where the mark waits for the writer's turn and the
+            // look does not wait for the mark).
             let marking = std::mem::take(&mut sent);
             let mut worked = !marking.ids.is_empty();
             let mut more = false;
@@ -610,25 +633,48 @@ impl Relay {
                 .filter(|(_, b)| b.until > now)
                 .map(|(p, _)| *p)
                 .collect();
+            let keep = matches!(self.config.retention, Retention::Keep(_));
+            let folded =
+                self.store.finishes_in_load() && !owned.is_empty() && !marking.ids.is_empty();
             let look = async {
                 if owned.is_empty() {
-                    return Ok(None);
+                    return (None, Ok(None));
                 }
-                let rows = self
-                    .store
-                    .load_pending(&self.id, &skip, &marking.ids, look_limit)
-                    .await?;
-                if rows.is_empty() {
-                    return Ok(None);
-                }
-                Ok(Some(
-                    self.relay_rows(rows, &mut report, &mut backoff, shutdown)
-                        .await,
-                ))
+                let (marked, loaded) = if folded {
+                    let loaded = self
+                        .store
+                        .load_pending_finishing(&self.id, &skip, &marking.ids, keep, look_limit)
+                        .await;
+                    (Some(self.marked(&marking, loaded.as_ref().err())), loaded)
+                } else {
+                    let loaded = self
+                        .store
+                        .load_pending(&self.id, &skip, &marking.ids, look_limit)
+                        .await;
+                    (None, loaded)
+                };
+                let looked: Result<Option<Look>> = match loaded {
+                    Ok(rows) if rows.is_empty() => Ok(None),
+                    Ok(rows) => Ok(Some(
+                        self.relay_rows(rows, &mut report, &mut backoff, shutdown)
+                            .await,
+                    )),
+                    Err(e) => Err(e),
+                };
+                (marked, looked)
             };
-            let (marked, looked): (Marked, Result<Option<Look>>) =
-                tokio::join!(self.mark(&marking), look);
-            self.count_marked(marked, &mut report, &mut backoff);
+            let apart = async {
+                if folded {
+                    Marked::Nothing
+                } else {
+                    self.mark(&marking).await
+                }
+            };
+            let (marked_apart, (marked_in_look, looked)) = tokio::join!(apart, look);
+            self.count_marked(marked_apart, &mut report, &mut backoff);
+            if let Some(marked) = marked_in_look {
+                self.count_marked(marked, &mut report, &mut backoff);
+            }
             match looked {
                 Ok(Some(look)) => {
                     worked = true;
@@ -715,8 +761,18 @@ impl Relay {
             return Marked::Nothing;
         }
         let keep = matches!(self.config.retention, Retention::Keep(_));
-        match self.store.finish(&done.ids, keep).await {
-            Ok(()) => {
+        let finished = self.store.finish(&done.ids, keep).await;
+        self.marked(done, finished.as_ref().err())
+    }
+
+    /// What marking the rows in `done` came to, given how the statement
+    /// that marked them failed, if it did.
+    fn marked(&self, done: &Sent, failed: Option<&Error>) -> Marked {
+        if done.ids.is_empty() {
+            return Marked::Nothing;
+        }
+        match failed {
+            None => {
                 metrics::counter!("outbox_published_total").increment(done.ids.len() as u64);
                 metrics::counter!("outbox_batches_total").increment(done.batches);
                 Marked::Done {
@@ -724,7 +780,7 @@ impl Relay {
                     batches: done.batches,
                 }
             }
-            Err(e) => {
+            Some(e) => {
                 warn!(error = %e, rows = done.ids.len(), "could not mark published rows; they will be published again");
                 Marked::Failed(done.parts.clone())
             }
