@@ -32,6 +32,54 @@ macro_rules! now_ms {
     };
 }
 
+/// A relay's mark of the published rows whose ids are the parameter
+/// `$ids`: deleted, or stamped with the publish time (`keep`). It names
+/// `no_wait`, a `with` part that has the statement commit without waiting
+/// for the WAL flush (a mark lost in a database crash only publishes its
+/// rows again, with the same event ids, as a relay killed before marking
+/// does).
+macro_rules! pg_mark {
+    (delete, $ids:literal) => {
+        concat!("delete from orchestrator_outbox", pg_mark!(where $ids))
+    };
+    (keep, $ids:literal) => {
+        concat!(
+            "update orchestrator_outbox set published_ms = ",
+            now_ms!(),
+            pg_mark!(where $ids)
+        )
+    };
+    (where $ids:literal) => {
+        concat!(" where id = any(", $ids, ") and exists (select 1 from no_wait)")
+    };
+}
+
+/// The `with` part [`pg_mark!`] names.
+macro_rules! pg_no_wait {
+    () => {
+        "no_wait as (select set_config('synchronous_commit', 'off', true))"
+    };
+}
+
+/// A relay's look: the oldest pending rows (at most `$3` per partition,
+/// none with an id in `$4`) of the partitions whose lease `$1` holds,
+/// except those in `$2`; after `$with`.
+macro_rules! pg_look {
+    ($with:expr) => {
+        concat!(
+            $with,
+            "select o.part, o.id, o.topic, o.payload, ",
+            now_ms!(),
+            " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
+             select p.part, p.id, p.topic, p.payload, p.created_ms from orchestrator_outbox p \
+             where p.part = l.part and p.published_ms is null and p.failed_ms is null \
+             and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
+            now_ms!(),
+            " and l.part <> all($2) order by o.part, o.id"
+        )
+    };
+}
+
 /// Begins a transaction, naming what it is for in its errors.
 pub(crate) async fn begin_for(
     pool: &PgPool,
@@ -338,6 +386,28 @@ struct PgRelayStore {
     pool: PgPool,
 }
 
+impl PgRelayStore {
+    /// Runs a look's statement ([`pg_look!`]) with its parameters.
+    async fn look(
+        &self,
+        sql: &'static str,
+        relay: &str,
+        skip: &[i32],
+        exclude: &[i64],
+        limit: i64,
+        operation: &'static str,
+    ) -> Result<Vec<StoredRow>> {
+        sqlx::query_as(sql)
+            .bind(relay)
+            .bind(skip)
+            .bind(limit)
+            .bind(exclude)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| Error::db(operation, e))
+    }
+}
+
 #[async_trait]
 impl RelayStore for PgRelayStore {
     async fn tick_leases(&self, relay: &str, ttl_ms: i64) -> Result<Vec<i32>> {
@@ -440,23 +510,15 @@ impl RelayStore for PgRelayStore {
         exclude: &[i64],
         limit: i64,
     ) -> Result<Vec<StoredRow>> {
-        sqlx::query_as(concat!(
-            "select o.part, o.id, o.topic, o.payload, ",
-            now_ms!(),
-            " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
-             select p.part, p.id, p.topic, p.payload, p.created_ms from orchestrator_outbox p \
-             where p.part = l.part and p.published_ms is null and p.failed_ms is null \
-             and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
-            now_ms!(),
-            " and l.part <> all($2) order by o.part, o.id"
-        ))
-        .bind(relay)
-        .bind(skip)
-        .bind(limit)
-        .bind(exclude)
-        .fetch_all(&self.pool)
+        self.look(
+            pg_look!(""),
+            relay,
+            skip,
+            exclude,
+            limit,
+            "load pending outbox rows",
+        )
         .await
-        .map_err(|e| Error::db("load pending outbox rows", e))
     }
 
     fn finishes_in_load(&self) -> bool {
@@ -473,41 +535,25 @@ impl RelayStore for PgRelayStore {
     ) -> Result<Vec<StoredRow>> {
         // The mark (a data-modifying part, run whether or not the load reads
         // it) does not change what the load sees, which leaves the marked
-        // rows out by id. The statement commits without waiting for the WAL
-        // flush, as `finish` does.
-        macro_rules! load_finishing {
-            ($mark:expr) => {
-                concat!(
-                    "with no_wait as (select set_config('synchronous_commit', 'off', true)), marked as (",
-                    $mark,
-                    " where id = any($4) and exists (select 1 from no_wait)) \
-                     select o.part, o.id, o.topic, o.payload, ",
-                    now_ms!(),
-                    " - o.created_ms as age_ms from orchestrator_outbox_leases l cross join lateral ( \
-                     select p.part, p.id, p.topic, p.payload, p.created_ms from orchestrator_outbox p \
-                     where p.part = l.part and p.published_ms is null and p.failed_ms is null \
-                     and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
-                    now_ms!(),
-                    " and l.part <> all($2) order by o.part, o.id"
-                )
+        // rows out by id.
+        macro_rules! marking {
+            ($how:ident) => {
+                pg_look!(concat!(
+                    "with ",
+                    pg_no_wait!(),
+                    ", marked as (",
+                    pg_mark!($how, "$4"),
+                    ") "
+                ))
             };
         }
-        let query = if keep {
-            sqlx::query_as(load_finishing!(concat!(
-                "update orchestrator_outbox set published_ms = ",
-                now_ms!()
-            )))
+        let sql = if keep {
+            marking!(keep)
         } else {
-            sqlx::query_as(load_finishing!("delete from orchestrator_outbox"))
+            marking!(delete)
         };
-        query
-            .bind(relay)
-            .bind(skip)
-            .bind(limit)
-            .bind(exclude)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| Error::db("mark outbox rows published and load pending ones", e))
+        let operation = "mark outbox rows published and load pending ones";
+        self.look(sql, relay, skip, exclude, limit, operation).await
     }
 
     async fn load_batch(&self, relay: &str, part: i32, limit: i64) -> Result<Vec<StoredRow>> {
@@ -530,21 +576,10 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
-        // Committed without waiting for the WAL flush: a mark lost in a
-        // database crash only publishes its rows again, with the same event
-        // ids, as a relay killed before marking does.
         let query = if keep {
-            sqlx::query(concat!(
-                "with no_wait as (select set_config('synchronous_commit', 'off', true)) \
-                 update orchestrator_outbox set published_ms = ",
-                now_ms!(),
-                " where id = any($1) and exists (select 1 from no_wait)"
-            ))
+            sqlx::query(concat!("with ", pg_no_wait!(), " ", pg_mark!(keep, "$1")))
         } else {
-            sqlx::query(
-                "with no_wait as (select set_config('synchronous_commit', 'off', true)) \
-                 delete from orchestrator_outbox where id = any($1) and exists (select 1 from no_wait)",
-            )
+            sqlx::query(concat!("with ", pg_no_wait!(), " ", pg_mark!(delete, "$1")))
         };
         query
             .bind(ids)
