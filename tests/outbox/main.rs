@@ -52,6 +52,7 @@ both!(
     published_rows_are_kept_then_purged,
     inbox_skips_a_duplicate_delivery,
     relay_crash_between_ack_and_mark_republishes_the_same_ids,
+    refused_marks_republish_the_same_ids_and_lose_nothing,
     graceful_shutdown_finishes_the_in_flight_batch,
     graceful_shutdown_abandons_a_hung_batch_after_the_grace_time,
     poison_row_blocks_its_partition_by_default_and_is_parked_on_request,
@@ -475,6 +476,66 @@ async fn inbox_skips_a_duplicate_delivery(backend: Backend) -> anyhow::Result<()
     ensure!(purged == 4, "{purged} records purged");
     ensure!(!db.inbox_contains("billing", e.id()).await?);
     ensure!(db.handle("billing", &e, false).await? == Processed::Handled(()));
+    db.close().await
+}
+
+/// The database refuses the relay's marks (a trigger aborts every delete
+/// from the outbox): the published rows stay, their partition backs off,
+/// and they go out again with the same ids, in order, until the marks are
+/// let through; only marked rows count as published.
+async fn refused_marks_republish_the_same_ids_and_lose_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let (refuse, allow): (&[&'static str], &[&'static str]) = match backend {
+        Backend::Postgres => (
+            &[
+                "create function refuse_mark() returns trigger language plpgsql as $$ \
+                 begin raise exception 'marks refused by the test'; end $$",
+                "create trigger refuse_mark before delete on orchestrator_outbox \
+                 for each row execute function refuse_mark()",
+            ],
+            &["drop trigger refuse_mark on orchestrator_outbox"],
+        ),
+        Backend::Sqlite => (
+            &[
+                "create trigger refuse_mark before delete on orchestrator_outbox \
+               begin select raise(abort, 'marks refused by the test'); end",
+            ],
+            &["drop trigger refuse_mark"],
+        ),
+    };
+    for sql in refuse {
+        db.execute(sql).await?;
+    }
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let relay = db.relay(broker.clone(), fast_relay("r1"))?.spawn();
+    let all = (0..5)
+        .map(|n| event("k", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    db.enqueue(&topic, &all, true).await?;
+    // Published, refused, published again after the partition's backoff.
+    let twice = sink.wait_for(10, WAIT).await?;
+    check_order(&all, &twice[..5], true)?;
+    check_order(&all, &twice[5..10], true)?;
+    ensure!(db.pending().await? == 5, "refused marks left the rows");
+
+    for sql in allow {
+        db.execute(sql).await?;
+    }
+    db.wait_all_marked(WAIT).await?;
+    let report = relay.shutdown().await?;
+    let got = sink.events();
+    ensure!(got.len() % 5 == 0, "whole passes only: {}", got.len());
+    for pass in got.chunks(5) {
+        check_order(&all, pass, true)?;
+    }
+    ensure!(
+        report.published == 5 && report.failures > 0,
+        "only the marked rows count as published: {report:?}"
+    );
     db.close().await
 }
 

@@ -250,6 +250,15 @@ impl Db {
         })
     }
 
+    /// Runs one statement of the test's own (a trigger, say).
+    pub(crate) async fn execute(&self, sql: &'static str) -> anyhow::Result<()> {
+        match self {
+            Db::Pg { pool, .. } => sqlx::query(sql).execute(pool).await.map(drop)?,
+            Db::Lite { pool, .. } => sqlx::query(sql).execute(pool).await.map(drop)?,
+        }
+        Ok(())
+    }
+
     pub(crate) async fn pending(&self) -> anyhow::Result<u64> {
         Ok(match self {
             Db::Pg { outbox, .. } => outbox.pending().await?,
