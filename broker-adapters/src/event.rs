@@ -509,8 +509,8 @@ thread_local! {
 
 /// `value` serialized as JSON, in a vector of its exact size. It is written
 /// first into a buffer the thread keeps, then copied once: `to_vec` would
-/// grow its vector five times for 1 KiB.
-pub(crate) fn json_vec(value: &serde_json::Value) -> Vec<u8> {
+/// grow its vector four times for 1 KiB.
+fn json_vec(value: &serde_json::Value) -> Vec<u8> {
     JSON_SCRATCH.with(|scratch| {
         let Ok(mut scratch) = scratch.try_borrow_mut() else {
             // Serializing a `Value` cannot fail.
@@ -593,7 +593,7 @@ pub(crate) fn attribute_text<'a>(
 /// Appends `time` as [`DateTime::to_rfc3339`] writes it (seconds, then
 /// milli-, micro- or nanoseconds as needed, `+00:00`), without its
 /// allocation; a year outside 0–9999 is left to chrono.
-pub(crate) fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
+fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
     use chrono::{Datelike as _, Timelike as _};
     let Some(year) = u32::try_from(time.year()).ok().filter(|y| *y <= 9999) else {
         out.push_str(&time.to_rfc3339());

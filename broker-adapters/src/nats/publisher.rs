@@ -4,6 +4,7 @@
 //! `partitionkey` before it was acknowledged, so a failure leaves each key's
 //! stored events a prefix of its events in the batch.
 
+use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
@@ -13,7 +14,7 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderMap, HeaderName, HeaderValue, Subject};
 use bytes::Bytes;
-use cloudevents::{AttributesReader, Data, Event};
+use cloudevents::{AttributesReader, Event};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -21,7 +22,7 @@ use super::error::{self, SYSTEM};
 use super::{Inner, MAX_PENDING_ACKS};
 use crate::binding::{Binding, Mode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{EventExt, attributes_size, json_vec, validate_attributes};
+use crate::event::{EventExt, attributes_size, validate_attributes};
 use crate::telemetry::{self, operation};
 use crate::topic::Topic;
 
@@ -183,7 +184,45 @@ impl Inner {
     /// Encodes `event` in the configured mode, with `Nats-Msg-Id`, and
     /// checks its size.
     fn encode(&self, event: &Event) -> Result<Outgoing> {
-        encode(event, self.config.mode(), self.max_event_bytes)
+        let mut headers = HeaderMap::new();
+        // The limit applies to `EventExt::encoded_size`, whose data part is
+        // the binary-mode payload: counted here without serializing again.
+        let (payload, size) = match self.config.mode() {
+            Mode::Binary => {
+                let mut failed = None;
+                Binding::NATS.binary_headers(event, |name, value| {
+                    if failed.is_none()
+                        && let Err(e) = add_header(&mut headers, name, value)
+                    {
+                        failed = Some(e);
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let payload = event.data_bytes().map(Cow::into_owned).unwrap_or_default();
+                let size = attributes_size(event).saturating_add(payload.len());
+                (payload, size)
+            }
+            mode => {
+                let message = Binding::NATS.encode(event, mode)?;
+                for (name, value) in &message.headers {
+                    add_header(&mut headers, name, value)?;
+                }
+                (message.payload, event.encoded_size())
+            }
+        };
+        let id = HeaderValue::from_str(&header_safe(event.id()))
+            .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        let limit = self.max_event_bytes;
+        if size > limit {
+            return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
+        }
+        Ok(Outgoing {
+            headers,
+            payload: Bytes::from(payload),
+        })
     }
 
     /// Encodes and sends the batch's event `i`; returns its acknowledgement
@@ -269,54 +308,6 @@ impl Inner {
             self.timeout(),
         )
     }
-}
-
-/// Encodes `event` in `mode`, with `Nats-Msg-Id`, and checks its size
-/// against `limit`.
-fn encode(event: &Event, mode: Mode, limit: usize) -> Result<Outgoing> {
-    let mut headers = HeaderMap::new();
-    // The limit applies to `EventExt::encoded_size`, whose data part is
-    // the binary-mode payload: counted here without serializing again.
-    let (payload, size) = match mode {
-        Mode::Binary => {
-            let mut failed = None;
-            Binding::NATS.binary_headers(event, |name, value| {
-                if failed.is_none()
-                    && let Err(e) = add_header(&mut headers, name, value)
-                {
-                    failed = Some(e);
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            let payload = match event.data() {
-                None => Vec::new(),
-                Some(Data::Binary(bytes)) => bytes.clone(),
-                Some(Data::String(text)) => text.as_bytes().to_vec(),
-                Some(Data::Json(value)) => json_vec(value),
-            };
-            let size = attributes_size(event).saturating_add(payload.len());
-            (payload, size)
-        }
-        mode => {
-            let message = Binding::NATS.encode(event, mode)?;
-            for (name, value) in &message.headers {
-                add_header(&mut headers, name, value)?;
-            }
-            (message.payload, event.encoded_size())
-        }
-    };
-    let id = HeaderValue::from_str(&header_safe(event.id()))
-        .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
-    headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
-    if size > limit {
-        return Err(Error::new(ErrorKind::EventTooLarge { size, limit }));
-    }
-    Ok(Outgoing {
-        headers,
-        payload: Bytes::from(payload),
-    })
 }
 
 /// Adds one CloudEvents header, or says which attribute cannot be one.
