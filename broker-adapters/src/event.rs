@@ -36,6 +36,7 @@ use uuid::Uuid;
 use crate::error::{Error, ErrorKind, Result};
 
 mod json;
+mod write;
 pub use json::from_json_slice;
 
 /// Names of the extension attributes used across the system.
@@ -487,14 +488,8 @@ impl EventExt for Event {
             None => 0,
             Some(Data::Binary(bytes)) => bytes.len(),
             Some(Data::String(s)) => s.len(),
-            Some(Data::Json(value)) => {
-                // Count the serialized bytes without allocating them.
-                let mut counter = ByteCounter(0);
-                match serde_json::to_writer(&mut counter, value) {
-                    Ok(()) => counter.0,
-                    Err(_) => usize::MAX,
-                }
-            }
+            // The serialized length, counted without writing it.
+            Some(Data::Json(value)) => write::value_len(value),
         };
         attributes.saturating_add(data)
     }
@@ -507,19 +502,18 @@ thread_local! {
     static JSON_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `value` serialized as JSON, in a vector of its exact size. It is written
-/// first into a buffer the thread keeps, then copied once: `to_vec` would
-/// grow its vector four times for 1 KiB.
+/// `value` serialized as JSON (as `serde_json` writes it), in a vector of
+/// its exact size. It is written first into a buffer the thread keeps, then
+/// copied once: a new vector would grow four times for 1 KiB.
 fn json_vec(value: &serde_json::Value) -> Vec<u8> {
     JSON_SCRATCH.with(|scratch| {
         let Ok(mut scratch) = scratch.try_borrow_mut() else {
-            // Serializing a `Value` cannot fail.
-            return serde_json::to_vec(value).unwrap_or_default();
+            let mut bytes = Vec::new();
+            write::write_value(&mut bytes, value);
+            return bytes;
         };
         scratch.clear();
-        if serde_json::to_writer(&mut *scratch, value).is_err() {
-            scratch.clear();
-        }
+        write::write_value(&mut scratch, value);
         let bytes = scratch.to_vec();
         if scratch.capacity() > JSON_SCRATCH_KEPT {
             *scratch = Vec::new();
