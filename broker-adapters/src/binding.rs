@@ -122,7 +122,7 @@ impl Binding {
         let key = event.partition_key().map(str::to_owned);
         match mode {
             Mode::Structured => {
-                let payload = serde_json::to_vec(event)
+                let payload = crate::event::to_json_vec(event)
                     .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
                 Ok(Message {
                     key,

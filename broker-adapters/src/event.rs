@@ -503,23 +503,48 @@ thread_local! {
 }
 
 /// `value` serialized as JSON (as `serde_json` writes it), in a vector of
-/// its exact size. It is written first into a buffer the thread keeps, then
-/// copied once: a new vector would grow four times for 1 KiB.
+/// its exact size.
 fn json_vec(value: &serde_json::Value) -> Vec<u8> {
+    exact_vec(|out| {
+        write::write_value(out, value);
+        true
+    })
+    .unwrap_or_default()
+}
+
+/// What `write` writes, in a vector of its exact size, or `None` when it
+/// declines (returns `false`). It is written first into a buffer the thread
+/// keeps, then copied once: a new vector would grow four times for 1 KiB.
+fn exact_vec(write: impl FnOnce(&mut Vec<u8>) -> bool) -> Option<Vec<u8>> {
     JSON_SCRATCH.with(|scratch| {
         let Ok(mut scratch) = scratch.try_borrow_mut() else {
             let mut bytes = Vec::new();
-            write::write_value(&mut bytes, value);
-            return bytes;
+            return write(&mut bytes).then_some(bytes);
         };
         scratch.clear();
-        write::write_value(&mut scratch, value);
-        let bytes = scratch.to_vec();
+        let bytes = write(&mut scratch).then(|| scratch.to_vec());
         if scratch.capacity() > JSON_SCRATCH_KEPT {
             *scratch = Vec::new();
         }
         bytes
     })
+}
+
+/// Encodes `event` in the CloudEvents JSON format (structured mode, outbox
+/// and SQL broker rows), byte for byte as `serde_json::to_vec(event)` does,
+/// at a fraction of its cost for the common shape: strings are scanned for
+/// escapes a word at a time, and the result is allocated once at its size.
+/// Events of spec version 0.3 and binary data (`data_base64`) go through the
+/// SDK's serializer.
+///
+/// # Errors
+///
+/// `serde_json`'s error, from the SDK's serializer only.
+pub fn to_json_vec(event: &Event) -> serde_json::Result<Vec<u8>> {
+    match exact_vec(|out| write::write_event(out, event)) {
+        Some(bytes) => Ok(bytes),
+        None => serde_json::to_vec(event),
+    }
 }
 
 /// The attribute part of [`EventExt::encoded_size`]: every attribute's name

@@ -197,14 +197,17 @@ pub(crate) fn encode(config: &OutboxConfig, topic: &Topic, event: &Event) -> Res
             e,
         )
     })?;
-    let payload = serde_json::to_string(event).map_err(|e| {
+    let codec = |e: Box<dyn std::error::Error + Send + Sync>| {
         Error::with_source(
             ErrorKind::Codec {
                 operation: "encode the event as JSON",
             },
             e,
         )
-    })?;
+    };
+    let payload = broker_adapters::event::to_json_vec(event).map_err(|e| codec(e.into()))?;
+    // The text of `&str`s and ASCII: always UTF-8.
+    let payload = String::from_utf8(payload).map_err(|e| codec(e.into()))?;
     let size = payload.len().max(event.encoded_size());
     if size > config.max_event_bytes {
         return Err(Error::new(ErrorKind::EventTooLarge {

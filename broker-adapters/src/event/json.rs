@@ -369,4 +369,83 @@ mod tests {
             prop_assert_eq!(&ours, &event);
         }
     }
+
+    /// `to_json_vec` against the SDK's serializer, byte for byte.
+    fn written_as_the_sdk_writes(event: &Event) {
+        let sdk = serde_json::to_vec(event).expect("the SDK serializes");
+        let ours = crate::event::to_json_vec(event).expect("ours serializes");
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&sdk)
+        );
+    }
+
+    #[test]
+    fn events_are_written_as_the_sdk_writes_them() {
+        use cloudevents::event::EventBuilderV03;
+        let leap = DateTime::from_timestamp(1_483_228_799, 1_500_000_000).expect("leap second");
+        let far = DateTime::from_timestamp(-70_000_000_000, 120_000).expect("a far year");
+        let full = EventBuilderV10::new()
+            .id("1\"\n")
+            .ty("t")
+            .source("/s")
+            .subject("sub\u{1}")
+            .time(leap)
+            .extension("partitionkey", "k")
+            .extension("n", -7_i64)
+            .extension("flag", false)
+            .data_with_schema(
+                "application/json",
+                Url::parse("https://example.com/s.json").expect("url"),
+                json!({"a": [1, 2.5, null, true], "b": "é\n\"", "c": {}}),
+            )
+            .build()
+            .expect("valid event");
+        let mut far_text = full.clone();
+        far_text.set_time(Some(far));
+        far_text.set_data("text/plain", Data::String("x".repeat(100) + "\t"));
+        // Left to the SDK: binary data and spec version 0.3.
+        let binary = EventBuilderV10::new()
+            .id("1")
+            .ty("t")
+            .source("/s")
+            .data("application/octet-stream", Data::Binary(vec![0, 255]))
+            .build()
+            .expect("valid event");
+        let old = EventBuilderV03::new()
+            .id("1")
+            .ty("t")
+            .source("/s")
+            .build()
+            .expect("valid event");
+        let bare = EventBuilderV10::new()
+            .id("1")
+            .ty("t")
+            .source("/s")
+            .build()
+            .expect("valid event");
+        for event in [full, far_text, binary, old, bare] {
+            written_as_the_sdk_writes(&event);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_event_is_written_as_the_sdk_writes_it(
+            mut event in arb_event(),
+            time in proptest::option::of((-70_000_000_000_i64..250_000_000_000, 0_u32..1_000_000_000)),
+            schema in proptest::option::of("[a-z]{1,8}"),
+        ) {
+            if let Some((secs, nanos)) = time {
+                // Whole seconds, milli-, micro- and nanoseconds.
+                let nanos = [0, nanos / 1_000_000 * 1_000_000, nanos / 1000 * 1000, nanos][nanos as usize % 4];
+                event.set_time(DateTime::from_timestamp(secs, nanos));
+            }
+            if let Some(path) = schema {
+                let url = Url::parse(&format!("https://example.com/{path}.json")).expect("url");
+                event.set_dataschema(Some(url));
+            }
+            written_as_the_sdk_writes(&event);
+        }
+    }
 }

@@ -1,17 +1,88 @@
-//! Writing JSON data (`serde_json::Value`) byte for byte as
-//! `serde_json::to_vec` writes it, with strings scanned eight bytes at a
+//! Writing JSON byte for byte as `serde_json` writes it: data
+//! (`serde_json::Value`), and whole events in the CloudEvents JSON format
+//! (the SDK's `Serialize for Event`), with strings scanned eight bytes at a
 //! time.
 //!
 //! `serde_json` looks every byte of a string up in its escape table. For the
 //! kilobyte of text a typical event carries, that loop was most of
 //! serializing its data, and data is serialized for every binary-mode
-//! message and counted for every size check. Here a string is tested a
-//! 64-bit word at a time for the bytes that need escaping (controls below
+//! message, every outbox row and every size check. Here a string is tested
+//! a 64-bit word at a time for the bytes that need escaping (controls below
 //! 0x20, `"` and `\`) and copied in runs; a word that holds one is escaped
 //! byte by byte, with `serde_json`'s escapes. Numbers are written by
 //! `serde_json` itself, so their format is its own under any of its features.
 
+use cloudevents::event::{Data, ExtensionValue, SpecVersion};
+use cloudevents::{AttributesReader as _, Event};
 use serde_json::{Number, Value};
+
+/// Appends `event` in the JSON event format, exactly as
+/// `serde_json::to_vec(event)` writes it, and returns `true`; or writes
+/// nothing and returns `false` for what is left to the SDK: an event of
+/// spec version 0.3, or binary data (written as `data_base64`).
+pub(super) fn write_event(out: &mut Vec<u8>, event: &Event) -> bool {
+    if event.specversion() != SpecVersion::V10 || matches!(event.data(), Some(Data::Binary(_))) {
+        return false;
+    }
+    // The SDK's order: the required attributes, the optional ones, the
+    // data, then the extensions in the order of the event's map.
+    out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+    write_str(out, event.id());
+    out.extend_from_slice(br#","type":"#);
+    write_str(out, event.ty());
+    out.extend_from_slice(br#","source":"#);
+    write_str(out, event.source());
+    if let Some(content_type) = event.datacontenttype() {
+        out.extend_from_slice(br#","datacontenttype":"#);
+        write_str(out, content_type);
+    }
+    if let Some(schema) = event.dataschema() {
+        out.extend_from_slice(br#","dataschema":"#);
+        write_str(out, schema.as_str());
+    }
+    if let Some(subject) = event.subject() {
+        out.extend_from_slice(br#","subject":"#);
+        write_str(out, subject);
+    }
+    if let Some(time) = event.time() {
+        let mut text = String::with_capacity(40);
+        super::write_rfc3339(time, &mut text);
+        out.extend_from_slice(br#","time":"#);
+        // chrono's serde form: its RFC 3339 text, with `Z` for UTC.
+        match text.strip_suffix("+00:00") {
+            Some(head) => {
+                out.push(b'"');
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(br#"Z""#);
+            }
+            None => write_str(out, &text),
+        }
+    }
+    match event.data() {
+        Some(Data::Json(value)) => {
+            out.extend_from_slice(br#","data":"#);
+            write_value(out, value);
+        }
+        Some(Data::String(text)) => {
+            out.extend_from_slice(br#","data":"#);
+            write_str(out, text);
+        }
+        Some(Data::Binary(_)) | None => {}
+    }
+    for (name, value) in event.iter_extensions() {
+        out.push(b',');
+        write_str(out, name);
+        out.push(b':');
+        match value {
+            ExtensionValue::String(text) => write_str(out, text),
+            ExtensionValue::Boolean(true) => out.extend_from_slice(b"true"),
+            ExtensionValue::Boolean(false) => out.extend_from_slice(b"false"),
+            ExtensionValue::Integer(n) => write_number(out, &Number::from(*n)),
+        }
+    }
+    out.push(b'}');
+    true
+}
 
 /// Appends `value` to `out` as compact JSON, exactly as `serde_json` writes it.
 pub(super) fn write_value(out: &mut Vec<u8>, value: &Value) {

@@ -406,8 +406,8 @@ impl SqlBroker {
             Some(k) => u64::from(partition_of(k, partitions)),
             None => self.inner.keyless.fetch_add(1, Ordering::Relaxed) % u64::from(partitions),
         };
-        let payload =
-            serde_json::to_vec(event).map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
+        let payload = crate::event::to_json_vec(event)
+            .map_err(|e| Error::with_source(ErrorKind::Encode, e))?;
         Ok(NewRow {
             partition: i32::try_from(slot).unwrap_or(0),
             key,
