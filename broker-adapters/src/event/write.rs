@@ -32,17 +32,19 @@ pub(super) fn write_event(out: &mut Vec<u8>, event: &Event) -> bool {
     write_str(out, event.ty());
     out.extend_from_slice(br#","source":"#);
     write_str(out, event.source());
-    if let Some(content_type) = event.datacontenttype() {
-        out.extend_from_slice(br#","datacontenttype":"#);
-        write_str(out, content_type);
-    }
-    if let Some(schema) = event.dataschema() {
-        out.extend_from_slice(br#","dataschema":"#);
-        write_str(out, schema.as_str());
-    }
-    if let Some(subject) = event.subject() {
-        out.extend_from_slice(br#","subject":"#);
-        write_str(out, subject);
+    let optional: [(&[u8], Option<&str>); 3] = [
+        (br#","datacontenttype":"#, event.datacontenttype()),
+        (
+            br#","dataschema":"#,
+            event.dataschema().map(url::Url::as_str),
+        ),
+        (br#","subject":"#, event.subject()),
+    ];
+    for (member, value) in optional {
+        if let Some(value) = value {
+            out.extend_from_slice(member);
+            write_str(out, value);
+        }
     }
     if let Some(time) = event.time() {
         let mut text = String::with_capacity(40);
