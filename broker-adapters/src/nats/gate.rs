@@ -9,8 +9,12 @@
 //! holds the key until the nacked message comes back.
 //!
 //! Callers pass `now`, so the logic is tested deterministically.
+//!
+//! The keys whose next message may go now are indexed by that message's
+//! sequence, so a hand-out finds the earliest without looking at every key,
+//! and nothing is scanned for nacked messages while none is awaited.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +33,12 @@ pub(crate) struct Gate<T> {
     keys: HashMap<Arc<str>, KeyState<T>>,
     /// Messages without a partition key: nothing holds them back.
     free: BTreeMap<u64, Held<T>>,
+    /// Each key whose next message may be handed out now, by that message's
+    /// sequence: every key's [`KeyState::deliverable`], kept up to date by
+    /// [`reindex`] after each change to the key.
+    ready: BTreeSet<(u64, Arc<str>)>,
+    /// How many nacked messages all keys await.
+    awaited: usize,
     len: usize,
     next_token: u64,
     refresh_every: Duration,
@@ -50,6 +60,8 @@ struct KeyState<T> {
     in_flight: Option<(u64, u64)>,
     /// Nacked messages expected back.
     awaiting: BTreeMap<u64, Awaited>,
+    /// The sequence this key is indexed under in [`Gate::ready`], if any.
+    ready_at: Option<u64>,
 }
 
 /// A nacked message a key waits for.
@@ -67,6 +79,7 @@ impl<T> Default for KeyState<T> {
             held: BTreeMap::new(),
             in_flight: None,
             awaiting: BTreeMap::new(),
+            ready_at: None,
         }
     }
 }
@@ -87,6 +100,21 @@ impl<T> KeyState<T> {
             _ => Some(head),
         }
     }
+}
+
+/// Brings `key`'s entry in `ready` up to date after a change to its state.
+fn reindex<T>(ready: &mut BTreeSet<(u64, Arc<str>)>, key: &Arc<str>, state: &mut KeyState<T>) {
+    let deliverable = state.deliverable();
+    if state.ready_at == deliverable {
+        return;
+    }
+    if let Some(seq) = state.ready_at {
+        ready.remove(&(seq, Arc::clone(key)));
+    }
+    if let Some(seq) = deliverable {
+        ready.insert((seq, Arc::clone(key)));
+    }
+    state.ready_at = deliverable;
 }
 
 /// A message handed out by [`Gate::pop`].
@@ -121,6 +149,8 @@ impl<T> Gate<T> {
         Self {
             keys: HashMap::new(),
             free: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            awaited: 0,
             len: 0,
             next_token: 0,
             refresh_every: (ack_wait / 2).max(MIN_REFRESH),
@@ -143,20 +173,25 @@ impl<T> Gate<T> {
         let replaced = match key {
             None => self.free.insert(seq, held),
             Some(key) => {
-                let state = self.keys.entry(key).or_default();
-                state.awaiting.remove(&seq);
+                let state = self.keys.entry(Arc::clone(&key)).or_default();
+                if state.awaiting.remove(&seq).is_some() {
+                    self.awaited -= 1;
+                }
                 if state.in_flight.is_some_and(|(s, _)| s == seq) {
                     // The broker redelivered the message in flight: its ack
                     // deadline passed. The new copy replaces the old hand-out,
                     // whose settlement is now stale.
                     state.in_flight = None;
                 }
-                state.held.insert(seq, held)
+                let replaced = state.held.insert(seq, held);
+                reindex(&mut self.ready, &key, state);
+                replaced
             }
         };
         if replaced.is_none() {
             self.len += 1;
         }
+        self.check();
     }
 
     /// Hands out the deliverable message with the lowest stream sequence:
@@ -164,17 +199,13 @@ impl<T> Gate<T> {
     /// earlier message due back.
     pub(crate) fn pop(&mut self, now: Instant) -> Option<Popped<T>> {
         self.expire(now);
-        let mut best: Option<(u64, Option<&Arc<str>>)> =
-            self.free.first_key_value().map(|(&seq, _)| (seq, None));
-        for (key, state) in &self.keys {
-            if let Some(seq) = state.deliverable()
-                && best.is_none_or(|(b, _)| seq < b)
-            {
-                best = Some((seq, Some(key)));
-            }
-        }
-        let (seq, key) = best?;
-        let key = key.cloned();
+        let free = self.free.first_key_value().map(|(&seq, _)| seq);
+        let (seq, key) = match (free, self.ready.first()) {
+            (Some(free), Some((keyed, _))) if free < *keyed => (free, None),
+            (_, Some((keyed, key))) => (*keyed, Some(Arc::clone(key))),
+            (Some(free), None) => (free, None),
+            (None, None) => return None,
+        };
         let token = self.next_token;
         self.next_token += 1;
         let held = match &key {
@@ -183,10 +214,12 @@ impl<T> Gate<T> {
                 let state = self.keys.get_mut(key)?;
                 let held = state.held.remove(&seq)?;
                 state.in_flight = Some((seq, token));
+                reindex(&mut self.ready, key, state);
                 held
             }
         };
         self.len -= 1;
+        self.check();
         Some(Popped {
             seq,
             token,
@@ -215,17 +248,19 @@ impl<T> Gate<T> {
         }
         state.in_flight = None;
         if let Settled::Redeliver { delay } = settled {
-            state.awaiting.insert(
-                seq,
-                Awaited {
-                    due: None,
-                    until: now + delay.saturating_add(self.give_up_after),
-                },
-            );
+            let awaited = Awaited {
+                due: None,
+                until: now + delay.saturating_add(self.give_up_after),
+            };
+            if state.awaiting.insert(seq, awaited).is_none() {
+                self.awaited += 1;
+            }
         }
+        reindex(&mut self.ready, key, state);
         if state.is_idle() {
             self.keys.remove(key);
         }
+        self.check();
         true
     }
 
@@ -252,7 +287,13 @@ impl<T> Gate<T> {
     }
 
     fn awaited(&self) -> impl Iterator<Item = &Awaited> {
-        self.keys.values().flat_map(|s| s.awaiting.values())
+        // Most of the time nothing is awaited: no key is looked at then.
+        let keys = if self.awaited == 0 {
+            None
+        } else {
+            Some(self.keys.values())
+        };
+        keys.into_iter().flatten().flat_map(|s| s.awaiting.values())
     }
 
     /// How many awaited redeliveries the broker may send by `now`. Each
@@ -303,15 +344,17 @@ impl<T> Gate<T> {
             .into_iter()
             .map(|(seq, h)| (seq, h.item))
             .collect();
-        for state in self.keys.values_mut() {
+        for (key, state) in &mut self.keys {
             all.extend(
                 std::mem::take(&mut state.held)
                     .into_iter()
                     .map(|(seq, h)| (seq, h.item)),
             );
+            reindex(&mut self.ready, key, state);
         }
         self.keys.retain(|_, s| !s.is_idle());
         self.len = 0;
+        self.check();
         all.sort_by_key(|(seq, _)| *seq);
         all
     }
@@ -325,10 +368,15 @@ impl<T> Gate<T> {
     /// Stops waiting for nacked messages that did not come back in time:
     /// another member of the group got them.
     fn expire(&mut self, now: Instant) {
+        if self.awaited == 0 {
+            return;
+        }
+        let (ready, count) = (&mut self.ready, &mut self.awaited);
         self.keys.retain(|key, state| {
             state.awaiting.retain(|seq, awaited| {
                 let keep = awaited.until > now;
                 if !keep {
+                    *count -= 1;
                     tracing::warn!(
                         partition.key = %key,
                         stream.sequence = seq,
@@ -338,8 +386,30 @@ impl<T> Gate<T> {
                 }
                 keep
             });
+            reindex(ready, key, state);
             !state.is_idle()
         });
+        self.check();
+    }
+
+    /// In debug builds, checks [`consistent`](Self::consistent).
+    fn check(&self) {
+        debug_assert!(
+            self.consistent(),
+            "the gate's ready index or awaited count is stale"
+        );
+    }
+
+    /// Whether the ready index and the awaited count agree with the keys,
+    /// and no idle key is kept.
+    fn consistent(&self) -> bool {
+        let ready: BTreeSet<(u64, Arc<str>)> = self
+            .keys
+            .iter()
+            .filter_map(|(key, state)| Some((state.deliverable()?, Arc::clone(key))))
+            .collect();
+        let awaited: usize = self.keys.values().map(|s| s.awaiting.len()).sum();
+        self.ready == ready && self.awaited == awaited && self.keys.values().all(|s| !s.is_idle())
     }
 }
 
@@ -492,5 +562,90 @@ mod tests {
         assert_eq!(gate.drain(), vec![(3, "3"), (5, "5 again")]);
         assert_eq!(gate.len(), 0);
         assert!(gate.pop(now).is_none());
+    }
+
+    /// One step of a random workload.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A message fetched (again, if its sequence was seen).
+        Fetch(u64),
+        Pop,
+        /// Settles the hand-out at this index of those outstanding.
+        Settle(usize, bool),
+        /// Sends the nack of the message at this sequence, if awaited.
+        NackSent(u64),
+        Advance(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0_u64..40).prop_map(Op::Fetch),
+            4 => Just(Op::Pop),
+            3 => (any::<usize>(), any::<bool>()).prop_map(|(i, r)| Op::Settle(i, r)),
+            1 => (0_u64..40).prop_map(Op::NackSent),
+            1 => (0_u64..3_000).prop_map(Op::Advance),
+        ]
+    }
+
+    /// A message's key is fixed by its sequence; every fifth has none.
+    fn key_of(seq: u64) -> Option<Arc<str>> {
+        (!seq.is_multiple_of(5)).then(|| Arc::from(format!("k{}", seq % 3)))
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of fetches, hand-outs, acks, nacks and time,
+        /// the ready index and the awaited count agree with the keys, a key
+        /// never has two hand-outs settling at once, and a key's messages
+        /// go out in stream order unless one was nacked.
+        #[test]
+        fn the_index_follows_every_change(ops in proptest::collection::vec(op(), 1..120)) {
+            let delay = Duration::from_millis(500);
+            let mut now = Instant::now();
+            let mut gate = Gate::new(Duration::from_secs(2));
+            let mut out: Vec<Popped<u64>> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Fetch(seq) => gate.insert(key_of(seq), seq, seq, now),
+                    Op::Pop => {
+                        if let Some(p) = gate.pop(now) {
+                            proptest::prop_assert_eq!(p.item, p.seq);
+                            // Another live hand-out of its key would be a
+                            // second message of the key in flight.
+                            let live = |q: &&Popped<u64>| {
+                                q.key.is_some() && q.key == p.key && q.seq != p.seq
+                                    && gate.keys.get(q.key.as_ref().expect("key"))
+                                        .is_some_and(|s| s.in_flight == Some((q.seq, q.token)))
+                            };
+                            proptest::prop_assert!(out.iter().find(live).is_none());
+                            out.push(p);
+                        }
+                    }
+                    Op::Settle(i, redeliver) if !out.is_empty() => {
+                        let p = out.remove(i % out.len());
+                        let settled = if redeliver { Settled::Redeliver { delay } } else { Settled::Done };
+                        gate.settle(p.key.as_ref(), p.seq, p.token, settled, now);
+                    }
+                    Op::Settle(..) => {}
+                    Op::NackSent(seq) => {
+                        if let Some(key) = key_of(seq) {
+                            gate.nack_sent(&key, seq, delay, now);
+                        }
+                    }
+                    Op::Advance(ms) => now += Duration::from_millis(ms),
+                }
+                proptest::prop_assert!(gate.consistent(), "stale after {:?}", gate);
+            }
+            // Everything fetched still goes out once all is settled.
+            for p in out.drain(..) {
+                gate.settle(p.key.as_ref(), p.seq, p.token, Settled::Done, now);
+            }
+            let later = now + Duration::from_secs(60);
+            while let Some(p) = gate.pop(later) {
+                gate.settle(p.key.as_ref(), p.seq, p.token, Settled::Done, later);
+            }
+            proptest::prop_assert_eq!(gate.len(), 0);
+            proptest::prop_assert!(gate.consistent());
+        }
     }
 }
