@@ -14,7 +14,7 @@
 //! sequence, so a hand-out finds the earliest without looking at every key,
 //! and nothing is scanned for nacked messages while none is awaited.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +34,10 @@ pub(crate) struct Gate<T> {
     /// Messages without a partition key: nothing holds them back.
     free: BTreeMap<u64, Held<T>>,
     /// Each key whose next message may be handed out now, by that message's
-    /// sequence: every key's [`KeyState::deliverable`], kept up to date by
-    /// [`reindex`] after each change to the key.
-    ready: BTreeSet<(u64, Arc<str>)>,
+    /// sequence (a stream sequence is one message, of one key): every key's
+    /// [`KeyState::deliverable`], kept up to date by [`reindex`] after each
+    /// change to the key.
+    ready: BTreeMap<u64, Arc<str>>,
     /// How many nacked messages all keys await.
     awaited: usize,
     len: usize,
@@ -103,16 +104,16 @@ impl<T> KeyState<T> {
 }
 
 /// Brings `key`'s entry in `ready` up to date after a change to its state.
-fn reindex<T>(ready: &mut BTreeSet<(u64, Arc<str>)>, key: &Arc<str>, state: &mut KeyState<T>) {
+fn reindex<T>(ready: &mut BTreeMap<u64, Arc<str>>, key: &Arc<str>, state: &mut KeyState<T>) {
     let deliverable = state.deliverable();
     if state.ready_at == deliverable {
         return;
     }
     if let Some(seq) = state.ready_at {
-        ready.remove(&(seq, Arc::clone(key)));
+        ready.remove(&seq);
     }
     if let Some(seq) = deliverable {
-        ready.insert((seq, Arc::clone(key)));
+        ready.insert(seq, Arc::clone(key));
     }
     state.ready_at = deliverable;
 }
@@ -149,7 +150,7 @@ impl<T> Gate<T> {
         Self {
             keys: HashMap::new(),
             free: BTreeMap::new(),
-            ready: BTreeSet::new(),
+            ready: BTreeMap::new(),
             awaited: 0,
             len: 0,
             next_token: 0,
@@ -200,7 +201,7 @@ impl<T> Gate<T> {
     pub(crate) fn pop(&mut self, now: Instant) -> Option<Popped<T>> {
         self.expire(now);
         let free = self.free.first_key_value().map(|(&seq, _)| seq);
-        let (seq, key) = match (free, self.ready.first()) {
+        let (seq, key) = match (free, self.ready.first_key_value()) {
             (Some(free), Some((keyed, _))) if free < *keyed => (free, None),
             (_, Some((keyed, key))) => (*keyed, Some(Arc::clone(key))),
             (Some(free), None) => (free, None),
@@ -403,7 +404,7 @@ impl<T> Gate<T> {
     /// Whether the ready index and the awaited count agree with the keys,
     /// and no idle key is kept.
     fn consistent(&self) -> bool {
-        let ready: BTreeSet<(u64, Arc<str>)> = self
+        let ready: BTreeMap<u64, Arc<str>> = self
             .keys
             .iter()
             .filter_map(|(key, state)| Some((state.deliverable()?, Arc::clone(key))))
