@@ -62,6 +62,13 @@ pub(crate) fn run(size: usize) -> Vec<Figure> {
     let decode_sdk = time_per_event(|| {
         black_box(serde_json::from_slice::<Event>(black_box(&json)).ok());
     });
+    // Encoding it: the crate's writer beside the SDK's serializer.
+    let encode_ours = time_per_event(|| {
+        black_box(broker_adapters::event::to_json_vec(black_box(&event)).ok());
+    });
+    let encode_sdk = time_per_event(|| {
+        black_box(serde_json::to_vec(black_box(&event)).ok());
+    });
     vec![
         Figure {
             bench: "codec.kafka_binary_roundtrip".into(),
@@ -73,6 +80,12 @@ pub(crate) fn run(size: usize) -> Vec<Figure> {
             bench: "codec.json_decode".into(),
             ours: decode_ours,
             baseline: decode_sdk,
+            unit: "ns/event",
+        },
+        Figure {
+            bench: "codec.json_encode".into(),
+            ours: encode_ours,
+            baseline: encode_sdk,
             unit: "ns/event",
         },
     ]
