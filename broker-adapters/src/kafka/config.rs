@@ -252,10 +252,10 @@ impl KafkaConfig {
         self
     }
 
-    /// How many received events a subscription holds (waiting behind an
-    /// earlier event of their key, nacked, or in flight) before it stops
-    /// taking more from librdkafka, whose own fetch queue is bounded by
-    /// `queued.max.messages.kbytes` (default 10,000).
+    /// How many received events a subscription holds (being decoded,
+    /// waiting behind an earlier event of their key, nacked, or in flight)
+    /// before it stops taking more from librdkafka, whose own fetch queue is
+    /// bounded by `queued.max.messages.kbytes` (default 10,000).
     #[must_use]
     pub fn max_buffered(mut self, limit: NonZeroUsize) -> Self {
         self.max_buffered = limit;

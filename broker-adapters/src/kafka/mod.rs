@@ -51,6 +51,7 @@
 
 mod config;
 mod error;
+mod raw;
 mod subscriber;
 
 use std::borrow::Cow;

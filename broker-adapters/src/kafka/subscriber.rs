@@ -1,15 +1,20 @@
 //! Kafka consumer-group subscriptions.
 //!
 //! One task (the pump) owns the rdkafka consumer: it receives records,
-//! decodes them into the subscription's [`Dispatcher`], stops taking records when
-//! the buffer is full, and commits settled offsets. Deliveries are pulled
-//! from the dispatcher, so per-key order, nack delays and ack deadlines work
-//! as on the other brokers. Rebalance callbacks commit what was settled on
-//! the partitions being revoked and drop their buffered records, which the
-//! partitions' next owner reads again from the committed offset.
+//! copies them out of librdkafka in batches, stops taking records when the
+//! buffer is full, and commits settled offsets. A second task (the decoder)
+//! decodes each batch into the subscription's [`Dispatcher`], or
+//! dead-letters what cannot be delivered, so receiving and decoding run on
+//! both cores. Deliveries are pulled from the dispatcher, so per-key order,
+//! nack delays and ack deadlines work as on the other brokers. Rebalance
+//! callbacks commit what was settled on the partitions being revoked and
+//! drop their buffered records, which the partitions' next owner reads
+//! again from the committed offset; records still on their way to the
+//! decoder are dropped too (see [`Partition::since`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cloudevents::Event;
@@ -17,13 +22,15 @@ use futures_util::{FutureExt as _, stream};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::KafkaConfig;
 use super::error::{SYSTEM, map};
+use super::raw::{RawBatch, RawRecord};
 use super::{acknowledged, enqueue_record};
 use crate::binding::Binding;
 use crate::dispatch::Dispatcher;
@@ -39,10 +46,15 @@ const RECV_BATCH: usize = 512;
 /// How many records are handed to the dispatcher per lock.
 const HANDOFF_CHUNK: usize = 16;
 
+/// How many received batches may wait for the decoder.
+const DECODE_QUEUE: usize = 2;
+
 /// A decoded record on its way to the dispatcher.
 #[derive(Debug)]
 struct Accepted {
     key: Option<Arc<str>>,
+    /// The assignment epoch it was received in.
+    epoch: u64,
     record: Record,
 }
 
@@ -62,9 +74,20 @@ struct Partition {
     high: Option<i64>,
     /// The last offset committed (or being committed).
     committed: Option<i64>,
+    /// The assignment epoch in which the partition was assigned. A record
+    /// received in an earlier epoch was fetched under a previous assignment
+    /// of the partition, before a revocation dropped what was buffered: it
+    /// is stale (the offsets committed since may be past it, or it may be
+    /// read again), so the decoder drops it.
+    since: u64,
 }
 
 impl Partition {
+    /// Whether a record received at `epoch` belongs to this assignment.
+    fn admits(&self, epoch: u64) -> bool {
+        epoch >= self.since
+    }
+
     /// The offset to commit: the oldest unsettled one, or one past the last
     /// received when everything is settled.
     fn commit_point(&self) -> Option<i64> {
@@ -76,6 +99,8 @@ impl Partition {
 struct State {
     dispatcher: Dispatcher<Record>,
     partitions: HashMap<i32, Partition>,
+    /// Records handed to the decoder and not yet buffered (or dropped).
+    decoding: usize,
     assigned: bool,
     done: bool,
     failure: Option<Error>,
@@ -101,6 +126,28 @@ impl State {
             }
         }
         list
+    }
+
+    /// Takes `partitions` on, as assigned in epoch `since`.
+    fn assign(&mut self, partitions: impl IntoIterator<Item = i32>, since: u64) {
+        for partition in partitions {
+            self.partitions
+                .entry(partition)
+                .or_insert_with(|| Partition {
+                    since,
+                    ..Partition::default()
+                });
+        }
+        self.assigned = true;
+    }
+
+    /// Lets `partitions` go, with what is buffered of them.
+    fn revoke(&mut self, partitions: &HashSet<i32>) {
+        for partition in partitions {
+            self.partitions.remove(partition);
+        }
+        self.dispatcher
+            .retain(|r| !partitions.contains(&r.partition), Instant::now());
     }
 }
 
@@ -136,10 +183,13 @@ impl Buffered for State {
     }
 }
 
-/// Receives rebalance callbacks on the pump's thread.
+/// Receives rebalance callbacks on the pump's thread (librdkafka serves
+/// them inside the pump's polls).
 struct Context {
     shared: Arc<Shared>,
     topic: String,
+    /// Counts revocations; each record is tagged with it when received.
+    epoch: AtomicU64,
 }
 
 impl ClientContext for Context {}
@@ -154,6 +204,8 @@ impl ConsumerContext for Context {
             .iter()
             .map(|e| e.partition())
             .collect();
+        // Records received from now on belong to a later assignment.
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         let commits = self
             .shared
             .lock()
@@ -163,14 +215,7 @@ impl ConsumerContext for Context {
         {
             tracing::warn!(error = %e, topic = %self.topic, "commit before revocation failed; settled events may be delivered again");
         }
-        let mut state = self.shared.lock();
-        for partition in &partitions {
-            state.partitions.remove(partition);
-        }
-        state
-            .dispatcher
-            .retain(|r| !partitions.contains(&r.partition), Instant::now());
-        drop(state);
+        self.shared.lock().revoke(&partitions);
         tracing::debug!(topic = %self.topic, ?partitions, "partitions revoked");
         self.shared.changed.notify_waiters();
     }
@@ -178,12 +223,11 @@ impl ConsumerContext for Context {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(assigned) => {
-                let mut state = self.shared.lock();
-                for element in assigned.elements_for_topic(&self.topic) {
-                    state.partitions.entry(element.partition()).or_default();
-                }
-                state.assigned = true;
-                drop(state);
+                let partitions = assigned.elements_for_topic(&self.topic);
+                self.shared.lock().assign(
+                    partitions.iter().map(|e| e.partition()),
+                    self.epoch.load(Ordering::Relaxed),
+                );
                 tracing::debug!(topic = %self.topic, partitions = assigned.count(), "partitions assigned");
                 self.shared.changed.notify_waiters();
             }
@@ -232,6 +276,7 @@ pub(super) async fn subscribe(
     let context = Context {
         shared: Arc::clone(&shared),
         topic: topic.to_string(),
+        epoch: AtomicU64::new(0),
     };
     let consumer: StreamConsumer<Context> = client
         .create_with_context(context)
@@ -241,18 +286,29 @@ pub(super) async fn subscribe(
         .map_err(|e| map(e, "subscribe"))?;
 
     let stop = CancellationToken::new();
-    let pump = Pump {
-        consumer,
+    let (received, to_decode) = mpsc::channel(DECODE_QUEUE);
+    let (recycle, spare) = mpsc::unbounded_channel();
+    let decoder = Decoder {
         shared: Arc::clone(&shared),
         producers,
         topic: topic.clone(),
         dead_letter: format!("{}{}", topic, config.dead_letter_suffix),
         max_event_bytes: config.max_event_bytes.get(),
+        delivery_timeout: config.delivery_timeout,
+        recycle,
+    };
+    let decoder_stop = stop.child_token();
+    let decoder = tokio::spawn(decoder.run(to_decode, decoder_stop.clone()));
+    let pump = Pump {
+        consumer,
+        shared: Arc::clone(&shared),
+        topic: topic.clone(),
         max_buffered: config.max_buffered.get(),
         commit_interval: config.commit_interval,
-        delivery_timeout: config.delivery_timeout,
+        received,
+        spare,
     };
-    let pump = tokio::spawn(pump.run(stop.clone()));
+    let pump = tokio::spawn(pump.run((decoder, decoder_stop), stop.clone()));
 
     // Return once the member owns its partitions, so events published from
     // now on are seen by the group.
@@ -286,22 +342,26 @@ pub(super) async fn subscribe(
 struct Pump {
     consumer: StreamConsumer<Context>,
     shared: Arc<Shared>,
-    /// For dead letters.
-    producers: Arc<super::ProducerSlot>,
     topic: Topic,
-    dead_letter: String,
-    max_event_bytes: usize,
     max_buffered: usize,
     commit_interval: Duration,
-    delivery_timeout: Duration,
+    /// Batches on their way to the decoder.
+    received: mpsc::Sender<RawBatch>,
+    /// Batches the decoder is done with, for reuse.
+    spare: mpsc::UnboundedReceiver<RawBatch>,
 }
 
 impl Pump {
-    async fn run(self, stop: CancellationToken) -> Result<()> {
+    /// Runs until `stop`, or a fatal error; then stops the decoder (its
+    /// task and token) and leaves the group.
+    async fn run(
+        mut self,
+        (decoder, decoder_stop): (tokio::task::JoinHandle<()>, CancellationToken),
+        stop: CancellationToken,
+    ) -> Result<()> {
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut full = false;
-        let mut batch = Vec::with_capacity(RECV_BATCH);
         loop {
             let drained = self.shared.changed.notified();
             tokio::select! {
@@ -316,19 +376,30 @@ impl Pump {
                 () = drained, if full => full = self.is_full(full),
                 received = self.consumer.recv(), if !full => match received {
                     Ok(message) => {
-                        self.accept(&message, &mut batch).await;
+                        let epoch = &self.consumer.context().epoch;
+                        let mut batch = self.spare.try_recv().unwrap_or_default();
+                        batch.push(&message, epoch.load(Ordering::Relaxed));
                         drop(message);
                         // Take what librdkafka already fetched without
-                        // waiting; decode outside the lock, then hand the
-                        // batch over and wake the subscription once.
+                        // waiting (a rebalance served by one of these polls
+                        // moves the epoch), and hand it over in one go.
                         for _ in 1..RECV_BATCH {
                             match self.consumer.recv().now_or_never() {
-                                Some(Ok(message)) => self.accept(&message, &mut batch).await,
+                                Some(Ok(message)) => {
+                                    batch.push(&message, epoch.load(Ordering::Relaxed));
+                                }
                                 _ => break,
                             }
                         }
-                        self.flush(&mut batch);
-                        self.shared.changed.notify_waiters();
+                        self.shared.lock().decoding += batch.records().len();
+                        tokio::select! {
+                            biased;
+                            () = stop.cancelled() => break,
+                            sent = self.received.send(batch) => if sent.is_err() {
+                                // The decoder stops only when told to.
+                                break;
+                            },
+                        }
                         full = self.is_full(full);
                     }
                     Err(e) if e.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::Fatal) => {
@@ -346,14 +417,28 @@ impl Pump {
                 },
             }
         }
-        self.commit(CommitMode::Sync);
+        // The decoder ends with the channel (or is stopped mid-way, leaving
+        // the rest uncommitted for the partitions' next reader); nothing
+        // reaches the buffer after it.
+        let Self {
+            consumer,
+            shared,
+            topic,
+            received,
+            ..
+        } = self;
+        drop(received);
+        decoder_stop.cancel();
+        if let Err(e) = decoder.await {
+            tracing::error!(error = %e, topic = %topic, "kafka decoder task failed");
+        }
+        commit(&consumer, &shared, &topic, CommitMode::Sync);
         {
-            let mut state = self.shared.lock();
+            let mut state = shared.lock();
             state.done = true;
         }
-        self.shared.changed.notify_waiters();
+        shared.changed.notify_waiters();
         // Leaving the group blocks until the broker answers: off the runtime.
-        let consumer = self.consumer;
         tokio::task::spawn_blocking(move || {
             consumer.unsubscribe();
             drop(consumer);
@@ -369,102 +454,213 @@ impl Pump {
         })
     }
 
-    /// Decodes one record into `batch`, or dead-letters it.
-    async fn accept(&self, message: &BorrowedMessage<'_>, batch: &mut Vec<Accepted>) {
-        let (partition, offset) = (message.partition(), message.offset());
-        let payload = message.payload().unwrap_or_default();
+    fn commit(&self, mode: CommitMode) {
+        commit(&self.consumer, &self.shared, &self.topic, mode);
+    }
+
+    /// Whether to stop taking records: from `max_buffered` buffered events
+    /// (those being decoded included) until the buffer has drained to half.
+    fn is_full(&self, was_full: bool) -> bool {
+        let state = self.shared.lock();
+        let buffered = state.dispatcher.len() + state.decoding;
+        drop(state);
+        if was_full {
+            buffered > self.max_buffered / 2
+        } else {
+            buffered >= self.max_buffered
+        }
+    }
+}
+
+/// Commits the offsets that moved since the last commit.
+fn commit(consumer: &StreamConsumer<Context>, shared: &Shared, topic: &Topic, mode: CommitMode) {
+    let commits = shared.lock().take_commits(topic.as_str(), None);
+    if commits.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&commits, mode) {
+        tracing::warn!(error = %e, topic = %topic, "offset commit failed; settled events may be delivered again");
+    }
+}
+
+/// Hands decoded records to the dispatcher, a few per lock, dropping those
+/// received before their partition's current assignment.
+fn hand_over(shared: &Shared, batch: &mut Vec<Accepted>) {
+    let now = Instant::now();
+    // Short critical sections, so the subscription can pull in between.
+    let mut records = batch.drain(..).peekable();
+    while records.peek().is_some() {
+        let mut state = shared.lock();
+        let State {
+            dispatcher,
+            partitions,
+            ..
+        } = &mut *state;
+        for Accepted { key, epoch, record } in records.by_ref().take(HANDOFF_CHUNK) {
+            let Some(p) = partitions
+                .get_mut(&record.partition)
+                .filter(|p| p.admits(epoch))
+            else {
+                // Revoked while this record was on its way: its next
+                // owner reads it again.
+                continue;
+            };
+            p.pending.insert(record.offset);
+            p.high = Some(
+                p.high
+                    .map_or(record.offset + 1, |h| h.max(record.offset + 1)),
+            );
+            dispatcher.push(key, record, now);
+        }
+    }
+}
+
+/// Decodes received batches into the dispatcher, in arrival order.
+struct Decoder {
+    shared: Arc<Shared>,
+    /// For dead letters.
+    producers: Arc<super::ProducerSlot>,
+    topic: Topic,
+    dead_letter: String,
+    max_event_bytes: usize,
+    delivery_timeout: Duration,
+    /// Hands emptied batches back to the pump.
+    recycle: mpsc::UnboundedSender<RawBatch>,
+}
+
+impl Decoder {
+    async fn run(self, mut received: mpsc::Receiver<RawBatch>, stop: CancellationToken) {
+        let mut accepted = Vec::with_capacity(RECV_BATCH);
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                batch = received.recv() => match batch {
+                    Some(batch) => batch,
+                    None => return,
+                },
+            };
+            for record in batch.records() {
+                if !self.accept(&batch, record, &mut accepted, &stop).await {
+                    return;
+                }
+            }
+            self.flush(&mut accepted);
+            {
+                let mut state = self.shared.lock();
+                state.decoding = state.decoding.saturating_sub(batch.records().len());
+            }
+            self.shared.changed.notify_waiters();
+            if let Some(batch) = batch.recycle() {
+                // The pump may be gone; the batch is then simply dropped.
+                let _ = self.recycle.send(batch);
+            }
+        }
+    }
+
+    /// Decodes one record into `accepted`, or dead-letters it; `false` when
+    /// stopped while dead-lettering.
+    async fn accept(
+        &self,
+        batch: &RawBatch,
+        record: &RawRecord,
+        accepted: &mut Vec<Accepted>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let payload = batch.payload(record);
         let decoded = if payload.len() > self.max_event_bytes {
             Err(Error::new(ErrorKind::EventTooLarge {
                 size: payload.len(),
                 limit: self.max_event_bytes,
             }))
         } else {
-            let headers = message
-                .headers()
-                .into_iter()
-                .flat_map(|headers| headers.iter().map(|h| (h.key, h.value.unwrap_or_default())));
+            let headers = batch
+                .headers(record)
+                .map(|(name, value)| (name, value.unwrap_or_default()));
             Binding::KAFKA.decode(headers, payload)
         };
         match decoded {
             Ok(event) => {
-                let key = message
-                    .key()
+                let key = batch
+                    .key(record)
                     .map(|k| Arc::from(String::from_utf8_lossy(k).as_ref()))
                     .or_else(|| event.partition_key().map(Arc::from));
-                batch.push(Accepted {
+                accepted.push(Accepted {
                     key,
+                    epoch: record.epoch,
                     record: Record {
-                        partition,
-                        offset,
+                        partition: record.partition,
+                        offset: record.offset,
                         event: Arc::new(event),
                     },
                 });
+                true
             }
             Err(reason) => {
                 // Keep arrival order: what was decoded before goes first.
-                self.flush(batch);
-                self.dead_letter(message, &reason).await;
+                self.flush(accepted);
+                if !self.admitted(record) {
+                    // Revoked since: its next owner reads it again.
+                    return true;
+                }
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return false,
+                    () = self.dead_letter(batch, record, &reason) => {}
+                }
                 // The bad record is kept on the dead-letter topic: settled.
                 let mut state = self.shared.lock();
-                if let Some(p) = state.partitions.get_mut(&partition) {
-                    p.high = Some(p.high.map_or(offset + 1, |h| h.max(offset + 1)));
+                if let Some(p) = state
+                    .partitions
+                    .get_mut(&record.partition)
+                    .filter(|p| p.admits(record.epoch))
+                {
+                    p.high = Some(
+                        p.high
+                            .map_or(record.offset + 1, |h| h.max(record.offset + 1)),
+                    );
                 }
+                true
             }
         }
     }
 
-    /// Hands decoded records to the dispatcher under one lock.
-    fn flush(&self, batch: &mut Vec<Accepted>) {
-        let now = Instant::now();
-        // Short critical sections, so the subscription can pull in between.
-        let mut records = batch.drain(..).peekable();
-        while records.peek().is_some() {
-            let mut state = self.shared.lock();
-            let State {
-                dispatcher,
-                partitions,
-                ..
-            } = &mut *state;
-            for Accepted { key, record } in records.by_ref().take(HANDOFF_CHUNK) {
-                let Some(p) = partitions.get_mut(&record.partition) else {
-                    // Revoked while this record was in the fetch queue: its
-                    // next owner reads it again.
-                    continue;
-                };
-                p.pending.insert(record.offset);
-                p.high = Some(
-                    p.high
-                        .map_or(record.offset + 1, |h| h.max(record.offset + 1)),
-                );
-                dispatcher.push(key, record, now);
-            }
-        }
+    /// Whether `record`'s partition is still assigned as when it was received.
+    fn admitted(&self, record: &RawRecord) -> bool {
+        self.shared
+            .lock()
+            .partitions
+            .get(&record.partition)
+            .is_some_and(|p| p.admits(record.epoch))
+    }
+
+    /// Hands decoded records to the dispatcher.
+    fn flush(&self, accepted: &mut Vec<Accepted>) {
+        hand_over(&self.shared, accepted);
     }
 
     /// Copies a record that cannot be delivered to the dead-letter topic,
     /// retrying until the broker has it.
-    async fn dead_letter(&self, message: &BorrowedMessage<'_>, reason: &Error) {
+    async fn dead_letter(&self, batch: &RawBatch, record: &RawRecord, reason: &Error) {
         tracing::error!(
             topic = %self.topic,
-            partition = message.partition(),
-            offset = message.offset(),
+            partition = record.partition,
+            offset = record.offset,
             error = %reason,
             dead_letter_topic = %self.dead_letter,
             "undeliverable record moved to the dead-letter topic"
         );
         let reason = reason.to_string();
-        let partition = message.partition().to_string();
-        let offset = message.offset().to_string();
+        let partition = record.partition.to_string();
+        let offset = record.offset.to_string();
+        let key = batch
+            .key(record)
+            .map(|k| String::from_utf8_lossy(k).into_owned());
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut headers = OwnedHeaders::new();
-            if let Some(original) = message.headers() {
-                for h in original.iter() {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
+            for (key, value) in batch.headers(record) {
+                headers = headers.insert(Header { key, value });
             }
             for (key, value) in [
                 ("dlq-reason", reason.as_str()),
@@ -477,16 +673,13 @@ impl Pump {
                     value: Some(value.as_bytes()),
                 });
             }
-            let key = message
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned());
             let producer = self.producers.get();
             let sent = match enqueue_record(
                 &producer,
                 &self.dead_letter,
                 key.as_deref(),
                 headers,
-                message.payload().unwrap_or_default(),
+                batch.payload(record),
                 self.delivery_timeout,
             )
             .await
@@ -505,25 +698,94 @@ impl Pump {
             }
         }
     }
+}
 
-    fn commit(&self, mode: CommitMode) {
-        let commits = self.shared.lock().take_commits(self.topic.as_str(), None);
-        if commits.count() == 0 {
-            return;
-        }
-        if let Err(e) = self.consumer.commit(&commits, mode) {
-            tracing::warn!(error = %e, topic = %self.topic, "offset commit failed; settled events may be delivered again");
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::AttributesReader as _;
+
+    use crate::event::CloudEventBuilder;
+
+    fn accepted(partition: i32, offset: i64, epoch: u64) -> Accepted {
+        let event = CloudEventBuilder::new("t", "/s")
+            .id(format!("{partition}-{offset}-{epoch}"))
+            .build()
+            .expect("event");
+        Accepted {
+            key: Some(Arc::from(format!("{partition}-{offset}-{epoch}"))),
+            epoch,
+            record: Record {
+                partition,
+                offset,
+                event: Arc::new(event),
+            },
         }
     }
 
-    /// Whether to stop taking records: from `max_buffered` buffered events
-    /// until the buffer has drained to half.
-    fn is_full(&self, was_full: bool) -> bool {
-        let buffered = self.shared.lock().dispatcher.len();
-        if was_full {
-            buffered > self.max_buffered / 2
-        } else {
-            buffered >= self.max_buffered
+    fn buffered(shared: &Shared) -> Vec<String> {
+        // Every record has a key of its own, so all are deliverable.
+        let mut state = shared.lock();
+        let mut ids = Vec::new();
+        while let Ok(pulled) = state
+            .dispatcher
+            .pull(Instant::now(), Duration::from_secs(60))
+        {
+            ids.push(pulled.msg.event.id().to_owned());
         }
+        ids
+    }
+
+    /// A record still on its way to the decoder when its partition was
+    /// revoked and assigned again is not buffered: the partition's new
+    /// assignment reads it again from the committed offset.
+    #[test]
+    fn records_from_before_a_reassignment_are_dropped() {
+        let shared = Shared::default();
+        shared.lock().assign([0, 1], 0);
+        hand_over(&shared, &mut vec![accepted(0, 10, 0), accepted(1, 20, 0)]);
+        assert_eq!(buffered(&shared), ["0-10-0", "1-20-0"]);
+
+        // Both revoked (epoch 0 → 1), only partition 0 assigned again.
+        shared.lock().revoke(&HashSet::from([0, 1]));
+        shared.lock().assign([0], 1);
+        let mut late = vec![
+            accepted(0, 11, 0),
+            accepted(1, 21, 0),
+            accepted(0, 11, 1),
+            accepted(2, 5, 1),
+        ];
+        hand_over(&shared, &mut late);
+        assert!(late.is_empty());
+        assert_eq!(
+            buffered(&shared),
+            ["0-11-1"],
+            "only the current assignment's"
+        );
+
+        let mut state = shared.lock();
+        let p = &state.partitions[&0];
+        assert_eq!(p.pending, BTreeSet::from([11]));
+        assert_eq!(p.high, Some(12));
+        assert!(!state.partitions.contains_key(&1));
+        let commits = state.take_commits("t", None);
+        assert_eq!(
+            commits.find_partition("t", 0).map(|e| e.offset()),
+            Some(Offset::Offset(11)),
+            "the unsettled record holds the commit point"
+        );
+    }
+
+    /// Revoking drops what was buffered of the revoked partitions only.
+    #[test]
+    fn revoking_drops_only_the_revoked_partitions_records() {
+        let shared = Shared::default();
+        shared.lock().assign([0, 1], 0);
+        hand_over(&shared, &mut vec![accepted(0, 1, 0), accepted(1, 1, 0)]);
+        shared.lock().revoke(&HashSet::from([1]));
+        assert_eq!(buffered(&shared), ["0-1-0"]);
+        // Assigning a partition that is still held keeps its state.
+        shared.lock().assign([0], 7);
+        assert_eq!(shared.lock().partitions[&0].since, 0);
     }
 }
