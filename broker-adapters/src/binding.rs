@@ -180,6 +180,27 @@ impl Binding {
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
+        self.decode_payload(headers, Payload::Borrowed(payload))
+    }
+
+    /// Like [`decode`](Self::decode), but a binary-mode payload becomes the
+    /// event's data without a copy: `payload` is left empty when the event
+    /// took it, and untouched when decoding fails (to dead-letter it, say).
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Self::decode).
+    pub fn decode_owned<'a, I>(&self, headers: I, payload: &mut Vec<u8>) -> Result<Event>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        self.decode_payload(headers, Payload::Owned(payload))
+    }
+
+    fn decode_payload<'a, I>(&self, headers: I, payload: Payload<'_>) -> Result<Event>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
         let mut spec_version = None;
         // Attribute names borrow the header names unless they need
         // lowercasing; each value is copied once, into the event.
@@ -216,7 +237,7 @@ impl Binding {
                 .is_some_and(|head| head.eq_ignore_ascii_case(CLOUDEVENTS_JSON))
         });
         if structured {
-            return crate::event::from_json_slice(payload)
+            return crate::event::from_json_slice(payload.bytes())
                 .map_err(|e| decode_error("a structured CloudEvent", e));
         }
         let Some(spec_version) = spec_version else {
@@ -233,15 +254,22 @@ impl Binding {
         let spec_version = SpecVersion::try_from(spec_version.as_str())
             .map_err(|e| decode_error("the spec version", e))?;
         if spec_version == SpecVersion::V10 {
-            match build_v10(attributes, payload) {
-                Ok(built) => return built.map_err(|e| decode_error("a binary-mode CloudEvent", e)),
+            match build_v10(attributes, payload.bytes()) {
+                Ok(Ok(mut event)) => {
+                    if event.data().is_some() {
+                        // Valid: the payload goes in as the data.
+                        event.set_data_unchecked(Data::Binary(payload.take()));
+                    }
+                    return Ok(event);
+                }
+                Ok(Err(e)) => return Err(decode_error("a binary-mode CloudEvent", e)),
                 Err(back) => attributes = back,
             }
         }
         BinaryMessage {
             spec_version,
             attributes,
-            payload,
+            payload: payload.bytes(),
         }
         .into_event()
         .map_err(|e| decode_error("a binary-mode CloudEvent", e))
@@ -320,11 +348,37 @@ fn decode_error(
 /// unescaped values.
 type Attributes<'n> = Vec<(Cow<'n, str>, String)>;
 
+/// A payload being decoded: borrowed (its bytes are copied into the event)
+/// or owned (moved into it, once the event is known to be valid).
+enum Payload<'p> {
+    Borrowed(&'p [u8]),
+    Owned(&'p mut Vec<u8>),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Borrowed(bytes) => bytes,
+            Self::Owned(bytes) => bytes,
+        }
+    }
+
+    /// The bytes as the event's data.
+    fn take(self) -> Vec<u8> {
+        match self {
+            Self::Borrowed(bytes) => bytes.to_vec(),
+            Self::Owned(bytes) => std::mem::take(bytes),
+        }
+    }
+}
+
 /// Builds a CloudEvents 1.0 event from binary-mode attributes, moving each
 /// value into it: the common case, without the SDK's generic path (which
 /// formats every value into a new string). Hands the attributes back for
 /// that path when the typed builder cannot say the same thing: data without
-/// a content type, or a content type or schema without data.
+/// a content type, or a content type or schema without data. The data is
+/// left empty, for the caller to move the payload in once the event is
+/// valid.
 fn build_v10<'n>(
     attributes: Attributes<'n>,
     payload: &[u8],
@@ -355,7 +409,7 @@ fn build_v10<'n>(
         };
     }
     if let Some(content_type) = content_type {
-        let data = Data::Binary(payload.to_vec());
+        let data = Data::Binary(Vec::new());
         builder = match schema {
             Some(schema) => builder.data_with_schema(content_type, schema, data),
             None => builder.data(content_type, data),
@@ -600,6 +654,42 @@ mod tests {
             .expect("decodes");
             assert_eq!(direct, generic);
             assert_eq!(direct.id(), event.id());
+
+            let mut payload = m.payload.clone();
+            let owned = Binding::KAFKA
+                .decode_owned(
+                    m.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+                    &mut payload,
+                )
+                .expect("decodes");
+            assert_eq!(owned, generic);
+            assert!(payload.is_empty(), "the data took the payload");
+        }
+    }
+
+    /// A payload that does not become an event's data stays with the caller.
+    #[test]
+    fn decoding_an_owned_payload_leaves_it_on_failure() {
+        type Headers<'a> = Vec<(&'a str, &'a [u8])>;
+        let base: Headers<'_> = vec![
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"1"),
+            ("ce_type", b"t"),
+            ("content-type", b"application/json"),
+        ];
+        let bad_time = [&base[..], &[("ce_source", b"/s"), ("ce_time", b"soon")]].concat();
+        let bad_schema = [&base[..], &[("ce_source", b"/s"), ("ce_dataschema", b"::")]].concat();
+        for (headers, needle) in [
+            (base, "source"),
+            (bad_time, "time"),
+            (bad_schema, "dataschema"),
+        ] {
+            let mut payload = br#"{"a":1}"#.to_vec();
+            let err = Binding::KAFKA
+                .decode_owned(headers, &mut payload)
+                .expect_err(needle);
+            assert!(err.to_string().contains(needle), "`{err}` lacks `{needle}`");
+            assert_eq!(payload, br#"{"a":1}"#, "kept for a dead letter");
         }
     }
 

@@ -1,17 +1,18 @@
 //! Records copied out of librdkafka by the consumer's pump, to be decoded on
 //! another task.
 //!
-//! The pump copies each record's headers, key and payload into one batch:
-//! all bytes in one buffer, header names in one string, and the places of
-//! each in two lists. A batch is reused once decoded, so in steady state
-//! handing records over allocates nothing.
+//! The pump copies each record into a batch: its payload into a vector of
+//! its own, which becomes the event's data without another copy; its
+//! headers and key into buffers the batch's records share (header values
+//! and keys in one, header names in one string), with the places of each in
+//! two lists. A batch is reused once decoded.
 
 use std::ops::Range;
 
 use rdkafka::Message;
 use rdkafka::message::Headers as _;
 
-/// Batches whose buffers grew past this are dropped rather than reused.
+/// Batches whose shared buffer grew past this are dropped rather than reused.
 const KEEP_BYTES: usize = 8 * 1024 * 1024;
 
 /// One record's place in its batch.
@@ -23,8 +24,9 @@ pub(super) struct RawRecord {
     /// from before its partition was last assigned is stale.
     pub(super) epoch: u64,
     key: Option<Range<usize>>,
-    payload: Range<usize>,
     headers: Range<usize>,
+    /// Taken by the event it decodes into; left for a dead letter.
+    pub(super) payload: Vec<u8>,
 }
 
 /// One header's name (in `names`) and value (in `bytes`).
@@ -32,6 +34,32 @@ pub(super) struct RawRecord {
 struct RawHeader {
     name: Range<usize>,
     value: Option<Range<usize>>,
+}
+
+/// The headers and keys of a batch's records.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RawView<'b> {
+    headers: &'b [RawHeader],
+    bytes: &'b [u8],
+    names: &'b str,
+}
+
+impl<'b> RawView<'b> {
+    /// `record`'s key.
+    pub(super) fn key(&self, record: &RawRecord) -> Option<&'b [u8]> {
+        record.key.clone().map(|k| &self.bytes[k])
+    }
+
+    /// `record`'s headers, in their order on the record.
+    pub(super) fn headers(
+        &self,
+        record: &RawRecord,
+    ) -> impl Iterator<Item = (&'b str, Option<&'b [u8]>)> + use<'b> {
+        let (names, bytes) = (self.names, self.bytes);
+        self.headers[record.headers.clone()]
+            .iter()
+            .map(move |h| (&names[h.name.clone()], h.value.clone().map(|v| &bytes[v])))
+    }
 }
 
 /// Records received in one go, in arrival order.
@@ -57,14 +85,13 @@ impl RawBatch {
             }
         }
         let key = message.key().map(|k| self.put(k));
-        let payload = self.put(message.payload().unwrap_or_default());
         self.records.push(RawRecord {
             partition: message.partition(),
             offset: message.offset(),
             epoch,
             key,
-            payload,
             headers: first..self.headers.len(),
+            payload: message.payload().unwrap_or_default().to_vec(),
         });
     }
 
@@ -74,32 +101,19 @@ impl RawBatch {
         start..self.bytes.len()
     }
 
-    /// The records, in arrival order.
-    pub(super) fn records(&self) -> &[RawRecord] {
-        &self.records
+    /// How many records the batch holds.
+    pub(super) fn len(&self) -> usize {
+        self.records.len()
     }
 
-    /// `record`'s key.
-    pub(super) fn key(&self, record: &RawRecord) -> Option<&[u8]> {
-        record.key.clone().map(|k| &self.bytes[k])
-    }
-
-    /// `record`'s payload (empty when it had none).
-    pub(super) fn payload(&self, record: &RawRecord) -> &[u8] {
-        &self.bytes[record.payload.clone()]
-    }
-
-    /// `record`'s headers, in their order on the record.
-    pub(super) fn headers<'b>(
-        &'b self,
-        record: &RawRecord,
-    ) -> impl Iterator<Item = (&'b str, Option<&'b [u8]>)> + 'b {
-        self.headers[record.headers.clone()].iter().map(|h| {
-            (
-                &self.names[h.name.clone()],
-                h.value.clone().map(|v| &self.bytes[v]),
-            )
-        })
+    /// The records, in arrival order, beside what they share.
+    pub(super) fn split(&mut self) -> (&mut [RawRecord], RawView<'_>) {
+        let view = RawView {
+            headers: &self.headers,
+            bytes: &self.bytes,
+            names: &self.names,
+        };
+        (&mut self.records, view)
     }
 
     /// Empties the batch for reuse; `None` when it grew too large to keep.
@@ -158,25 +172,26 @@ mod tests {
         batch.push(&message(Some(b"{\"a\":1}"), Some(b"k1"), first, 7), 0);
         batch.push(&message(None, None, &[], 8), 2);
         batch.push(&message(Some(b"x"), Some(b""), &[("h", Some(b"v"))], 9), 2);
-        assert_eq!(batch.records().len(), 3);
 
-        let [a, b, c] = batch.records() else {
+        let (records, view) = batch.split();
+        let [a, b, c] = records else {
             panic!("three records");
         };
         assert_eq!((a.partition, a.offset, a.epoch), (3, 7, 0));
-        assert_eq!(batch.payload(a), b"{\"a\":1}");
-        assert_eq!(batch.key(a), Some(&b"k1"[..]));
-        assert_eq!(batch.headers(a).collect::<Vec<_>>(), first);
+        assert_eq!(a.payload, b"{\"a\":1}");
+        assert_eq!(view.key(a), Some(&b"k1"[..]));
+        assert_eq!(view.headers(a).collect::<Vec<_>>(), first);
 
         assert_eq!((b.offset, b.epoch), (8, 2));
-        assert_eq!(batch.payload(b), b"");
-        assert_eq!(batch.key(b), None);
-        assert_eq!(batch.headers(b).count(), 0);
+        assert_eq!(b.payload, b"");
+        assert_eq!(view.key(b), None);
+        assert_eq!(view.headers(b).count(), 0);
 
-        assert_eq!(batch.payload(c), b"x");
-        assert_eq!(batch.key(c), Some(&b""[..]), "an empty key is not no key");
+        // A taken payload leaves the rest of the record readable.
+        assert_eq!(std::mem::take(&mut c.payload), b"x");
+        assert_eq!(view.key(c), Some(&b""[..]), "an empty key is not no key");
         assert_eq!(
-            batch.headers(c).collect::<Vec<_>>(),
+            view.headers(c).collect::<Vec<_>>(),
             [("h", Some(&b"v"[..]))]
         );
     }
@@ -185,12 +200,12 @@ mod tests {
     fn a_recycled_batch_is_empty_and_a_huge_one_is_dropped() {
         let mut batch = RawBatch::default();
         batch.push(&message(Some(b"p"), Some(b"k"), &[("h", Some(b"v"))], 1), 0);
-        let batch = batch.recycle().expect("small batches are kept");
-        assert!(batch.records().is_empty());
+        let mut batch = batch.recycle().expect("small batches are kept");
+        assert!(batch.split().0.is_empty());
         assert!(batch.headers.is_empty() && batch.bytes.is_empty() && batch.names.is_empty());
 
         let mut huge = RawBatch::default();
-        huge.push(&message(Some(&vec![0; KEEP_BYTES + 1]), None, &[], 1), 0);
+        huge.push(&message(None, Some(&vec![0; KEEP_BYTES + 1]), &[], 1), 0);
         assert!(huge.recycle().is_none());
     }
 }

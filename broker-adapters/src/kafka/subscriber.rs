@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::KafkaConfig;
 use super::error::{SYSTEM, map};
-use super::raw::{RawBatch, RawRecord};
+use super::raw::{RawBatch, RawRecord, RawView};
 use super::{acknowledged, enqueue_record};
 use crate::binding::Binding;
 use crate::dispatch::Dispatcher;
@@ -391,7 +391,7 @@ impl Pump {
                                 _ => break,
                             }
                         }
-                        self.shared.lock().decoding += batch.records().len();
+                        self.shared.lock().decoding += batch.len();
                         tokio::select! {
                             biased;
                             () = stop.cancelled() => break,
@@ -532,7 +532,7 @@ impl Decoder {
     async fn run(self, mut received: mpsc::Receiver<RawBatch>, stop: CancellationToken) {
         let mut accepted = Vec::with_capacity(RECV_BATCH);
         loop {
-            let batch = tokio::select! {
+            let mut batch = tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
                 batch = received.recv() => match batch {
@@ -540,15 +540,17 @@ impl Decoder {
                     None => return,
                 },
             };
-            for record in batch.records() {
-                if !self.accept(&batch, record, &mut accepted, &stop).await {
+            let (records, view) = batch.split();
+            let received = records.len();
+            for record in records {
+                if !self.accept(view, record, &mut accepted, &stop).await {
                     return;
                 }
             }
             self.flush(&mut accepted);
             {
                 let mut state = self.shared.lock();
-                state.decoding = state.decoding.saturating_sub(batch.records().len());
+                state.decoding = state.decoding.saturating_sub(received);
             }
             self.shared.changed.notify_waiters();
             if let Some(batch) = batch.recycle() {
@@ -562,26 +564,26 @@ impl Decoder {
     /// stopped while dead-lettering.
     async fn accept(
         &self,
-        batch: &RawBatch,
-        record: &RawRecord,
+        view: RawView<'_>,
+        record: &mut RawRecord,
         accepted: &mut Vec<Accepted>,
         stop: &CancellationToken,
     ) -> bool {
-        let payload = batch.payload(record);
-        let decoded = if payload.len() > self.max_event_bytes {
+        let size = record.payload.len();
+        let decoded = if size > self.max_event_bytes {
             Err(Error::new(ErrorKind::EventTooLarge {
-                size: payload.len(),
+                size,
                 limit: self.max_event_bytes,
             }))
         } else {
-            let headers = batch
+            let headers = view
                 .headers(record)
                 .map(|(name, value)| (name, value.unwrap_or_default()));
-            Binding::KAFKA.decode(headers, payload)
+            Binding::KAFKA.decode_owned(headers, &mut record.payload)
         };
         match decoded {
             Ok(event) => {
-                let key = batch
+                let key = view
                     .key(record)
                     .map(|k| Arc::from(String::from_utf8_lossy(k).as_ref()))
                     .or_else(|| event.partition_key().map(Arc::from));
@@ -606,7 +608,7 @@ impl Decoder {
                 tokio::select! {
                     biased;
                     () = stop.cancelled() => return false,
-                    () = self.dead_letter(batch, record, &reason) => {}
+                    () = self.dead_letter(view, record, &reason) => {}
                 }
                 // The bad record is kept on the dead-letter topic: settled.
                 let mut state = self.shared.lock();
@@ -641,7 +643,7 @@ impl Decoder {
 
     /// Copies a record that cannot be delivered to the dead-letter topic,
     /// retrying until the broker has it.
-    async fn dead_letter(&self, batch: &RawBatch, record: &RawRecord, reason: &Error) {
+    async fn dead_letter(&self, view: RawView<'_>, record: &RawRecord, reason: &Error) {
         tracing::error!(
             topic = %self.topic,
             partition = record.partition,
@@ -653,13 +655,13 @@ impl Decoder {
         let reason = reason.to_string();
         let partition = record.partition.to_string();
         let offset = record.offset.to_string();
-        let key = batch
+        let key = view
             .key(record)
             .map(|k| String::from_utf8_lossy(k).into_owned());
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut headers = OwnedHeaders::new();
-            for (key, value) in batch.headers(record) {
+            for (key, value) in view.headers(record) {
                 headers = headers.insert(Header { key, value });
             }
             for (key, value) in [
@@ -679,7 +681,7 @@ impl Decoder {
                 &self.dead_letter,
                 key.as_deref(),
                 headers,
-                batch.payload(record),
+                &record.payload,
                 self.delivery_timeout,
             )
             .await
