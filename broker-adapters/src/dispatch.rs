@@ -8,10 +8,11 @@
 
 pub(crate) mod buffered;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use tokio::time::Instant;
 
 use crate::subscriber::AckKind;
@@ -58,6 +59,11 @@ pub(crate) struct Dispatcher<M> {
     len: usize,
     ready: BTreeMap<u64, Ready>,
     in_flight: HashMap<u64, InFlight>,
+    /// No delivery in flight has an earlier ack deadline (`None`: none in
+    /// flight since the last look). Kept low, not exact, as deliveries are
+    /// settled, so a hand-out looks for expired deliveries only once this
+    /// has passed.
+    expiry_bound: Option<Instant>,
     /// A key is present while one of its messages is ready or in flight; the
     /// queue holds its later messages, in order.
     held: HashMap<Arc<str>, VecDeque<u64>>,
@@ -72,8 +78,9 @@ impl<M> Default for Dispatcher<M> {
             base: 0,
             len: 0,
             ready: BTreeMap::new(),
-            in_flight: HashMap::new(),
-            held: HashMap::new(),
+            in_flight: HashMap::default(),
+            expiry_bound: None,
+            held: HashMap::default(),
             next_seq: 0,
             next_token: 0,
         }
@@ -150,12 +157,14 @@ impl<M> Dispatcher<M> {
         self.next_token += 1;
         let token = self.next_token;
         let attempt = attempts.saturating_add(1);
+        let deadline = now + ack_wait;
+        self.lower_expiry_bound(deadline);
         self.in_flight.insert(
             seq,
             InFlight {
                 token,
                 attempt,
-                deadline: now + ack_wait,
+                deadline,
             },
         );
         let index = seq
@@ -225,6 +234,7 @@ impl<M> Dispatcher<M> {
         match self.in_flight.get_mut(&seq) {
             Some(f) if f.token == token => {
                 f.deadline = deadline;
+                self.lower_expiry_bound(deadline);
                 true
             }
             _ => false,
@@ -254,13 +264,26 @@ impl<M> Dispatcher<M> {
         }
     }
 
+    fn lower_expiry_bound(&mut self, deadline: Instant) {
+        self.expiry_bound = Some(self.expiry_bound.map_or(deadline, |b| b.min(deadline)));
+    }
+
+    /// Makes the deliveries whose ack deadline passed ready again, and the
+    /// expiry bound exact.
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<(u64, u32)> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(seq, f)| (*seq, f.attempt))
-            .collect();
+        if self.expiry_bound.is_none_or(|bound| bound > now) {
+            return;
+        }
+        let mut expired = Vec::new();
+        let mut earliest = None::<Instant>;
+        for (seq, f) in &self.in_flight {
+            if f.deadline <= now {
+                expired.push((*seq, f.attempt));
+            } else {
+                earliest = Some(earliest.map_or(f.deadline, |e| e.min(f.deadline)));
+            }
+        }
+        self.expiry_bound = earliest;
         for (seq, attempts) in expired {
             self.in_flight.remove(&seq);
             self.ready.insert(
@@ -291,10 +314,11 @@ impl<M> Dispatcher<M> {
         }
     }
 
+    /// When something may next be due: a delayed redelivery, or an ack
+    /// deadline (at the bound, so possibly early, never late).
     fn wake_at(&self) -> Option<Instant> {
         let ready = self.ready.values().map(|r| r.not_before);
-        let deadlines = self.in_flight.values().map(|f| f.deadline);
-        ready.chain(deadlines).min()
+        ready.chain(self.expiry_bound).min()
     }
 }
 
@@ -467,5 +491,282 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d.pull(now, WAIT).expect("a2").msg.1, "a2");
         assert!(d.pull(now, WAIT).is_err());
+    }
+
+    mod model {
+        //! The dispatcher beside a naive model of it: every message's state
+        //! in a list, every rule applied by a scan.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum St {
+            Held,
+            Ready {
+                attempts: u32,
+                not_before: Instant,
+            },
+            InFlight {
+                token: u64,
+                attempt: u32,
+                deadline: Instant,
+            },
+            Gone,
+        }
+
+        #[derive(Default)]
+        struct Model {
+            msgs: Vec<(Option<u8>, St)>,
+            next_token: u64,
+        }
+
+        impl Model {
+            fn active(&self, key: u8) -> bool {
+                self.msgs.iter().any(|(k, st)| {
+                    *k == Some(key) && matches!(st, St::Ready { .. } | St::InFlight { .. })
+                })
+            }
+
+            fn promote(&mut self, key: Option<u8>, now: Instant) {
+                let Some(key) = key else { return };
+                if self.active(key) {
+                    return;
+                }
+                if let Some((_, st)) = self
+                    .msgs
+                    .iter_mut()
+                    .find(|(k, st)| *k == Some(key) && *st == St::Held)
+                {
+                    *st = St::Ready {
+                        attempts: 0,
+                        not_before: now,
+                    };
+                }
+            }
+
+            fn push(&mut self, key: Option<u8>, now: Instant) {
+                let held = key.is_some_and(|k| {
+                    self.msgs
+                        .iter()
+                        .any(|(m, st)| *m == Some(k) && *st != St::Gone)
+                });
+                let st = if held {
+                    St::Held
+                } else {
+                    St::Ready {
+                        attempts: 0,
+                        not_before: now,
+                    }
+                };
+                self.msgs.push((key, st));
+            }
+
+            fn pull(
+                &mut self,
+                now: Instant,
+                wait: Duration,
+            ) -> Result<(u64, u64, u32), Option<Instant>> {
+                for (_, st) in &mut self.msgs {
+                    if let St::InFlight {
+                        attempt, deadline, ..
+                    } = *st
+                        && deadline <= now
+                    {
+                        *st = St::Ready {
+                            attempts: attempt,
+                            not_before: now,
+                        };
+                    }
+                }
+                let due = self.msgs.iter().position(
+                    |(_, st)| matches!(st, St::Ready { not_before, .. } if *not_before <= now),
+                );
+                let Some(seq) = due else {
+                    return Err(self
+                        .msgs
+                        .iter()
+                        .filter_map(|(_, st)| match st {
+                            St::Ready { not_before, .. } => Some(*not_before),
+                            St::InFlight { deadline, .. } => Some(*deadline),
+                            _ => None,
+                        })
+                        .min());
+                };
+                let St::Ready { attempts, .. } = self.msgs[seq].1 else {
+                    unreachable!("found ready");
+                };
+                self.next_token += 1;
+                let attempt = attempts + 1;
+                self.msgs[seq].1 = St::InFlight {
+                    token: self.next_token,
+                    attempt,
+                    deadline: now + wait,
+                };
+                Ok((seq as u64, self.next_token, attempt))
+            }
+
+            fn settle(
+                &mut self,
+                seq: u64,
+                token: u64,
+                kind: AckKind,
+                now: Instant,
+            ) -> Settled<u64> {
+                let Some((key, st)) = self.msgs.get(seq as usize).copied() else {
+                    return Settled::Stale;
+                };
+                match kind {
+                    AckKind::Nack(delay) => match st {
+                        St::InFlight {
+                            token: t, attempt, ..
+                        } if t == token => {
+                            self.msgs[seq as usize].1 = St::Ready {
+                                attempts: attempt,
+                                not_before: now + delay.unwrap_or_default(),
+                            };
+                            Settled::Requeued
+                        }
+                        _ => Settled::Stale,
+                    },
+                    AckKind::Ack | AckKind::Term => match st {
+                        St::Ready { .. } | St::InFlight { .. } => {
+                            self.msgs[seq as usize].1 = St::Gone;
+                            self.promote(key, now);
+                            Settled::Done(seq)
+                        }
+                        _ => Settled::Stale,
+                    },
+                }
+            }
+
+            fn touch(&mut self, seq: u64, token: u64, to: Instant) -> bool {
+                match self.msgs.get_mut(seq as usize) {
+                    Some((
+                        _,
+                        St::InFlight {
+                            token: t, deadline, ..
+                        },
+                    )) if *t == token => {
+                        *deadline = to;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+
+            fn retain(&mut self, keep: impl Fn(u64) -> bool, now: Instant) {
+                for seq in 0..self.msgs.len() {
+                    let (key, st) = self.msgs[seq];
+                    if st == St::Gone || keep(seq as u64) {
+                        continue;
+                    }
+                    self.msgs[seq].1 = St::Gone;
+                    if st != St::Held {
+                        self.promote(key, now);
+                    }
+                }
+            }
+
+            fn len(&self) -> usize {
+                self.msgs.iter().filter(|(_, st)| *st != St::Gone).count()
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push(Option<u8>),
+            Pull(u64),
+            Settle(usize, u8),
+            Touch(usize, u64),
+            Advance(u64),
+            Retain(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => proptest::option::weighted(0.8, 0..4u8).prop_map(Op::Push),
+                4 => (1..4u64).prop_map(Op::Pull),
+                4 => (any::<usize>(), 0..4u8).prop_map(|(i, k)| Op::Settle(i, k)),
+                1 => (any::<usize>(), 0..6u64).prop_map(|(i, s)| Op::Touch(i, s)),
+                2 => (0..4u64).prop_map(Op::Advance),
+                1 => (0..5u64).prop_map(Op::Retain),
+            ]
+        }
+
+        proptest! {
+            /// Hand-outs, settlements and wake-up times agree with the
+            /// model; a wake-up may come early (the expiry bound), never
+            /// late.
+            #[test]
+            fn the_dispatcher_behaves_as_the_model(ops in proptest::collection::vec(op(), 1..120)) {
+                let start = Instant::now();
+                let mut now = start;
+                let mut d = Dispatcher::default();
+                let mut m = Model::default();
+                let mut handed: Vec<(u64, u64)> = Vec::new();
+                let mut pushed = 0u64;
+                for op in ops {
+                    match op {
+                        Op::Push(key) => {
+                            d.push(key.map(|k| Arc::from(k.to_string())), pushed, now);
+                            m.push(key, now);
+                            pushed += 1;
+                        }
+                        Op::Pull(wait) => {
+                            let wait = Duration::from_secs(wait);
+                            let got = d.pull(now, wait).map(|p| {
+                                prop_assert_eq!(*p.msg, p.seq);
+                                Ok((p.seq, p.token, p.attempt))
+                            });
+                            let want = m.pull(now, wait);
+                            match (got, want) {
+                                (Ok(got), Ok(want)) => {
+                                    let got = got?;
+                                    prop_assert_eq!(got, want);
+                                    handed.push((got.0, got.1));
+                                }
+                                (Err(got), Err(want)) => match (got, want) {
+                                    (Some(got), Some(want)) => prop_assert!(got <= want && got > now),
+                                    (got, None) => prop_assert!(got.is_none_or(|g| g > now)),
+                                    (None, Some(want)) => prop_assert!(false, "no wake-up, one due at {want:?}"),
+                                },
+                                (got, want) => prop_assert!(false, "{:?} against {want:?}", got.map(|_| ())),
+                            }
+                        }
+                        Op::Settle(i, kind) => {
+                            if handed.is_empty() { continue; }
+                            let (seq, token) = handed[i % handed.len()];
+                            let kind = match kind {
+                                0 => AckKind::Ack,
+                                1 => AckKind::Term,
+                                2 => AckKind::Nack(None),
+                                _ => AckKind::Nack(Some(Duration::from_secs(2))),
+                            };
+                            let got = d.settle(seq, token, kind, now);
+                            let want = m.settle(seq, token, kind, now);
+                            let same = match (&got, &want) {
+                                (Settled::Done(a), Settled::Done(b)) => a == b,
+                                (Settled::Requeued, Settled::Requeued) | (Settled::Stale, Settled::Stale) => true,
+                                _ => false,
+                            };
+                            prop_assert!(same, "settle {seq}/{token} {kind:?}");
+                        }
+                        Op::Touch(i, secs) => {
+                            if handed.is_empty() { continue; }
+                            let (seq, token) = handed[i % handed.len()];
+                            let to = now + Duration::from_secs(secs);
+                            prop_assert_eq!(d.touch(seq, token, to), m.touch(seq, token, to));
+                        }
+                        Op::Advance(secs) => now += Duration::from_secs(secs),
+                        Op::Retain(r) => {
+                            d.retain(|msg| msg % 5 != r, now);
+                            m.retain(|seq| seq % 5 != r, now);
+                        }
+                    }
+                    prop_assert_eq!(d.len(), m.len());
+                }
+            }
+        }
     }
 }

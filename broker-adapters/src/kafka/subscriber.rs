@@ -12,12 +12,13 @@
 //! again from the committed offset; records still on their way to the
 //! decoder are dropped too (see [`Partition::since`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cloudevents::Event;
+use foldhash::HashMap;
 use futures_util::{FutureExt as _, stream};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,

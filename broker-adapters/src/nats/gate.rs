@@ -14,10 +14,11 @@
 //! sequence, so a hand-out finds the earliest without looking at every key,
 //! and nothing is scanned for nacked messages while none is awaited.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use tokio::time::Instant;
 
 /// The shortest interval between progress acks of a held message.
@@ -148,7 +149,7 @@ impl<T> Gate<T> {
     /// A gate for a consumer whose unsettled messages are redelivered after `ack_wait`.
     pub(crate) fn new(ack_wait: Duration) -> Self {
         Self {
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             free: BTreeMap::new(),
             ready: BTreeMap::new(),
             awaited: 0,

@@ -5,8 +5,8 @@
 //! stored events a prefix of its events in the batch.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderMap, HeaderName, HeaderValue, Subject};
 use bytes::Bytes;
 use cloudevents::{AttributesReader, Event};
+use foldhash::HashMap;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -81,7 +82,7 @@ impl<'a> Sending<'a> {
             keys: events.iter().map(EventExt::partition_key).collect(),
             next: 0,
             ready: VecDeque::new(),
-            held: HashMap::new(),
+            held: HashMap::default(),
             pending: VecDeque::new(),
         }
     }
