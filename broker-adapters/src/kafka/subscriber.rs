@@ -4,8 +4,8 @@
 //! copies them out of librdkafka in batches, stops taking records when the
 //! buffer is full, and commits settled offsets. A second task (the decoder)
 //! decodes each batch into the subscription's [`Dispatcher`], or
-//! dead-letters what cannot be delivered, so receiving and decoding run on
-//! both cores. Deliveries are pulled from the dispatcher, so per-key order,
+//! dead-letters what cannot be delivered, so receiving and decoding can run
+//! on two threads at once. Deliveries are pulled from the dispatcher, so per-key order,
 //! nack delays and ack deadlines work as on the other brokers. Rebalance
 //! callbacks commit what was settled on the partitions being revoked and
 //! drop their buffered records, which the partitions' next owner reads
