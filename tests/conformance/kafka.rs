@@ -93,6 +93,56 @@ mod kafka_specific {
             .expect("delivery")
     }
 
+    /// With a buffer far smaller than what librdkafka fetches, the pump
+    /// stops and starts again as deliveries are acked, many times over, and
+    /// every event still arrives once, in order per key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_buffer_delivers_every_event_in_key_order() {
+        const EVENTS: usize = 3_000;
+        const KEYS: usize = 5;
+        let t = target().await;
+        let topic = t
+            .topic(&e2e::unique_name("conformance-small-buffer"))
+            .await
+            .expect("topic");
+        let events: Vec<_> = (0..EVENTS)
+            .map(|i| {
+                CloudEventBuilder::new("t", "/s")
+                    .partition_key(format!("k{}", i % KEYS))
+                    .json_data(&i)
+                    .build()
+                    .expect("event")
+            })
+            .collect();
+        t.publisher
+            .publish_batch(&topic, events)
+            .await
+            .expect("published");
+        let broker = KafkaBroker::connect(
+            config().max_buffered(std::num::NonZeroUsize::new(8).expect("positive")),
+        )
+        .await
+        .expect("connect");
+        let mut sub = broker
+            .subscribe(
+                &topic,
+                SubscribeOptions::new("small-buffer").expect("group"),
+            )
+            .await
+            .expect("subscribe");
+        let mut last: Vec<Option<usize>> = vec![None; KEYS];
+        for _ in 0..EVENTS {
+            let mut d = next(&mut sub).await;
+            let i: usize = d.event().data_as().expect("index");
+            let key = i % KEYS;
+            let expected = last[key].map_or(key, |before| before + KEYS);
+            assert_eq!(i, expected, "key {key}: in order, none skipped or repeated");
+            last[key] = Some(i);
+            d.ack().await.expect("ack");
+        }
+        sub.close().await.expect("close");
+    }
+
     /// Records that are not CloudEvents, or too large, go to `<topic>.dlq`
     /// unchanged with the reason; the partition keeps flowing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
