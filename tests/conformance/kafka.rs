@@ -258,6 +258,186 @@ mod kafka_specific {
         assert!(reasons[2].contains("exceeds the limit"), "{reasons:?}");
     }
 
+    /// Writes one record to `partition` of `topic` with a Produce request
+    /// (v3) of our own: the Kafka clients here only write header names that
+    /// are UTF-8, and this one is not.
+    fn produce_with_header_name(
+        topic: &str,
+        partition: i32,
+        header_name: &[u8],
+        key: &[u8],
+        payload: &[u8],
+    ) {
+        use std::io::{Read as _, Write as _};
+
+        fn varint(out: &mut Vec<u8>, n: i64) {
+            let mut z = ((n << 1) ^ (n >> 63)) as u64;
+            while z >= 0x80 {
+                out.push((z as u8) | 0x80);
+                z >>= 7;
+            }
+            out.push(z as u8);
+        }
+        fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+            varint(out, b.len() as i64);
+            out.extend_from_slice(b);
+        }
+        fn crc32c(data: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in data {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0x82F6_3B78
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+
+        let mut record = vec![0u8]; // attributes
+        varint(&mut record, 0); // timestamp delta
+        varint(&mut record, 0); // offset delta
+        bytes(&mut record, key);
+        bytes(&mut record, payload);
+        varint(&mut record, 1); // one header
+        bytes(&mut record, header_name);
+        bytes(&mut record, b"v");
+        let mut records = Vec::new();
+        varint(&mut records, record.len() as i64);
+        records.extend_from_slice(&record);
+
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("millis");
+        let mut checked = Vec::new(); // from attributes to the end
+        checked.extend_from_slice(&0i16.to_be_bytes()); // attributes
+        checked.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
+        checked.extend_from_slice(&now.to_be_bytes());
+        checked.extend_from_slice(&now.to_be_bytes());
+        checked.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
+        checked.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
+        checked.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+        checked.extend_from_slice(&1i32.to_be_bytes()); // records
+        checked.extend_from_slice(&records);
+        let mut batch = Vec::new();
+        batch.extend_from_slice(&0i64.to_be_bytes()); // base offset
+        let length = 4 + 1 + 4 + checked.len();
+        batch.extend_from_slice(&i32::try_from(length).expect("small").to_be_bytes());
+        batch.extend_from_slice(&(-1i32).to_be_bytes()); // leader epoch
+        batch.push(2); // magic
+        batch.extend_from_slice(&crc32c(&checked).to_be_bytes());
+        batch.extend_from_slice(&checked);
+
+        let mut request = Vec::new();
+        request.extend_from_slice(&0i16.to_be_bytes()); // Produce
+        request.extend_from_slice(&3i16.to_be_bytes()); // v3
+        request.extend_from_slice(&7i32.to_be_bytes()); // correlation id
+        request.extend_from_slice(&4i16.to_be_bytes());
+        request.extend_from_slice(b"test");
+        request.extend_from_slice(&(-1i16).to_be_bytes()); // no transactional id
+        request.extend_from_slice(&(-1i16).to_be_bytes()); // acks = all
+        request.extend_from_slice(&10_000i32.to_be_bytes());
+        request.extend_from_slice(&1i32.to_be_bytes()); // one topic
+        request.extend_from_slice(&i16::try_from(topic.len()).expect("short").to_be_bytes());
+        request.extend_from_slice(topic.as_bytes());
+        request.extend_from_slice(&1i32.to_be_bytes()); // one partition
+        request.extend_from_slice(&partition.to_be_bytes());
+        request.extend_from_slice(&i32::try_from(batch.len()).expect("small").to_be_bytes());
+        request.extend_from_slice(&batch);
+
+        let bootstrap = e2e::kafka_bootstrap_servers();
+        let address = bootstrap.split(',').next().expect("a bootstrap server");
+        let mut conn = std::net::TcpStream::connect(address).expect("connect to the broker");
+        conn.set_read_timeout(Some(WAIT)).expect("timeout");
+        conn.write_all(&i32::try_from(request.len()).expect("small").to_be_bytes())
+            .expect("send");
+        conn.write_all(&request).expect("send");
+        let mut size = [0u8; 4];
+        conn.read_exact(&mut size).expect("response size");
+        let mut response = vec![0u8; usize::try_from(i32::from_be_bytes(size)).expect("size")];
+        conn.read_exact(&mut response).expect("response");
+        // correlation id, one topic (name), one partition: its error code.
+        let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+        let code = i16::from_be_bytes([response[at], response[at + 1]]);
+        assert_eq!(code, 0, "the broker took the record");
+    }
+
+    /// A record whose header name is not UTF-8 is dead-lettered (without
+    /// its headers, which cannot be read) and the partition keeps flowing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_header_name_that_is_not_utf8_is_dead_lettered() {
+        let t = target().await;
+        let topic = t
+            .topic(&e2e::unique_name("conformance-header-name"))
+            .await
+            .expect("topic");
+        let mut sub = t
+            .subscriber()
+            .await
+            .expect("subscriber")
+            .subscribe(&topic, SubscribeOptions::new("header-name").expect("group"))
+            .await
+            .expect("subscribe");
+        // On both partitions, so the valid event below comes after one.
+        let name = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            for partition in [0, 1] {
+                produce_with_header_name(&name, partition, b"ce_\xffid", b"k", b"bad-name");
+            }
+        })
+        .await
+        .expect("produced");
+        let valid = CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .json_data(&1)
+            .build()
+            .expect("event");
+        t.publisher
+            .publish(&topic, valid.clone())
+            .await
+            .expect("valid");
+
+        let mut d = next(&mut sub).await;
+        assert_eq!(
+            d.event().id(),
+            valid.id(),
+            "the bad record does not stop the partition"
+        );
+        d.ack().await.expect("ack");
+
+        let dlq: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
+            .set("group.id", e2e::unique_name("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("dlq consumer");
+        dlq.subscribe(&[&format!("{topic}.dlq")])
+            .expect("subscribe dlq");
+        for _ in 0..2 {
+            let m = tokio::time::timeout(WAIT, dlq.recv())
+                .await
+                .expect("dead letter in time")
+                .expect("dead letter");
+            assert_eq!(m.payload(), Some(&b"bad-name"[..]), "kept unchanged");
+            assert_eq!(m.key(), Some(&b"k"[..]));
+            let reason = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "dlq-reason"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .expect("a reason");
+            assert!(reason.contains("header name is not UTF-8"), "{reason}");
+        }
+    }
+
     /// Structured mode carries the whole event as JSON; both modes are read.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn structured_mode_round_trips_and_both_modes_are_read() {

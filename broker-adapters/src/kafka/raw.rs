@@ -8,6 +8,7 @@
 //! two lists. A batch is reused once decoded.
 
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use rdkafka::Message;
 use rdkafka::message::Headers as _;
@@ -25,6 +26,9 @@ pub(super) struct RawRecord {
     pub(super) epoch: u64,
     key: Option<Range<usize>>,
     headers: Range<usize>,
+    /// The record has headers that could not be read (a name that is not
+    /// UTF-8); none of them were kept.
+    pub(super) headers_unreadable: bool,
     /// Taken by the event it decodes into; left for a dead letter.
     pub(super) payload: Vec<u8>,
 }
@@ -73,15 +77,31 @@ pub(super) struct RawBatch {
 
 impl RawBatch {
     /// Copies `message` in, received at assignment `epoch`.
+    ///
+    /// rdkafka panics on a header name that is not UTF-8 (its `Headers`
+    /// accessors unwrap the name's conversion), so a record from a producer
+    /// that writes one would take the consumer down. Such a record is kept
+    /// without headers and marked, for the decoder to dead-letter; the
+    /// panic's message still reaches the panic hook (stderr by default).
     pub(super) fn push<M: Message>(&mut self, message: &M, epoch: u64) {
         let first = self.headers.len();
+        let (names, bytes) = (self.names.len(), self.bytes.len());
+        let mut headers_unreadable = false;
         if let Some(headers) = message.headers() {
-            for header in headers.iter() {
-                let start = self.names.len();
-                self.names.push_str(header.key);
-                let name = start..self.names.len();
-                let value = header.value.map(|v| self.put(v));
-                self.headers.push(RawHeader { name, value });
+            let read = catch_unwind(AssertUnwindSafe(|| {
+                for header in headers.iter() {
+                    let start = self.names.len();
+                    self.names.push_str(header.key);
+                    let name = start..self.names.len();
+                    let value = header.value.map(|v| self.put(v));
+                    self.headers.push(RawHeader { name, value });
+                }
+            }));
+            if read.is_err() {
+                self.headers.truncate(first);
+                self.names.truncate(names);
+                self.bytes.truncate(bytes);
+                headers_unreadable = true;
             }
         }
         let key = message.key().map(|k| self.put(k));
@@ -91,6 +111,7 @@ impl RawBatch {
             epoch,
             key,
             headers: first..self.headers.len(),
+            headers_unreadable,
             payload: message.payload().unwrap_or_default().to_vec(),
         });
     }

@@ -571,7 +571,14 @@ impl Decoder {
         stop: &CancellationToken,
     ) -> bool {
         let size = record.payload.len();
-        let decoded = if size > self.max_event_bytes {
+        let decoded = if record.headers_unreadable {
+            Err(Error::with_source(
+                ErrorKind::Decode {
+                    what: "the record's headers",
+                },
+                "a header name is not UTF-8; the dead letter carries none of the headers",
+            ))
+        } else if size > self.max_event_bytes {
             Err(Error::new(ErrorKind::EventTooLarge {
                 size,
                 limit: self.max_event_bytes,
