@@ -70,7 +70,7 @@ mod kafka_specific {
     use rdkafka::ClientConfig;
     use rdkafka::Message as _;
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
-    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     use super::{config, target};
@@ -83,6 +83,37 @@ mod kafka_specific {
             .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
             .create()
             .expect("raw producer")
+    }
+
+    /// A reader of `<topic>.dlq` from its start, in a group of its own.
+    fn dlq_reader(topic: &Topic) -> StreamConsumer {
+        let dlq: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
+            .set("group.id", e2e::unique_name("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("dlq consumer");
+        dlq.subscribe(&[&format!("{topic}.dlq")])
+            .expect("subscribe dlq");
+        dlq
+    }
+
+    async fn dead_letter(dlq: &StreamConsumer) -> OwnedMessage {
+        tokio::time::timeout(WAIT, dlq.recv())
+            .await
+            .expect("dead letter in time")
+            .expect("dead letter")
+            .detach()
+    }
+
+    /// `name`'s value on `m`, as text.
+    fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+        m.headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     async fn next(sub: &mut Subscription) -> Delivery {
@@ -218,29 +249,11 @@ mod kafka_specific {
         );
         d.ack().await.expect("ack");
 
-        let dlq: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
-            .set("group.id", e2e::unique_name("dlq-reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .expect("dlq consumer");
-        dlq.subscribe(&[&format!("{topic}.dlq")])
-            .expect("subscribe dlq");
+        let dlq = dlq_reader(&topic);
         let mut reasons = Vec::new();
         for expected_payload_len in [garbage.len(), 2, 0] {
-            let m = tokio::time::timeout(WAIT, dlq.recv())
-                .await
-                .expect("dead letter in time")
-                .expect("dead letter");
-            let headers = m.headers().expect("headers");
-            let header = |name: &str| {
-                headers
-                    .iter()
-                    .find(|h| h.key == name)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
+            let m = dead_letter(&dlq).await;
+            let header = |name: &str| header(&m, name);
             assert_eq!(header("dlq-topic").as_deref(), Some(topic.as_str()));
             assert!(header("dlq-offset").is_some());
             reasons.push(header("dlq-reason").expect("reason"));
@@ -412,28 +425,12 @@ mod kafka_specific {
         );
         d.ack().await.expect("ack");
 
-        let dlq: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", e2e::kafka_bootstrap_servers())
-            .set("group.id", e2e::unique_name("dlq-reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .expect("dlq consumer");
-        dlq.subscribe(&[&format!("{topic}.dlq")])
-            .expect("subscribe dlq");
+        let dlq = dlq_reader(&topic);
         for _ in 0..2 {
-            let m = tokio::time::timeout(WAIT, dlq.recv())
-                .await
-                .expect("dead letter in time")
-                .expect("dead letter");
+            let m = dead_letter(&dlq).await;
             assert_eq!(m.payload(), Some(&b"bad-name"[..]), "kept unchanged");
             assert_eq!(m.key(), Some(&b"k"[..]));
-            let reason = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "dlq-reason"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .expect("a reason");
+            let reason = header(&m, "dlq-reason").expect("a reason");
             assert!(reason.contains("header name is not UTF-8"), "{reason}");
         }
     }

@@ -139,6 +139,29 @@ fn topic(prefix: &str) -> Topic {
     Topic::try_from(e2e::unique_name(prefix)).expect("a valid topic name")
 }
 
+/// Publishes a valid event and checks that it is the next delivery: what
+/// was written before it (`after`) is not delivered and does not stall the
+/// subscription.
+async fn a_valid_event_gets_through(
+    broker: &NatsBroker,
+    topic: &Topic,
+    sub: &mut Subscription,
+    after: &str,
+) {
+    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key("k")
+        .json_data(&1)
+        .build()
+        .expect("valid");
+    broker
+        .publish(topic, valid.clone())
+        .await
+        .expect("published");
+    let mut delivery = recv(sub, &format!("the valid event after {after}")).await;
+    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
+    delivery.ack().await.expect("acked");
+}
+
 /// Messages on the topic that are not CloudEvents (no `ce-` headers and a
 /// garbage payload, an unknown spec version, broken structured JSON) neither
 /// panic nor stall the subscription: the next valid event is delivered, and
@@ -176,19 +199,7 @@ async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() 
         .expect("raw publish");
     raw.flush().await.expect("flushed");
 
-    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
-        .partition_key("k")
-        .json_data(&1)
-        .build()
-        .expect("valid");
-    broker
-        .publish(&topic, valid.clone())
-        .await
-        .expect("published");
-
-    let mut delivery = recv(&mut sub, "the valid event after the bad messages").await;
-    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
-    delivery.ack().await.expect("acked");
+    a_valid_event_gets_through(&broker, &topic, &mut sub, "the bad messages").await;
     let extra = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
     assert!(extra.is_err(), "nothing else is delivered: {extra:?}");
 
@@ -291,18 +302,7 @@ async fn a_message_the_client_cannot_parse_does_not_stall_the_subscription() {
     .await
     .expect("raw publish");
 
-    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
-        .partition_key("k")
-        .json_data(&1)
-        .build()
-        .expect("valid");
-    broker
-        .publish(&topic, valid.clone())
-        .await
-        .expect("published");
-    let mut delivery = recv(&mut sub, "the event after the unparsable message").await;
-    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
-    delivery.ack().await.expect("acked");
+    a_valid_event_gets_through(&broker, &topic, &mut sub, "the unparsable message").await;
 
     let raw = async_nats::connect(url.as_str())
         .await

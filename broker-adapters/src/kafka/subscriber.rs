@@ -548,7 +548,7 @@ impl Decoder {
                     return;
                 }
             }
-            self.flush(&mut accepted);
+            hand_over(&self.shared, &mut accepted);
             {
                 let mut state = self.shared.lock();
                 state.decoding = state.decoding.saturating_sub(received);
@@ -608,7 +608,7 @@ impl Decoder {
             }
             Err(reason) => {
                 // Keep arrival order: what was decoded before goes first.
-                self.flush(accepted);
+                hand_over(&self.shared, accepted);
                 if !self.admitted(record) {
                     // Revoked since: its next owner reads it again.
                     return true;
@@ -642,11 +642,6 @@ impl Decoder {
             .partitions
             .get(&record.partition)
             .is_some_and(|p| p.admits(record.epoch))
-    }
-
-    /// Hands decoded records to the dispatcher.
-    fn flush(&self, accepted: &mut Vec<Accepted>) {
-        hand_over(&self.shared, accepted);
     }
 
     /// Copies a record that cannot be delivered to the dead-letter topic,
