@@ -1,7 +1,6 @@
 //! The NATS JetStream adapter against the shared conformance suite, on the
 //! real nats-server the harness runs, plus NATS-specific tests: messages
-//! that are not CloudEvents (dead-lettered, never stalling), a message the
-//! client cannot parse (never stalling either), de-duplication
+//! that are not CloudEvents (dead-lettered, never stalling), de-duplication
 //! by event id, per-key holding within a subscription, a batch failing
 //! part-way storing a prefix of each key's events, and an unreachable
 //! server.
@@ -139,29 +138,6 @@ fn topic(prefix: &str) -> Topic {
     Topic::try_from(e2e::unique_name(prefix)).expect("a valid topic name")
 }
 
-/// Publishes a valid event and checks that it is the next delivery: what
-/// was written before it (`after`) is not delivered and does not stall the
-/// subscription.
-async fn a_valid_event_gets_through(
-    broker: &NatsBroker,
-    topic: &Topic,
-    sub: &mut Subscription,
-    after: &str,
-) {
-    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
-        .partition_key("k")
-        .json_data(&1)
-        .build()
-        .expect("valid");
-    broker
-        .publish(topic, valid.clone())
-        .await
-        .expect("published");
-    let mut delivery = recv(sub, &format!("the valid event after {after}")).await;
-    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
-    delivery.ack().await.expect("acked");
-}
-
 /// Messages on the topic that are not CloudEvents (no `ce-` headers and a
 /// garbage payload, an unknown spec version, broken structured JSON) neither
 /// panic nor stall the subscription: the next valid event is delivered, and
@@ -199,7 +175,19 @@ async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() 
         .expect("raw publish");
     raw.flush().await.expect("flushed");
 
-    a_valid_event_gets_through(&broker, &topic, &mut sub, "the bad messages").await;
+    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key("k")
+        .json_data(&1)
+        .build()
+        .expect("valid");
+    broker
+        .publish(&topic, valid.clone())
+        .await
+        .expect("published");
+
+    let mut delivery = recv(&mut sub, "the valid event after the bad messages").await;
+    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
+    delivery.ack().await.expect("acked");
     let extra = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
     assert!(extra.is_err(), "nothing else is delivered: {extra:?}");
 
@@ -257,79 +245,6 @@ async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() 
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(broker.stream_name(&dlq)).await;
-}
-
-/// A message whose headers async-nats cannot parse (a header name with a
-/// byte that is not UTF-8, written here over a raw connection, as no client
-/// would) never reaches the adapter: the README's known limit. It must not
-/// stall the subscription: the next event is delivered. The message stays
-/// unacknowledged (JetStream redelivers it until its delivery limit); when
-/// a later async-nats hands such messages over, this test fails, and they
-/// should be dead-lettered like other undecodable messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_the_client_cannot_parse_does_not_stall_the_subscription() {
-    use std::io::{Read as _, Write as _};
-
-    let (url, broker) = connect().await;
-    let topic = topic("nats_unparsable");
-    let stream = broker.provision(&topic).await.expect("stream provisioned");
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::new("g").expect("valid group"))
-        .await
-        .expect("subscribed");
-    let address = url.trim_start_matches("nats://").to_owned();
-    let subject = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = std::net::TcpStream::connect(address).expect("connect");
-        conn.set_read_timeout(Some(RECEIVE)).expect("timeout");
-        let mut buf = [0u8; 4096];
-        let _info = conn.read(&mut buf).expect("the server's INFO");
-        let headers: &[u8] = b"NATS/1.0\r\nce-\xffid: v\r\n\r\n";
-        let payload: &[u8] = b"unparsable";
-        let mut wire = format!(
-            "CONNECT {{\"headers\":true,\"verbose\":false}}\r\nHPUB {subject} {} {}\r\n",
-            headers.len(),
-            headers.len() + payload.len()
-        )
-        .into_bytes();
-        wire.extend_from_slice(headers);
-        wire.extend_from_slice(payload);
-        wire.extend_from_slice(b"\r\nPING\r\n");
-        conn.write_all(&wire).expect("send");
-        let n = conn.read(&mut buf).expect("the server's answer");
-        assert_eq!(&buf[..n], b"PONG\r\n", "the server took the message");
-    })
-    .await
-    .expect("raw publish");
-
-    a_valid_event_gets_through(&broker, &topic, &mut sub, "the unparsable message").await;
-
-    let raw = async_nats::connect(url.as_str())
-        .await
-        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
-    let js = jetstream::new(raw);
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream("g", &stream)
-        .await
-        .expect("the group's consumer");
-    let deadline = tokio::time::Instant::now() + RECEIVE;
-    let info = loop {
-        let info = consumer.info().await.expect("consumer info");
-        if info.delivered.stream_sequence == 2 && info.num_ack_pending == 1 {
-            break info;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expected the unparsable message delivered and unacknowledged: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(
-        info.ack_floor.stream_sequence, 0,
-        "the unparsable message is not settled"
-    );
-    sub.close().await.expect("closed");
-    let _ = js.delete_stream(&stream).await;
 }
 
 /// An event published twice (a retry after a lost acknowledgement, say) is
