@@ -1,6 +1,8 @@
 //! The NATS JetStream adapter against the shared conformance suite, on the
 //! real nats-server the harness runs, plus NATS-specific tests: messages
-//! that are not CloudEvents (dead-lettered, never stalling), de-duplication
+//! that are not CloudEvents (dead-lettered, never stalling), messages whose
+//! headers the client cannot read (found after the reconnection,
+//! dead-lettered), a stored message with a status line, de-duplication
 //! by event id, per-key holding within a subscription, a batch failing
 //! part-way storing a prefix of each key's events, and an unreachable
 //! server.
@@ -20,7 +22,10 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use broker_adapters::cloudevents::AttributesReader;
 use broker_adapters::conformance::{Capabilities, Target};
-use broker_adapters::nats::{DLQ_REASON_HEADER, DLQ_SUFFIX, NatsBroker, NatsConfig, Storage};
+use broker_adapters::nats::{
+    DLQ_HEADERS_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX, NatsBroker, NatsConfig,
+    Storage,
+};
 use broker_adapters::{
     CloudEventBuilder, Delivery, EventExt, Publisher, Result, SubscribeOptions, Subscriber,
     Subscription, Topic,
@@ -245,6 +250,194 @@ async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() 
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(broker.stream_name(&dlq)).await;
+}
+
+/// Publishes messages with the given header blocks and payloads over a raw
+/// connection, as no async-nats client could, and waits for the server to
+/// have taken them.
+async fn publish_raw(url: &str, subject: &str, messages: &[(&'static [u8], &'static [u8])]) {
+    use std::io::{Read as _, Write as _};
+
+    let address = url.trim_start_matches("nats://").to_owned();
+    let subject = subject.to_owned();
+    let messages = messages.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(address).expect("connect");
+        conn.set_read_timeout(Some(RECEIVE)).expect("timeout");
+        let mut buf = [0u8; 4096];
+        let _info = conn.read(&mut buf).expect("the server's INFO");
+        let mut wire = b"CONNECT {\"headers\":true,\"verbose\":false}\r\n".to_vec();
+        for (headers, payload) in messages {
+            wire.extend_from_slice(
+                format!(
+                    "HPUB {subject} {} {}\r\n",
+                    headers.len(),
+                    headers.len() + payload.len()
+                )
+                .as_bytes(),
+            );
+            wire.extend_from_slice(headers);
+            wire.extend_from_slice(payload);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"PING\r\n");
+        conn.write_all(&wire).expect("send");
+        let n = conn.read(&mut buf).expect("the server's answer");
+        assert_eq!(&buf[..n], b"PONG\r\n", "the server took the messages");
+    })
+    .await
+    .expect("raw publish");
+}
+
+/// Waits until nothing is pending for `group` and its ack floor is `floor`.
+async fn settled_up_to(js: &jetstream::Context, stream: &str, group: &str, floor: u64) {
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(group, stream)
+        .await
+        .expect("the group's consumer");
+    let deadline = tokio::time::Instant::now() + RECEIVE;
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_ack_pending == 0
+            && info.num_pending == 0
+            && info.ack_floor.stream_sequence == floor
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected everything up to {floor} settled: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages whose headers the NATS client cannot read: async-nats drops
+/// its connection on reading one, so it never reaches the subscription (a
+/// Go client may write header values that are not UTF-8; here a raw
+/// connection writes them). After the reconnection the subscription finds
+/// them in the stream, copies each to `<topic>.dlq` with its payload
+/// unchanged and its header block base64-encoded, and terminates it; the
+/// events after them are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
+    use base64::Engine as _;
+
+    let (url, broker) = connect().await;
+    let topic = topic("nats_unreadable");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let group = "g";
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
+        .await
+        .expect("subscribed");
+    let unreadable: [(&[u8], &[u8]); 2] = [
+        (b"NATS/1.0\r\nce-\xffid: v\r\n\r\n", b"name not UTF-8"),
+        (b"NATS/1.0\r\nce-id: caf\xe9\r\n\r\n", b"value not UTF-8"),
+    ];
+    publish_raw(&url, topic.as_str(), &unreadable).await;
+
+    let raw = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(raw);
+    let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
+    let deadline = tokio::time::Instant::now() + RECEIVE;
+    let mut dlq_stream = loop {
+        if let Ok(mut found) = js.get_stream(broker.stream_name(&dlq)).await
+            && found.info().await.expect("stream info").state.messages == 2
+        {
+            break found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the unreadable messages were not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (seq, (headers, payload)) in (1..).zip(unreadable) {
+        let copy = dlq_stream
+            .get_raw_message(seq)
+            .await
+            .unwrap_or_else(|e| panic!("dead letter {seq}: {e}"));
+        assert_eq!(copy.payload.as_ref(), payload, "payload unchanged");
+        let header = |name: &str| {
+            copy.headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        assert!(
+            header(DLQ_REASON_HEADER).contains("cannot read"),
+            "reason: {}",
+            header(DLQ_REASON_HEADER)
+        );
+        assert_eq!(header(DLQ_SEQUENCE_HEADER), seq.to_string());
+        let block = base64::engine::general_purpose::STANDARD
+            .decode(header(DLQ_HEADERS_HEADER))
+            .expect("base64");
+        assert_eq!(block, headers, "the original header block is kept");
+    }
+    assert_eq!(
+        dlq_stream.info().await.expect("stream info").state.messages,
+        2,
+        "each is dead-lettered once"
+    );
+
+    // The subscribing client reconnected; a second one publishes.
+    let (_, publisher) = connect().await;
+    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
+        .partition_key("k")
+        .json_data(&1)
+        .build()
+        .expect("valid");
+    publisher
+        .publish(&topic, valid.clone())
+        .await
+        .expect("published");
+    let mut delivery = recv(&mut sub, "the valid event after the unreadable ones").await;
+    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
+    delivery.ack().await.expect("acked");
+
+    settled_up_to(&js, &stream, group, 3).await;
+    sub.close().await.expect("closed");
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(broker.stream_name(&dlq)).await;
+}
+
+/// A stored message whose header block begins with a status line (as the
+/// server's own pull statuses do) is an event like any other, not a status
+/// of the pull request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_with_a_status_line_is_delivered() {
+    let (url, broker) = connect().await;
+    let topic = topic("nats_status_line");
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let group = "g";
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
+        .await
+        .expect("subscribed");
+    publish_raw(
+        &url,
+        topic.as_str(),
+        &[(
+            b"NATS/1.0 404 Not Found\r\nce-specversion: 1.0\r\nce-id: with-status\r\nce-source: /raw\r\nce-type: dev.backbone.test\r\n\r\n",
+            b"",
+        )],
+    )
+    .await;
+    let mut delivery = recv(&mut sub, "the stored message with a status line").await;
+    assert_eq!(delivery.event().id(), "with-status");
+    delivery.ack().await.expect("acked");
+
+    let raw = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(raw);
+    settled_up_to(&js, &stream, group, 1).await;
+    sub.close().await.expect("closed");
+    let _ = js.delete_stream(&stream).await;
 }
 
 /// An event published twice (a retry after a lost acknowledgement, say) is

@@ -153,6 +153,22 @@
 //! is only logged and terminated; with limits retention it then stays in the
 //! topic's stream until `max_age`.
 //!
+//! A message whose headers async-nats cannot read (a header block that is
+//! not UTF-8, a header name with a space or a control character, a line
+//! without a colon; a Go client can write such header values) never
+//! reaches the subscription: the client drops its connection on reading it
+//! and connects again. After each reconnection, every subscription looks
+//! through its group's unacknowledged range of the stream (from the ack
+//! floor to the last delivered message, at most 10,000 messages per look)
+//! with JetStream's message-get API, which returns headers base64-encoded.
+//! Each such message is copied to `<topic>.dlq` with its payload unchanged,
+//! the reason, and its header block base64-encoded in
+//! [`DLQ_HEADERS_HEADER`] (none of its headers as headers), and then
+//! terminated for the group. The events that arrived on the dropped
+//! connection with it come back after their ack deadline, and other
+//! requests in flight on the connection (publishes among them) fail as
+//! retryable.
+//!
 //! # Server versions
 //!
 //! The adapter needs nats-server 2.9 or later (message headers, nack delays,
@@ -185,6 +201,7 @@ mod error;
 mod gate;
 mod publisher;
 mod subscriber;
+mod unreadable;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -195,6 +212,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use cloudevents::Event;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use self::config::{DEFAULT_STREAM_PREFIX, DEFAULT_URL, NatsConfig, Retention, Storage};
@@ -219,6 +237,11 @@ pub const DLQ_GROUP_HEADER: &str = "Backbone-Dlq-Group";
 /// The header of a dead-lettered message holding its sequence in the topic's stream.
 pub const DLQ_SEQUENCE_HEADER: &str = "Backbone-Dlq-Stream-Sequence";
 
+/// The header of a dead-lettered message whose headers the NATS client
+/// cannot read: the original header block (from `NATS/1.0` to the blank
+/// line), base64-encoded. Such a dead letter carries no other original header.
+pub const DLQ_HEADERS_HEADER: &str = "Backbone-Dlq-Headers-Base64";
+
 /// How many JetStream publish acknowledgements one connection awaits at most.
 pub(crate) const MAX_PENDING_ACKS: usize = 4096;
 
@@ -242,6 +265,9 @@ struct Inner {
     /// Cancelled by `close`: every subscription's pull loop stops.
     shutdown: CancellationToken,
     closed: AtomicBool,
+    /// Counts the client's reconnections; subscriptions look for messages
+    /// the client cannot read after each.
+    reconnects: watch::Receiver<u64>,
 }
 
 impl NatsBroker {
@@ -258,7 +284,30 @@ impl NatsBroker {
         config.validate()?;
         let connect_timeout = config.connect_timeout_value();
         let request_timeout = config.request_timeout_value();
-        let options = config.connect_options().await?;
+        let (reconnected, reconnects) = watch::channel(0_u64);
+        let reconnected = Arc::new(reconnected);
+        let disconnected = Arc::new(AtomicBool::new(false));
+        let options = config
+            .connect_options()
+            .await?
+            .event_callback(move |event| {
+                let reconnected = Arc::clone(&reconnected);
+                let disconnected = Arc::clone(&disconnected);
+                async move {
+                    match event {
+                        async_nats::Event::Disconnected => {
+                            disconnected.store(true, Ordering::Release);
+                        }
+                        // The first connection is not a reconnection.
+                        async_nats::Event::Connected
+                            if disconnected.swap(false, Ordering::AcqRel) =>
+                        {
+                            reconnected.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        _ => {}
+                    }
+                }
+            });
         // The connect future is large: keep it off the stack.
         let client = Box::pin(options.connect(config.server_url()))
             .await
@@ -289,6 +338,7 @@ impl NatsBroker {
                 streams: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 closed: AtomicBool::new(false),
+                reconnects,
             }),
         })
     }

@@ -16,7 +16,7 @@
 //! not arrived, in stream order, so the group's other members get them at
 //! once and in order (see [`Pump::shutdown`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -37,8 +37,10 @@ use tracing::Instrument;
 
 use super::error::{self, Class, SYSTEM};
 use super::gate::{Gate, Popped, Settled};
+use super::unreadable::Sweeper;
 use super::{
-    DLQ_GROUP_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX, DLQ_TOPIC_HEADER, Inner,
+    DLQ_GROUP_HEADER, DLQ_HEADERS_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX,
+    DLQ_TOPIC_HEADER, Inner,
 };
 use crate::binding::Binding;
 use crate::error::{Error, ErrorKind, Result};
@@ -137,6 +139,16 @@ pub(super) async fn subscribe(
         { telemetry::MESSAGING_DESTINATION_NAME } = %topic,
         { telemetry::MESSAGING_CONSUMER_GROUP_NAME } = %group,
     );
+    let sweeper = Sweeper {
+        inner: Arc::clone(inner),
+        stream,
+        topic: topic.clone(),
+        group: group.clone(),
+        reconnects: inner.reconnects.clone(),
+        cancel: cancel.clone(),
+        done: BTreeSet::new(),
+    };
+    tokio::spawn(sweeper.run().instrument(span.clone()));
     let pump = tokio::spawn(pump.run().instrument(span));
 
     let member = Member {
@@ -730,7 +742,14 @@ impl Pump {
     /// Handles one message on the inbox. `Err` only for failures that end
     /// the subscription.
     async fn on_message(&mut self, message: async_nats::Message) -> Result<()> {
-        match message.status {
+        // A stored message may itself begin with a status line; it still
+        // carries its ack subject, which the server's own statuses do not.
+        let stored = message
+            .reply
+            .as_ref()
+            .is_some_and(|reply| reply.starts_with("$JS.ACK."));
+        let status = if stored { None } else { message.status };
+        match status {
             None | Some(StatusCode::OK) => {
                 self.on_event_message(message).await;
                 Ok(())
@@ -1047,10 +1066,37 @@ impl Inner {
         seq: u64,
         reason: &Error,
     ) -> Result<Topic> {
+        self.dead_letter_parts(
+            topic,
+            group,
+            msg.message.payload.clone(),
+            msg.message.headers.as_ref(),
+            None,
+            seq,
+            reason,
+        )
+        .await
+    }
+
+    /// Stores a dead letter of the message at `seq` with `payload` and the
+    /// `original` headers (or, for headers the client could not read,
+    /// their block base64-encoded in `unreadable`) on `<topic>.dlq`, and
+    /// returns that topic once stored.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn dead_letter_parts(
+        &self,
+        topic: &Topic,
+        group: &ConsumerGroup,
+        payload: bytes::Bytes,
+        original: Option<&HeaderMap>,
+        unreadable: Option<String>,
+        seq: u64,
+        reason: &Error,
+    ) -> Result<Topic> {
         let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}"))?;
         self.ensure_stream(&dlq).await?;
         let mut headers = HeaderMap::new();
-        if let Some(original) = &msg.message.headers {
+        if let Some(original) = original {
             for (name, values) in original.iter() {
                 // JetStream acts on its own headers (de-duplication, expected
                 // sequences); they must not act on the copy.
@@ -1063,6 +1109,12 @@ impl Inner {
                     }
                 }
             }
+        }
+        if let Some(block) = unreadable {
+            headers.insert(
+                HeaderName::from_static(DLQ_HEADERS_HEADER),
+                HeaderValue::from(block),
+            );
         }
         let mut add = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {
@@ -1077,14 +1129,12 @@ impl Inner {
         if let Ok(id) = HeaderValue::from_str(&format!("dlq:{topic}:{seq}")) {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         }
-        let size = msg.message.payload.len();
+        let size = payload.len();
         let ack = self
             .js
             .send_publish(
                 dlq.to_string(),
-                PublishMessage::build()
-                    .payload(msg.message.payload.clone())
-                    .headers(headers),
+                PublishMessage::build().payload(payload).headers(headers),
             )
             .await
             .map_err(|e| {
