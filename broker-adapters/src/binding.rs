@@ -396,7 +396,11 @@ fn build_v10<'n>(
             "type" => builder.ty(value),
             "source" => builder.source(value),
             "subject" => builder.subject(value),
-            "time" => builder.time(value),
+            // The common UTC forms are read without chrono's general parser.
+            "time" => match crate::event::parse_rfc3339(&value) {
+                Ok(time) => builder.time(time),
+                Err(_) => builder.time(value),
+            },
             "datacontenttype" => {
                 content_type = Some(value);
                 builder

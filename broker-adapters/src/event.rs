@@ -644,6 +644,72 @@ fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
     out.push_str("+00:00");
 }
 
+/// Parses an RFC 3339 time as [`DateTime::parse_from_rfc3339`] does, in
+/// UTC: the common UTC forms (`2024-05-01T12:00:00.123Z`, `…+00:00`, as
+/// [`write_rfc3339`] writes them) are read here, any other text goes to
+/// chrono, so results and errors stay chrono's.
+pub(crate) fn parse_rfc3339(text: &str) -> chrono::ParseResult<DateTime<Utc>> {
+    match parse_rfc3339_utc(text.as_bytes()) {
+        Some(time) => Ok(time),
+        None => DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]` and `Z` or `+00:00`, with up to nine
+/// fraction digits and no leap second; `None` for anything else.
+fn parse_rfc3339_utc(text: &[u8]) -> Option<DateTime<Utc>> {
+    const SCALE: [u32; 10] = [
+        1_000_000_000,
+        100_000_000,
+        10_000_000,
+        1_000_000,
+        100_000,
+        10_000,
+        1_000,
+        100,
+        10,
+        1,
+    ];
+    let digit = |i: usize| -> Option<u32> {
+        let d = text.get(i)?.wrapping_sub(b'0');
+        (d < 10).then_some(u32::from(d))
+    };
+    let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
+    if text.len() < 20
+        || text[4] != b'-'
+        || text[7] != b'-'
+        || text[10] != b'T'
+        || text[13] != b':'
+        || text[16] != b':'
+    {
+        return None;
+    }
+    let year = two(0)? * 100 + two(2)?;
+    let (month, day) = (two(5)?, two(8)?);
+    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
+    let mut at = 19;
+    let mut nano = 0;
+    if text[at] == b'.' {
+        at += 1;
+        let start = at;
+        while let Some(d) = digit(at) {
+            if at - start == 9 {
+                return None;
+            }
+            nano = nano * 10 + d;
+            at += 1;
+        }
+        nano *= *SCALE.get(at - start).filter(|_| at > start)?;
+    }
+    let rest = &text[at..];
+    if rest != b"Z" && rest != b"+00:00" {
+        return None;
+    }
+    // A leap second (`:60`) is refused here and left to chrono.
+    let date = chrono::NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
+    Some(date.and_hms_nano_opt(hour, minute, second, nano)?.and_utc())
+}
+
 /// The length of [`write_rfc3339`]'s text for `time`.
 fn rfc3339_len(time: &DateTime<Utc>) -> usize {
     use chrono::{Datelike as _, Timelike as _};
@@ -847,8 +913,112 @@ mod tests {
         }
     }
 
+    /// Times as producers write them: chrono's every precision, with `Z`
+    /// or `+00:00`, and other offsets (left to chrono).
+    fn time_texts(secs: i64, nanos: u32) -> Vec<String> {
+        use chrono::SecondsFormat;
+        let Some(time) = DateTime::<Utc>::from_timestamp(secs, nanos) else {
+            return Vec::new();
+        };
+        let mut texts = vec![time.to_rfc3339()];
+        for format in [
+            SecondsFormat::Secs,
+            SecondsFormat::Millis,
+            SecondsFormat::Micros,
+            SecondsFormat::Nanos,
+            SecondsFormat::AutoSi,
+        ] {
+            for use_z in [false, true] {
+                texts.push(time.to_rfc3339_opts(format, use_z));
+            }
+        }
+        for seconds in [60, 3600, -3600, 5 * 3600 + 1800] {
+            let offset = chrono::FixedOffset::east_opt(seconds).expect("valid offset");
+            texts.push(time.with_timezone(&offset).to_rfc3339());
+        }
+        texts
+    }
+
+    fn parsed_as_chrono_does(text: &str) -> std::result::Result<(), TestCaseError> {
+        let ours = parse_rfc3339(text);
+        let chrono = DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc));
+        proptest::prop_assert_eq!(ours.ok(), chrono.ok(), "{:?}", text);
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// Times are read as chrono reads them, whatever their precision
+        /// and offset.
+        #[test]
+        fn times_are_read_as_chrono_reads_them(
+            secs in -70_000_000_000_i64..300_000_000_000,
+            nanos in proptest::prop_oneof![
+                Just(0_u32),
+                (0_u32..1_000).prop_map(|ms| ms * 1_000_000),
+                0_u32..2_000_000_000,
+            ],
+        ) {
+            for text in time_texts(secs, nanos) {
+                parsed_as_chrono_does(&text)?;
+            }
+        }
+
+        /// Texts that are almost times (a character changed, added or
+        /// removed) are read, or refused, as chrono does.
+        #[test]
+        fn near_times_are_read_or_refused_as_chrono_does(
+            secs in 0_i64..300_000_000_000,
+            nanos in 0_u32..1_000_000_000,
+            edits in proptest::collection::vec(
+                (0_usize..40, 0_u8..3, proptest::sample::select(
+                    "0123456789-:.TtZz+ ,x\u{e9}".chars().collect::<Vec<_>>()
+                )),
+                1..3,
+            ),
+        ) {
+            for text in time_texts(secs, nanos) {
+                let mut chars: Vec<char> = text.chars().collect();
+                for &(at, kind, c) in &edits {
+                    let at = at.min(chars.len());
+                    match kind {
+                        0 if at < chars.len() => chars[at] = c,
+                        1 => chars.insert(at, c),
+                        _ if at < chars.len() => {
+                            chars.remove(at);
+                        }
+                        _ => chars.push(c),
+                    }
+                }
+                parsed_as_chrono_does(&chars.into_iter().collect::<String>())?;
+            }
+        }
+    }
+
+    #[test]
+    fn odd_times_are_read_or_refused_as_chrono_does() {
+        for text in [
+            "2024-02-29T23:59:59Z",
+            "2023-02-29T00:00:00Z",
+            "2016-12-31T23:59:60Z",
+            "2024-01-01T24:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01t00:00:00z",
+            "2024-01-01 00:00:00Z",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00.1234567891Z",
+            "2024-01-01T00:00:00-00:00",
+            "2024-01-01T00:00:00+00:00 ",
+            "0000-01-01T00:00:00Z",
+            "+2024-01-01T00:00:00Z",
+            "",
+        ] {
+            parsed_as_chrono_does(text).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
     use proptest::prelude::Just;
     use proptest::strategy::Strategy as _;
+    use proptest::test_runner::TestCaseError;
 
     #[test]
     fn attribute_text_is_the_sdk_display() {

@@ -15,7 +15,6 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use chrono::{DateTime, Utc};
 use cloudevents::event::{Data, EventBuilder as _, EventBuilderV10, ExtensionValue};
 use cloudevents::{AttributesWriter as _, Event};
 use serde::Deserialize;
@@ -94,7 +93,7 @@ impl Fields {
         };
         let time = match self.time {
             None => None,
-            Some(t) => Some(DateTime::parse_from_rfc3339(&t).ok()?.with_timezone(&Utc)),
+            Some(t) => Some(super::parse_rfc3339(&t).ok()?),
         };
         let dataschema = match self.dataschema {
             None => None,
@@ -220,6 +219,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
     use proptest::prelude::*;
     use serde_json::json;
 
