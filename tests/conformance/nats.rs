@@ -2,7 +2,8 @@
 //! real nats-server the harness runs, plus NATS-specific tests: messages
 //! that are not CloudEvents (dead-lettered, never stalling), messages whose
 //! headers the client cannot read (found after the reconnection,
-//! dead-lettered), a stored message with a status line, de-duplication
+//! dead-lettered), an oversized message (dead-lettered), a stored message
+//! with a status line, de-duplication
 //! by event id, per-key holding within a subscription, a batch failing
 //! part-way storing a prefix of each key's events, and an unreachable
 //! server.
@@ -403,6 +404,77 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(broker.stream_name(&dlq)).await;
+}
+
+/// A message larger than the subscriber's `max_event_bytes` (published by
+/// a broker configured with a higher limit) is dead-lettered unchanged
+/// with the reason, never delivered, and does not stall the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_dead_lettered() {
+    let (url, publisher) = connect().await;
+    let small = NatsBroker::connect(
+        config(&url).max_event_bytes(NonZeroUsize::new(4096).expect("positive")),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let topic = topic("nats_oversized");
+    let stream = publisher
+        .provision(&topic)
+        .await
+        .expect("stream provisioned");
+    let group = "g";
+    let mut sub = small
+        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
+        .await
+        .expect("subscribed");
+    let event = |bytes: usize| {
+        CloudEventBuilder::new("dev.backbone.test", "/nats")
+            .partition_key("k")
+            .json_data(&"x".repeat(bytes))
+            .build()
+            .expect("valid")
+    };
+    let (big, fits) = (event(8192), event(10));
+    publisher
+        .publish_batch(&topic, vec![big.clone(), fits.clone()])
+        .await
+        .expect("published");
+
+    let mut delivery = recv(&mut sub, "the event that fits").await;
+    assert_eq!(delivery.event().id(), fits.id(), "only the event that fits");
+    delivery.ack().await.expect("acked");
+
+    let raw = async_nats::connect(url.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let js = jetstream::new(raw);
+    let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
+    let copy = js
+        .get_stream(publisher.stream_name(&dlq))
+        .await
+        .expect("the dead-letter stream exists")
+        .get_raw_message(1)
+        .await
+        .expect("the dead letter");
+    let reason = copy
+        .headers
+        .get(DLQ_REASON_HEADER)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("exceeds the limit of 4096 bytes"),
+        "reason: {reason}"
+    );
+    assert_eq!(
+        copy.headers.get("ce-id").map(|v| v.as_str()),
+        Some(big.id()),
+        "the headers are kept"
+    );
+    assert!(copy.payload.len() > 8192, "the payload is kept");
+    settled_up_to(&js, &stream, group, 2).await;
+    sub.close().await.expect("closed");
+    let _ = js.delete_stream(&stream).await;
+    let _ = js.delete_stream(publisher.stream_name(&dlq)).await;
 }
 
 /// A stored message whose header block begins with a status line (as the

@@ -354,9 +354,11 @@ impl NatsConfig {
         self
     }
 
-    /// The largest event accepted, as measured by
-    /// [`EventExt::encoded_size`](crate::EventExt::encoded_size) (default
-    /// and upper bound: the server's `max_payload`, 1 MiB unless configured).
+    /// The largest event accepted for publishing, as measured by
+    /// [`EventExt::encoded_size`](crate::EventExt::encoded_size), and for
+    /// delivery, as the size of the message's payload (default and upper
+    /// bound: the server's `max_payload`, 1 MiB unless configured). Larger
+    /// received messages are dead-lettered.
     #[must_use]
     pub fn max_event_bytes(mut self, limit: NonZeroUsize) -> Self {
         self.max_event_bytes = Some(limit);

@@ -142,9 +142,10 @@
 //!
 //! # Undecodable messages
 //!
-//! A message on the topic that is not a CloudEvent (published by a non-CloudEvents
-//! client, say) never reaches handlers and never stalls the subscription:
-//! it is logged at error level, copied unchanged (payload and headers, except
+//! A message on the topic that is not a CloudEvent (published by a
+//! non-CloudEvents client, say), or whose payload is larger than
+//! [`NatsConfig::max_event_bytes`], never reaches handlers and never stalls
+//! the subscription: it is logged at error level, copied unchanged (payload and headers, except
 //! JetStream's own `Nats-*` headers) to the dead-letter subject
 //! `<topic>.dlq` (stored in the stream for that subject, created like any
 //! topic's), with the reason in [`DLQ_REASON_HEADER`], and then terminated.

@@ -804,8 +804,8 @@ impl Pump {
         }
     }
 
-    /// A message of the topic: into the gate if it is a CloudEvent, else
-    /// dead-lettered.
+    /// A message of the topic: into the gate if it is a CloudEvent of at
+    /// most `max_event_bytes`, else dead-lettered.
     async fn on_event_message(&mut self, message: async_nats::Message) {
         if let Some(pull) = &mut self.pull {
             pull.remaining = pull.remaining.saturating_sub(1);
@@ -825,7 +825,11 @@ impl Pump {
                 return;
             }
         };
-        let decoded = {
+        let size = msg.message.payload.len();
+        let limit = self.inner.max_event_bytes;
+        let decoded = if size > limit {
+            Err(Error::new(ErrorKind::EventTooLarge { size, limit }))
+        } else {
             let headers =
                 msg.message
                     .headers
@@ -863,13 +867,14 @@ impl Pump {
         }
     }
 
-    /// Takes a message that is not a CloudEvent out of the way without
-    /// losing it: copied to the dead-letter subject, then terminated.
+    /// Takes a message that cannot be delivered (not a CloudEvent, or too
+    /// large) out of the way without losing it: copied to the dead-letter
+    /// subject, then terminated.
     async fn dead_letter(&self, msg: jetstream::Message, seq: u64, reason: Error) {
         tracing::error!(
             stream.sequence = seq,
             error = %reason,
-            "a message on the topic is not a CloudEvent; it is dead-lettered and terminated"
+            "a message on the topic cannot be delivered; it is dead-lettered and terminated"
         );
         if self.inner.config.dead_letter_enabled() {
             match self
