@@ -144,6 +144,30 @@ fn topic(prefix: &str) -> Topic {
     Topic::try_from(e2e::unique_name(prefix)).expect("a valid topic name")
 }
 
+/// A broker, a fresh topic with its stream, and a subscription of group
+/// [`GROUP`] on it.
+async fn subscribed(prefix: &str) -> (String, NatsBroker, Topic, String, Subscription) {
+    let (url, broker) = connect().await;
+    let topic = topic(prefix);
+    let stream = broker.provision(&topic).await.expect("stream provisioned");
+    let sub = broker
+        .subscribe(&topic, SubscribeOptions::new(GROUP).expect("valid group"))
+        .await
+        .expect("subscribed");
+    (url, broker, topic, stream, sub)
+}
+
+/// The group of [`subscribed`].
+const GROUP: &str = "g";
+
+/// A JetStream context on a connection of its own.
+async fn raw_jetstream(url: &str) -> jetstream::Context {
+    let raw = async_nats::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    jetstream::new(raw)
+}
+
 /// Messages on the topic that are not CloudEvents (no `ce-` headers and a
 /// garbage payload, an unknown spec version, broken structured JSON) neither
 /// panic nor stall the subscription: the next valid event is delivered, and
@@ -324,24 +348,14 @@ async fn settled_up_to(js: &jetstream::Context, stream: &str, group: &str, floor
 async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
     use base64::Engine as _;
 
-    let (url, broker) = connect().await;
-    let topic = topic("nats_unreadable");
-    let stream = broker.provision(&topic).await.expect("stream provisioned");
-    let group = "g";
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
-        .await
-        .expect("subscribed");
+    let (url, broker, topic, stream, mut sub) = subscribed("nats_unreadable").await;
     let unreadable: [(&[u8], &[u8]); 2] = [
         (b"NATS/1.0\r\nce-\xffid: v\r\n\r\n", b"name not UTF-8"),
         (b"NATS/1.0\r\nce-id: caf\xe9\r\n\r\n", b"value not UTF-8"),
     ];
     publish_raw(&url, topic.as_str(), &unreadable).await;
 
-    let raw = async_nats::connect(url.as_str())
-        .await
-        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
-    let js = jetstream::new(raw);
+    let js = raw_jetstream(&url).await;
     let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
     let deadline = tokio::time::Instant::now() + RECEIVE;
     let mut dlq_stream = loop {
@@ -400,7 +414,7 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
     assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
     delivery.ack().await.expect("acked");
 
-    settled_up_to(&js, &stream, group, 3).await;
+    settled_up_to(&js, &stream, GROUP, 3).await;
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(broker.stream_name(&dlq)).await;
@@ -482,14 +496,7 @@ async fn an_oversized_message_is_dead_lettered() {
 /// of the pull request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_message_with_a_status_line_is_delivered() {
-    let (url, broker) = connect().await;
-    let topic = topic("nats_status_line");
-    let stream = broker.provision(&topic).await.expect("stream provisioned");
-    let group = "g";
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::new(group).expect("valid group"))
-        .await
-        .expect("subscribed");
+    let (url, _broker, topic, stream, mut sub) = subscribed("nats_status_line").await;
     publish_raw(
         &url,
         topic.as_str(),
@@ -503,11 +510,8 @@ async fn a_stored_message_with_a_status_line_is_delivered() {
     assert_eq!(delivery.event().id(), "with-status");
     delivery.ack().await.expect("acked");
 
-    let raw = async_nats::connect(url.as_str())
-        .await
-        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
-    let js = jetstream::new(raw);
-    settled_up_to(&js, &stream, group, 1).await;
+    let js = raw_jetstream(&url).await;
+    settled_up_to(&js, &stream, GROUP, 1).await;
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
 }
