@@ -41,8 +41,12 @@ use crate::topic::Topic;
 /// The most stream sequences one sweep reads.
 const MAX_SWEEP: u64 = 10_000;
 
-/// The pause before a failed sweep is tried again.
+/// The pause before a failed sweep is tried again, doubled after each
+/// failure up to [`SWEEP_RETRY_MAX`].
 const SWEEP_RETRY: Duration = Duration::from_secs(2);
+
+/// The longest pause between tries of a failing sweep.
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Why async-nats 0.51 refuses `header` (a message's header block, from
 /// `NATS/1.0` to the blank line), or `None` if it reads it.
@@ -155,6 +159,7 @@ impl Sweeper {
                     }
                 }
             }
+            let mut pause = SWEEP_RETRY;
             loop {
                 let cancel = self.cancel.clone();
                 let swept = tokio::select! {
@@ -168,11 +173,12 @@ impl Sweeper {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not look for messages the NATS client cannot read; trying again");
+                        tracing::warn!(error = %e, "could not look for messages the NATS client cannot read; trying again in {pause:?}");
                         tokio::select! {
                             () = self.cancel.cancelled() => return,
-                            () = tokio::time::sleep(SWEEP_RETRY) => {}
+                            () = tokio::time::sleep(pause) => {}
                         }
+                        pause = (pause * 2).min(SWEEP_RETRY_MAX);
                     }
                 }
             }
@@ -267,7 +273,7 @@ impl Sweeper {
             "a message on the topic cannot be read by the NATS client; it is dead-lettered and terminated"
         );
         if self.inner.config.dead_letter_enabled() {
-            let dlq = self
+            let stored = self
                 .inner
                 .dead_letter_parts(
                     &self.topic,
@@ -278,8 +284,21 @@ impl Sweeper {
                     seq,
                     &reason,
                 )
-                .await?;
-            tracing::info!(stream.sequence = seq, dead_letter.subject = %dlq, "dead-lettered");
+                .await;
+            match stored {
+                Ok(dlq) => {
+                    tracing::info!(stream.sequence = seq, dead_letter.subject = %dlq, "dead-lettered");
+                }
+                // Not stored: the look fails and is tried again.
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::error!(
+                        stream.sequence = seq,
+                        error = %e,
+                        "the message cannot be dead-lettered; it is terminated and stays in the topic's stream"
+                    );
+                }
+            }
         }
         // `<delivery count>.<stream seq>.<delivery seq>.<time>.<pending>`;
         // the server uses the pending record's own delivery sequence.
