@@ -276,16 +276,12 @@ impl Binding {
     }
 
     fn escape<'v>(&self, value: &'v str) -> Cow<'v, str> {
-        if !self.percent_encode
-            || value
-                .bytes()
-                .all(|b| (0x21..0x7f).contains(&b) && b != b'%' && b != b'"')
-        {
+        if !self.percent_encode || needs_no_escape(value.as_bytes()) {
             return Cow::Borrowed(value);
         }
         let mut out = String::with_capacity(value.len() + 8);
         for b in value.bytes() {
-            if (0x21..0x7f).contains(&b) && b != b'%' && b != b'"' {
+            if plain_byte(b) {
                 out.push(char::from(b));
             } else {
                 out.push_str(&format!("%{b:02X}"));
@@ -370,6 +366,39 @@ impl Payload<'_> {
             Self::Owned(bytes) => std::mem::take(bytes),
         }
     }
+}
+
+/// Whether a percent-encoding binding writes `b` as it is: printable
+/// ASCII other than space, `%` and `"`.
+fn plain_byte(b: u8) -> bool {
+    (0x21..0x7f).contains(&b) && b != b'%' && b != b'"'
+}
+
+/// Whether every byte of `bytes` is [`plain_byte`], looking at eight bytes
+/// at a time (header values are mostly plain).
+fn needs_no_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Whether some byte of `x` is zero.
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let Ok(word) = <[u8; 8]>::try_from(chunk) else {
+            return false;
+        };
+        let x = u64::from_le_bytes(word);
+        // A byte under 0x21, or from 0x7f up (0x7f + 1 and any byte with
+        // its high bit set show the high bit).
+        let below = x.wrapping_sub(0x21 * ONES) & !x & HIGH;
+        let above = (x.wrapping_add(ONES) | x) & HIGH;
+        if below | above != 0
+            || has_zero(x ^ (u64::from(b'%') * ONES))
+            || has_zero(x ^ (u64::from(b'"') * ONES))
+        {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| plain_byte(b))
 }
 
 /// Builds a CloudEvents 1.0 event from binary-mode attributes, moving each
@@ -738,5 +767,41 @@ mod tests {
         }
         let bad_escape: Vec<(&str, &[u8])> = vec![("ce-specversion", b"1%Z0")];
         assert!(Binding::NATS.decode(bad_escape, b"").is_err());
+    }
+
+    proptest::proptest! {
+        /// The eight-at-a-time check agrees with the byte-by-byte one, on
+        /// bytes drawn around every edge (0x20/0x21, 0x7e/0x7f, 0x80, 0xff,
+        /// `%`, `"`) at every position.
+        #[test]
+        fn needs_no_escape_is_plain_byte_for_every_byte(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    4 => 0x21_u8..0x7f,
+                    1 => proptest::sample::select(vec![0_u8, 0x1f, 0x20, 0x21, 0x22, 0x25, 0x7e, 0x7f, 0x80, 0xc3, 0xfe, 0xff]),
+                ],
+                0..40,
+            ),
+        ) {
+            proptest::prop_assert_eq!(
+                needs_no_escape(&bytes),
+                bytes.iter().all(|&b| plain_byte(b))
+            );
+        }
+    }
+
+    #[test]
+    fn needs_no_escape_sees_each_byte_at_each_place() {
+        for bad in 0_u8..=255 {
+            for at in 0..17 {
+                let mut bytes = vec![b'a'; 17];
+                bytes[at] = bad;
+                assert_eq!(
+                    needs_no_escape(&bytes),
+                    plain_byte(bad),
+                    "byte {bad:#x} at {at}"
+                );
+            }
+        }
     }
 }

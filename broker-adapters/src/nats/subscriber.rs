@@ -818,8 +818,15 @@ impl Pump {
             message,
             context: self.inner.js.clone(),
         };
-        let (seq, delivered) = match msg.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
+        let numbers = msg.message.reply.as_deref().and_then(delivery_numbers);
+        let (seq, delivered) = match numbers.map_or_else(
+            || {
+                msg.info()
+                    .map(|info| (info.stream_sequence, info.delivered))
+            },
+            Ok,
+        ) {
+            Ok(numbers) => numbers,
             Err(e) => {
                 tracing::warn!(error = %e, subject = %msg.subject, "ignored a message that is not a JetStream delivery");
                 return;
@@ -1052,6 +1059,30 @@ impl Pump {
     }
 }
 
+/// The stream sequence and delivery count of a JetStream delivery, read
+/// from its ack subject where `Message::info` reads them (ADR-15: seven
+/// tokens after `$JS.ACK.`, or nine or more with the domain and account
+/// hash first), without parsing the other tokens (the publish time among
+/// them). `None` when the subject is not of either form, for `info` to
+/// say why.
+fn delivery_numbers(reply: &str) -> Option<(u64, i64)> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let mut tokens = [""; 10];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = token;
+        }
+        count += 1;
+    }
+    let (delivered, seq) = match count {
+        7 => (tokens[2], tokens[3]),
+        n if n >= 9 => (tokens[4], tokens[5]),
+        _ => return None,
+    };
+    Some((seq.parse().ok()?, delivered.parse().ok()?))
+}
+
 /// The pull request a status message is about: the last token of its subject.
 fn pull_id(message: &async_nats::Message) -> Option<u64> {
     message
@@ -1167,6 +1198,49 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_numbers_are_read_from_both_ack_subject_forms() {
+        let v1 = "$JS.ACK.ORDERS.g.3.1234.99.1700000000000000000.5";
+        assert_eq!(delivery_numbers(v1), Some((1234, 3)));
+        let v2 = "$JS.ACK._.ACC.ORDERS.g.3.1234.99.1700000000000000000.5.token";
+        assert_eq!(delivery_numbers(v2), Some((1234, 3)));
+        let v2_short = "$JS.ACK.hub.ACC.ORDERS.g.7.42.41.1700000000000000000.0";
+        assert_eq!(delivery_numbers(v2_short), Some((42, 7)));
+        for bad in [
+            "",
+            "$JS.ACK.ORDERS.g.3.1234",
+            "$JS.ACK.ORDERS.g.3.1234.99.1700000000000000000",
+            "$JS.ACK.ORDERS.g.x.1234.99.1700000000000000000.5",
+            "$JS.ACK.ORDERS.g.3.-1.99.1700000000000000000.5",
+            "_INBOX.abc.1",
+        ] {
+            assert_eq!(delivery_numbers(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the names and numbers, both forms give back the stream
+        /// sequence and delivery count they carry.
+        #[test]
+        fn delivery_numbers_round_trip(
+            stream in "[A-Za-z0-9_-]{1,12}",
+            consumer in "[A-Za-z0-9_-]{1,12}",
+            domain in proptest::option::of("[A-Za-z0-9_-]{1,8}"),
+            delivered in 1_i64..i64::MAX,
+            seq: u64,
+            consumer_seq: u64,
+            published in 0_i128..4_000_000_000_000_000_000,
+            pending: u64,
+        ) {
+            let tail = format!("{stream}.{consumer}.{delivered}.{seq}.{consumer_seq}.{published}.{pending}");
+            let subject = match domain {
+                Some(domain) => format!("$JS.ACK.{domain}.HASH.{tail}.tok"),
+                None => format!("$JS.ACK.{tail}"),
+            };
+            proptest::prop_assert_eq!(delivery_numbers(&subject), Some((seq, delivered)));
+        }
+    }
 
     #[test]
     fn reasons_fit_in_one_header_line() {
