@@ -145,10 +145,11 @@
 //! A message on the topic that is not a CloudEvent (published by a
 //! non-CloudEvents client, say), or whose payload is larger than
 //! [`NatsConfig::max_event_bytes`], never reaches handlers and never stalls
-//! the subscription: it is logged at error level, copied unchanged (payload and headers, except
-//! JetStream's own `Nats-*` headers) to the dead-letter subject
-//! `<topic>.dlq` (stored in the stream for that subject, created like any
-//! topic's), with the reason in [`DLQ_REASON_HEADER`], and then terminated.
+//! the subscription: it is logged at error level, copied unchanged
+//! (payload and headers, except JetStream's own `Nats-*` headers) to the
+//! dead-letter subject `<topic>.dlq` (stored in the stream for that
+//! subject, created like any topic's), with the reason in
+//! [`DLQ_REASON_HEADER`], and then terminated.
 //! If the copy cannot be stored, the message is nacked and tried again after
 //! a few seconds rather than dropped. With [`NatsConfig::dead_letter`] off it
 //! is only logged and terminated; with limits retention it then stays in the
