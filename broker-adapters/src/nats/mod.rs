@@ -168,8 +168,8 @@
 //! [`DLQ_HEADERS_HEADER`] (none of its headers as headers), and then
 //! terminated for the group. The events that arrived on the dropped
 //! connection with it come back after their ack deadline, and other
-//! requests in flight on the connection (publishes among them) fail as
-//! retryable.
+//! requests in flight on the connection (publishes among them) may fail,
+//! as on any disconnection.
 //!
 //! # Server versions
 //!

@@ -39,8 +39,7 @@ use super::error::{self, Class, SYSTEM};
 use super::gate::{Gate, Popped, Settled};
 use super::unreadable::Sweeper;
 use super::{
-    DLQ_GROUP_HEADER, DLQ_HEADERS_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX,
-    DLQ_TOPIC_HEADER, Inner,
+    DLQ_GROUP_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX, DLQ_TOPIC_HEADER, Inner,
 };
 use crate::binding::Binding;
 use crate::error::{Error, ErrorKind, Result};
@@ -139,12 +138,15 @@ pub(super) async fn subscribe(
         { telemetry::MESSAGING_DESTINATION_NAME } = %topic,
         { telemetry::MESSAGING_CONSUMER_GROUP_NAME } = %group,
     );
+    // Only reconnections from now on call for a look.
+    let mut reconnects = inner.reconnects.clone();
+    reconnects.mark_unchanged();
     let sweeper = Sweeper {
         inner: Arc::clone(inner),
         stream,
         topic: topic.clone(),
         group: group.clone(),
-        reconnects: inner.reconnects.clone(),
+        reconnects,
         cancel: cancel.clone(),
         done: BTreeSet::new(),
     };
@@ -1102,37 +1104,8 @@ impl Inner {
         seq: u64,
         reason: &Error,
     ) -> Result<Topic> {
-        self.dead_letter_parts(
-            topic,
-            group,
-            msg.message.payload.clone(),
-            msg.message.headers.as_ref(),
-            None,
-            seq,
-            reason,
-        )
-        .await
-    }
-
-    /// Stores a dead letter of the message at `seq` with `payload` and the
-    /// `original` headers (or, for headers the client could not read,
-    /// their block base64-encoded in `unreadable`) on `<topic>.dlq`, and
-    /// returns that topic once stored.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn dead_letter_parts(
-        &self,
-        topic: &Topic,
-        group: &ConsumerGroup,
-        payload: bytes::Bytes,
-        original: Option<&HeaderMap>,
-        unreadable: Option<String>,
-        seq: u64,
-        reason: &Error,
-    ) -> Result<Topic> {
-        let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}"))?;
-        self.ensure_stream(&dlq).await?;
         let mut headers = HeaderMap::new();
-        if let Some(original) = original {
+        if let Some(original) = &msg.message.headers {
             for (name, values) in original.iter() {
                 // JetStream acts on its own headers (de-duplication, expected
                 // sequences); they must not act on the copy.
@@ -1146,12 +1119,31 @@ impl Inner {
                 }
             }
         }
-        if let Some(block) = unreadable {
-            headers.insert(
-                HeaderName::from_static(DLQ_HEADERS_HEADER),
-                HeaderValue::from(block),
-            );
-        }
+        self.dead_letter_parts(
+            topic,
+            group,
+            msg.message.payload.clone(),
+            headers,
+            seq,
+            reason,
+        )
+        .await
+    }
+
+    /// Stores a dead letter of the message at `seq` on `<topic>.dlq`: its
+    /// `payload`, the `headers` kept of it, and the dead-letter headers
+    /// (reason, origin, `Nats-Msg-Id`). Returns that topic once stored.
+    pub(super) async fn dead_letter_parts(
+        &self,
+        topic: &Topic,
+        group: &ConsumerGroup,
+        payload: bytes::Bytes,
+        mut headers: HeaderMap,
+        seq: u64,
+        reason: &Error,
+    ) -> Result<Topic> {
+        let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}"))?;
+        self.ensure_stream(&dlq).await?;
         let mut add = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(HeaderName::from_static(name), value);

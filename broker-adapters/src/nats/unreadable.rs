@@ -26,14 +26,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::{HeaderName, StatusCode};
+use async_nats::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use base64::Engine as _;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::Inner;
-use super::error::SYSTEM;
+use super::error::{self, Class};
+use super::{DLQ_HEADERS_HEADER, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::subscriber::ConsumerGroup;
 use crate::topic::Topic;
@@ -195,7 +195,7 @@ impl Sweeper {
             )
             .await?;
         if let Some(e) = state.error {
-            return Err(api_error("consumer info", e));
+            return Err(api_error("consumer info", e, self.inner.timeout()));
         }
         let floor = state.ack_floor.map_or(0, |s| s.stream_seq);
         let delivered = state.delivered.map_or(0, |s| s.stream_seq);
@@ -225,7 +225,9 @@ impl Sweeper {
             let stored = match (reply.error, reply.message) {
                 (None, Some(stored)) => stored,
                 (Some(e), _) if e.code() == 404 => break,
-                (Some(e), _) => return Err(api_error("stream message get", e)),
+                (Some(e), _) => {
+                    return Err(api_error("stream message get", e, self.inner.timeout()));
+                }
                 (None, None) => break,
             };
             if stored.seq > delivered {
@@ -251,14 +253,14 @@ impl Sweeper {
         };
         let header = engine
             .decode(&encoded)
-            .map_err(|e| broker_error("stream message get (headers not base64)", e))?;
+            .map_err(|e| self.malformed("stream message get (headers not base64)", e))?;
         let Some(why) = refusal(&header) else {
             return Ok(false);
         };
         let payload = match stored.data {
             Some(data) => engine
                 .decode(data)
-                .map_err(|e| broker_error("stream message get (data not base64)", e))?,
+                .map_err(|e| self.malformed("stream message get (data not base64)", e))?,
             None => Vec::new(),
         };
         let seq = stored.seq;
@@ -279,8 +281,10 @@ impl Sweeper {
                     &self.topic,
                     &self.group,
                     payload.into(),
-                    None,
-                    Some(encoded),
+                    HeaderMap::from_iter([(
+                        HeaderName::from_static(DLQ_HEADERS_HEADER),
+                        HeaderValue::from(encoded),
+                    )]),
                     seq,
                     &reason,
                 )
@@ -307,9 +311,20 @@ impl Sweeper {
             .client
             .request(subject, "+TERM".into())
             .await
-            .map_err(|e| broker_error("terminate", e))?;
+            .map_err(|e| {
+                let class = match e.kind() {
+                    async_nats::RequestErrorKind::TimedOut => Class::Timeout,
+                    _ => Class::Connection,
+                };
+                error::classify("terminate", class, self.inner.timeout(), e)
+            })?;
         self.done.insert(seq);
         Ok(true)
+    }
+
+    /// A reply the server should not have sent.
+    fn malformed(&self, operation: &'static str, e: base64::DecodeError) -> Error {
+        error::classify(operation, Class::Permanent, self.inner.timeout(), e)
     }
 
     async fn request<T: serde::de::DeserializeOwned>(
@@ -317,30 +332,19 @@ impl Sweeper {
         subject: String,
         body: serde_json::Value,
     ) -> Result<T> {
-        self.inner
-            .js
-            .request(subject, &body)
-            .await
-            .map_err(|e| broker_error("JetStream API request", e))
+        self.inner.js.request(subject, &body).await.map_err(|e| {
+            let class = match e.kind() {
+                jetstream::context::RequestErrorKind::TimedOut => Class::Timeout,
+                _ => Class::Connection,
+            };
+            error::classify("JetStream API request", class, self.inner.timeout(), e)
+        })
     }
 }
 
-fn broker_error(
-    operation: &'static str,
-    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> Error {
-    Error::with_source(
-        ErrorKind::Broker {
-            system: SYSTEM,
-            operation,
-            retryable: true,
-        },
-        source,
-    )
-}
-
-fn api_error(operation: &'static str, e: jetstream::Error) -> Error {
-    broker_error(operation, e.to_string())
+fn api_error(operation: &'static str, e: jetstream::Error, timeout: Duration) -> Error {
+    let text = e.to_string();
+    error::classify(operation, Class::Api(e), timeout, text)
 }
 
 #[cfg(test)]
