@@ -2,7 +2,7 @@
 //! real nats-server the harness runs, plus NATS-specific tests: messages
 //! that are not CloudEvents (dead-lettered, never stalling), messages whose
 //! headers the client cannot read (found after the reconnection,
-//! dead-lettered), an oversized message (dead-lettered), a stored message
+//! dead-lettered, disturbing no publish of the same broker), an oversized message (dead-lettered), a stored message
 //! with a status line, de-duplication
 //! by event id, per-key holding within a subscription, a batch failing
 //! part-way storing a prefix of each key's events, and an unreachable
@@ -318,6 +318,28 @@ async fn publish_raw(url: &str, subject: &str, messages: &[(&'static [u8], &'sta
     .expect("raw publish");
 }
 
+/// Waits until the dead-letter topic `dlq` holds `n` messages, and returns its stream.
+async fn dead_letters(
+    js: &jetstream::Context,
+    broker: &NatsBroker,
+    dlq: &Topic,
+    n: u64,
+) -> jetstream::stream::Stream {
+    let deadline = tokio::time::Instant::now() + RECEIVE;
+    loop {
+        if let Ok(mut found) = js.get_stream(broker.stream_name(dlq)).await
+            && found.info().await.expect("stream info").state.messages == n
+        {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {n} dead letters on {dlq}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until nothing is pending for `group` and its ack floor is `floor`.
 async fn settled_up_to(js: &jetstream::Context, stream: &str, group: &str, floor: u64) {
     let mut consumer: jetstream::consumer::PullConsumer = js
@@ -361,19 +383,7 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
 
     let js = raw_jetstream(&url).await;
     let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
-    let deadline = tokio::time::Instant::now() + RECEIVE;
-    let mut dlq_stream = loop {
-        if let Ok(mut found) = js.get_stream(broker.stream_name(&dlq)).await
-            && found.info().await.expect("stream info").state.messages == 2
-        {
-            break found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the unreadable messages were not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut dlq_stream = dead_letters(&js, &broker, &dlq, 2).await;
     for (seq, (headers, payload)) in (1..).zip(unreadable) {
         let copy = dlq_stream
             .get_raw_message(seq)
@@ -403,14 +413,14 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
         "each is dead-lettered once"
     );
 
-    // The subscribing client reconnected; a second one publishes.
-    let (_, publisher) = connect().await;
+    // The subscription's connection was dropped and made again; the
+    // broker's own connection publishes.
     let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
         .partition_key("k")
         .json_data(&1)
         .build()
         .expect("valid");
-    publisher
+    broker
         .publish(&topic, valid.clone())
         .await
         .expect("published");
@@ -430,6 +440,70 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
     sub.close().await.expect("closed");
     let _ = js.delete_stream(&stream).await;
     let _ = js.delete_stream(broker.stream_name(&dlq)).await;
+}
+
+/// A message the client cannot read drops only its subscription's
+/// connection: publishes through the same broker, kept going all the while,
+/// none fails, and the subscription goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_client_cannot_read_disturbs_no_publish() {
+    let (url, broker, topic, stream, mut sub) = subscribed("nats_unreadable_publish").await;
+    let other = Topic::try_from(format!("{topic}.other")).expect("valid");
+    let other_stream = broker.provision(&other).await.expect("stream provisioned");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = tokio::spawn({
+        let (broker, other, stop) = (broker.clone(), other.clone(), Arc::clone(&stop));
+        async move {
+            let (mut batches, mut failures) = (0_usize, Vec::new());
+            while !stop.load(Ordering::Acquire) {
+                let events = (0..500)
+                    .map(|n| keyed(&format!("k{}", n % 64), n))
+                    .collect();
+                match broker.publish_batch(&other, events).await {
+                    Ok(()) => batches += 1,
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (batches, failures)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish_raw(
+        &url,
+        topic.as_str(),
+        &[(b"NATS/1.0\r\nce-\xffid: v\r\n\r\n", b"name not UTF-8")],
+    )
+    .await;
+    // Dead-lettered only after the subscription's connection was dropped
+    // and made again.
+    let js = raw_jetstream(&url).await;
+    let dlq = Topic::try_from(format!("{topic}{DLQ_SUFFIX}")).expect("valid");
+    dead_letters(&js, &broker, &dlq, 1).await;
+    stop.store(true, Ordering::Release);
+    let (batches, failures) = publishing.await.expect("the publishing task");
+    assert!(
+        failures.is_empty(),
+        "publishes failed while the subscription's connection was dropped: {failures:?}"
+    );
+    assert!(batches > 0, "nothing was published meanwhile");
+
+    let valid = keyed("k", 0);
+    broker
+        .publish(&topic, valid.clone())
+        .await
+        .expect("published");
+    let mut delivery = recv_within(
+        Duration::from_secs(30),
+        &mut sub,
+        "an event after the unreadable one",
+    )
+    .await;
+    assert_eq!(delivery.event().id(), valid.id());
+    delivery.ack().await.expect("acked");
+    sub.close().await.expect("closed");
+    for name in [stream, other_stream, broker.stream_name(&dlq)] {
+        let _ = js.delete_stream(&name).await;
+    }
 }
 
 /// A message larger than the subscriber's `max_event_bytes` (published by

@@ -72,6 +72,13 @@
 //! same for every member: a subscription with another ack deadline updates
 //! the consumer's `ack_wait` for the whole group.
 //!
+//! Each subscription opens a connection of its own (with the broker's
+//! settings), on which it pulls, receives and settles; it is closed once the
+//! subscription has ended and its deliveries are gone. Whatever disturbs one
+//! subscription's connection (a slow handler's full inbox, a message the
+//! client cannot read) leaves the broker's publishes and the other
+//! subscriptions alone.
+//!
 //! Settling maps onto JetStream acks, each confirmed by the server before it
 //! returns: [`ack`](crate::Delivery::ack) is `+ACK`,
 //! [`term`](crate::Delivery::term) `+TERM`, [`nack`](crate::Delivery::nack)
@@ -158,8 +165,9 @@
 //! A message whose headers async-nats cannot read (a header block that is
 //! not UTF-8, a header name with a space or a control character, a line
 //! without a colon; a Go client can write such header values) never
-//! reaches the subscription: the client drops its connection on reading it
-//! and connects again. After each reconnection, every subscription looks
+//! reaches the subscription: the client drops the subscription's
+//! connection on reading it and connects again. After each reconnection,
+//! the subscription looks
 //! through its group's unacknowledged range of the stream (from the ack
 //! floor to the last delivered message, at most 10,000 messages per look)
 //! with JetStream's message-get API, which returns headers base64-encoded.
@@ -167,9 +175,10 @@
 //! the reason, and its header block base64-encoded in
 //! [`DLQ_HEADERS_HEADER`] (none of its headers as headers), and then
 //! terminated for the group. The events that arrived on the dropped
-//! connection with it come back after their ack deadline, and other
-//! requests in flight on the connection (publishes among them) may fail,
-//! as on any disconnection.
+//! connection with it come back after their ack deadline, and acks in
+//! flight on it may fail, as on any disconnection. The broker's publishes
+//! and its other subscriptions are not disturbed: each subscription pulls
+//! and settles on a connection of its own.
 //!
 //! # Server versions
 //!
@@ -247,7 +256,8 @@ pub const DLQ_HEADERS_HEADER: &str = "Backbone-Dlq-Headers-Base64";
 /// How many JetStream publish acknowledgements one connection awaits at most.
 pub(crate) const MAX_PENDING_ACKS: usize = 4096;
 
-/// The NATS JetStream broker: one connection, shared by clones.
+/// The NATS JetStream broker: one connection for publishing, shared by
+/// clones, and one more for each open subscription.
 ///
 /// Implements [`Publisher`] and [`Subscriber`]; see the [module docs](self)
 /// for how topics, consumer groups, ordering and dead letters map onto
@@ -267,25 +277,22 @@ struct Inner {
     /// Cancelled by `close`: every subscription's pull loop stops.
     shutdown: CancellationToken,
     closed: AtomicBool,
-    /// Counts the client's reconnections; subscriptions look for messages
-    /// the client cannot read after each.
-    reconnects: watch::Receiver<u64>,
 }
 
-impl NatsBroker {
-    /// Connects to the server in `config` and checks that JetStream is enabled.
-    ///
-    /// # Errors
-    ///
-    /// - [`ErrorKind::Config`]: an invalid setting, an unreadable credentials
-    ///   file, or credentials the server rejected (not retryable);
-    /// - [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]: the server
-    ///   cannot be reached (retryable);
-    /// - [`ErrorKind::Broker`]: JetStream is not enabled on the server.
-    pub async fn connect(config: NatsConfig) -> Result<Self> {
-        config.validate()?;
+/// A client connection and the JetStream context on it. The broker
+/// publishes on one; each subscription pulls and settles on one of its own
+/// (see [Subscribing](self#subscribing)).
+#[derive(Clone)]
+struct Connection {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl Connection {
+    /// Connects to the server in `config`. The receiver counts the
+    /// connection's reconnections (the first connection is not one).
+    async fn open(config: &NatsConfig) -> Result<(Self, watch::Receiver<u64>)> {
         let connect_timeout = config.connect_timeout_value();
-        let request_timeout = config.request_timeout_value();
         let (reconnected, reconnects) = watch::channel(0_u64);
         let reconnected = Arc::new(reconnected);
         let disconnected = Arc::new(AtomicBool::new(false));
@@ -315,10 +322,28 @@ impl NatsBroker {
             .await
             .map_err(|e| error::connect(e, connect_timeout))?;
         let js = jetstream::ContextBuilder::new()
-            .timeout(request_timeout)
+            .timeout(config.request_timeout_value())
             .max_ack_inflight(MAX_PENDING_ACKS)
             .backpressure_on_inflight(false)
             .build(client.clone());
+        Ok((Self { client, js }, reconnects))
+    }
+}
+
+impl NatsBroker {
+    /// Connects to the server in `config` and checks that JetStream is enabled.
+    ///
+    /// # Errors
+    ///
+    /// - [`ErrorKind::Config`]: an invalid setting, an unreadable credentials
+    ///   file, or credentials the server rejected (not retryable);
+    /// - [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]: the server
+    ///   cannot be reached (retryable);
+    /// - [`ErrorKind::Broker`]: JetStream is not enabled on the server.
+    pub async fn connect(config: NatsConfig) -> Result<Self> {
+        config.validate()?;
+        let request_timeout = config.request_timeout_value();
+        let (Connection { client, js }, _) = Connection::open(&config).await?;
         check_jetstream(&js, request_timeout).await?;
         let server_max = client.server_info().max_payload;
         let max_event_bytes = match config.event_limit() {
@@ -340,7 +365,6 @@ impl NatsBroker {
                 streams: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 closed: AtomicBool::new(false),
-                reconnects,
             }),
         })
     }

@@ -39,7 +39,8 @@ use super::error::{self, Class, SYSTEM};
 use super::gate::{Gate, Popped, Settled};
 use super::unreadable::Sweeper;
 use super::{
-    DLQ_GROUP_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX, DLQ_TOPIC_HEADER, Inner,
+    Connection, DLQ_GROUP_HEADER, DLQ_REASON_HEADER, DLQ_SEQUENCE_HEADER, DLQ_SUFFIX,
+    DLQ_TOPIC_HEADER, Inner,
 };
 use crate::binding::Binding;
 use crate::error::{Error, ErrorKind, Result};
@@ -95,8 +96,13 @@ pub(super) async fn subscribe(
     let ack_wait = ensure_consumer(inner, &stream, topic, &options).await?;
     let group = options.group().clone();
 
-    let inbox = inner.client.new_inbox();
-    let messages = inner
+    // Pulls, deliveries and acks go over a connection of the subscription's
+    // own, so whatever disturbs it (a message the client cannot read drops
+    // the connection) leaves the broker's publishes and other
+    // subscriptions alone.
+    let (conn, mut reconnects) = Connection::open(&inner.config).await?;
+    let inbox = conn.client.new_inbox();
+    let messages = conn
         .client
         .subscribe(format!("{inbox}.*"))
         .await
@@ -116,6 +122,7 @@ pub(super) async fn subscribe(
     let cancel = inner.shutdown.child_token();
     let pump = Pump {
         inner: Arc::clone(inner),
+        conn: conn.clone(),
         shared: Arc::clone(&shared),
         messages,
         inbox,
@@ -139,10 +146,10 @@ pub(super) async fn subscribe(
         { telemetry::MESSAGING_CONSUMER_GROUP_NAME } = %group,
     );
     // Only reconnections from now on call for a look.
-    let mut reconnects = inner.reconnects.clone();
     reconnects.mark_unchanged();
     let sweeper = Sweeper {
         inner: Arc::clone(inner),
+        conn,
         stream,
         topic: topic.clone(),
         group: group.clone(),
@@ -582,6 +589,8 @@ enum Step {
 /// The subscription's background task.
 struct Pump {
     inner: Arc<Inner>,
+    /// The subscription's own connection.
+    conn: Connection,
     shared: Arc<Shared>,
     messages: async_nats::Subscriber,
     inbox: String,
@@ -698,7 +707,7 @@ impl Pump {
             "idle_heartbeat": nanos(PULL_HEARTBEAT),
         });
         let sent = self
-            .inner
+            .conn
             .client
             .publish_with_reply(
                 self.next_subject.clone(),
@@ -818,7 +827,7 @@ impl Pump {
         }
         let mut msg = jetstream::Message {
             message,
-            context: self.inner.js.clone(),
+            context: self.conn.js.clone(),
         };
         let numbers = msg.message.reply.as_deref().and_then(delivery_numbers);
         let (seq, delivered) = match numbers.map_or_else(
@@ -978,7 +987,7 @@ impl Pump {
     /// deliver it and does not put it back.
     async fn shutdown(mut self, failure: Option<Error>) -> Result<()> {
         let mut leftovers = Vec::new();
-        if let Err(e) = self.inner.flush().await {
+        if let Err(e) = self.flush().await {
             tracing::debug!(error = %e, "could not flush before leaving the group");
         }
         match self.messages.drain().await {
@@ -1025,7 +1034,16 @@ impl Pump {
                 tracing::debug!(error = %e, "could not nack a fetched message; it is redelivered after its ack deadline");
             }
         }
-        self.inner.flush().await
+        self.flush().await
+    }
+
+    /// Sends what waits on the subscription's connection.
+    async fn flush(&self) -> Result<()> {
+        self.conn
+            .client
+            .flush()
+            .await
+            .map_err(|e| error::classify("flush", Class::Connection, self.inner.timeout(), e))
     }
 
     /// Keeps a message that arrived during shutdown, to nack it.
@@ -1039,7 +1057,7 @@ impl Pump {
         }
         let msg = jetstream::Message {
             message,
-            context: self.inner.js.clone(),
+            context: self.conn.js.clone(),
         };
         if let Ok(seq) = msg.info().map(|info| info.stream_sequence) {
             leftovers.push((seq, msg));
@@ -1051,7 +1069,7 @@ impl Pump {
     async fn forget_pull_request(&self) {
         let empty = serde_json::json!({});
         let info = self
-            .inner
+            .conn
             .js
             .request::<_, _, serde_json::Value>(self.info_subject.clone(), &empty)
             .await;

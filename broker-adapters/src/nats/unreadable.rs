@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{self, Class};
-use super::{DLQ_HEADERS_HEADER, Inner};
+use super::{Connection, DLQ_HEADERS_HEADER, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::subscriber::ConsumerGroup;
 use crate::topic::Topic;
@@ -137,6 +137,8 @@ struct Stored {
 /// client cannot read (see the [module docs](self)).
 pub(super) struct Sweeper {
     pub(super) inner: Arc<Inner>,
+    /// The subscription's own connection, whose reconnections `reconnects` counts.
+    pub(super) conn: Connection,
     pub(super) stream: String,
     pub(super) topic: Topic,
     pub(super) group: ConsumerGroup,
@@ -307,7 +309,7 @@ impl Sweeper {
         // `<delivery count>.<stream seq>.<delivery seq>.<time>.<pending>`;
         // the server uses the pending record's own delivery sequence.
         let subject = format!("$JS.ACK.{}.{}.1.{seq}.0.0.0", self.stream, self.group);
-        self.inner
+        self.conn
             .client
             .request(subject, "+TERM".into())
             .await
@@ -332,7 +334,7 @@ impl Sweeper {
         subject: String,
         body: serde_json::Value,
     ) -> Result<T> {
-        self.inner.js.request(subject, &body).await.map_err(|e| {
+        self.conn.js.request(subject, &body).await.map_err(|e| {
             let class = match e.kind() {
                 jetstream::context::RequestErrorKind::TimedOut => Class::Timeout,
                 _ => Class::Connection,
