@@ -209,19 +209,7 @@ async fn messages_that_are_not_cloudevents_are_dead_lettered_and_do_not_stall() 
         .expect("raw publish");
     raw.flush().await.expect("flushed");
 
-    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
-        .partition_key("k")
-        .json_data(&1)
-        .build()
-        .expect("valid");
-    broker
-        .publish(&topic, valid.clone())
-        .await
-        .expect("published");
-
-    let mut delivery = recv(&mut sub, "the valid event after the bad messages").await;
-    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
-    delivery.ack().await.expect("acked");
+    gets_through(&broker, &topic, &mut sub, RECEIVE).await;
     let extra = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
     assert!(extra.is_err(), "nothing else is delivered: {extra:?}");
 
@@ -317,6 +305,30 @@ async fn publish_raw(url: &str, subject: &str, messages: &[(&'static [u8], &'sta
     .await
     .expect("raw publish");
 }
+
+/// Publishes a valid event on `topic` and checks that it is the next
+/// delivery of `sub` (within `within`), and acks it.
+async fn gets_through(
+    broker: &NatsBroker,
+    topic: &Topic,
+    sub: &mut Subscription,
+    within: Duration,
+) {
+    let valid = keyed("k", 1);
+    broker
+        .publish(topic, valid.clone())
+        .await
+        .expect("published");
+    let mut delivery = recv_within(within, sub, "the valid event after the bad ones").await;
+    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
+    delivery.ack().await.expect("acked");
+}
+
+/// The wait for a delivery after the subscription's connection was made
+/// again: the pull request normally outlives the reconnection; if the
+/// server dropped it, the pump pulls again after three missed heartbeats
+/// (15 s).
+const AFTER_RECONNECTION: Duration = Duration::from_secs(30);
 
 /// Waits until the dead-letter topic `dlq` holds `n` messages, and returns its stream.
 async fn dead_letters(
@@ -415,26 +427,7 @@ async fn messages_the_client_cannot_read_are_dead_lettered_and_do_not_stall() {
 
     // The subscription's connection was dropped and made again; the
     // broker's own connection publishes.
-    let valid = CloudEventBuilder::new("dev.backbone.test", "/nats")
-        .partition_key("k")
-        .json_data(&1)
-        .build()
-        .expect("valid");
-    broker
-        .publish(&topic, valid.clone())
-        .await
-        .expect("published");
-    // The pull request normally outlives the client's reconnection; if the
-    // server dropped it, the pump pulls again after three missed
-    // heartbeats (15 s).
-    let mut delivery = recv_within(
-        Duration::from_secs(30),
-        &mut sub,
-        "the valid event after the unreadable ones",
-    )
-    .await;
-    assert_eq!(delivery.event().id(), valid.id(), "only the valid event");
-    delivery.ack().await.expect("acked");
+    gets_through(&broker, &topic, &mut sub, AFTER_RECONNECTION).await;
 
     settled_up_to(&js, &stream, GROUP, 3).await;
     sub.close().await.expect("closed");
@@ -487,19 +480,7 @@ async fn a_message_the_client_cannot_read_disturbs_no_publish() {
     );
     assert!(batches > 0, "nothing was published meanwhile");
 
-    let valid = keyed("k", 0);
-    broker
-        .publish(&topic, valid.clone())
-        .await
-        .expect("published");
-    let mut delivery = recv_within(
-        Duration::from_secs(30),
-        &mut sub,
-        "an event after the unreadable one",
-    )
-    .await;
-    assert_eq!(delivery.event().id(), valid.id());
-    delivery.ack().await.expect("acked");
+    gets_through(&broker, &topic, &mut sub, AFTER_RECONNECTION).await;
     sub.close().await.expect("closed");
     for name in [stream, other_stream, broker.stream_name(&dlq)] {
         let _ = js.delete_stream(&name).await;
