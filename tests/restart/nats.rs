@@ -2,10 +2,14 @@
 //! loopback port): stopped mid-stream and started again, no event whose
 //! publish returned `Ok` may be lost; and, counted by the server's
 //! monitoring endpoint, a subscription's connection is closed once the
-//! subscription and its deliveries are gone.
+//! subscription and its deliveries are gone; TLS with a private CA and
+//! client certificates (made by the test) works, and a certificate that
+//! does not check out, a missing client certificate or a server without
+//! TLS are configuration errors.
 //!
 //! `source tests/harness/up.sh && cargo test -p e2e --test restart_nats`
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,19 +21,21 @@ use e2e::restart::acked_events_survive_a_broker_restart;
 
 const EVENTS: usize = 300;
 
-/// A started nats-server of the test's own with JetStream, its client port,
-/// and its directory; with `monitor`, its monitoring endpoint on that port.
-async fn own_server(
-    name: &str,
-    monitor: Option<u16>,
-) -> anyhow::Result<(ServerProcess, u16, std::path::PathBuf)> {
+/// A new directory for one test's server.
+fn test_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(e2e::unique_name(name));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A started nats-server of the test's own with JetStream, storing in
+/// `dir`, with `extra` arguments; and its client port.
+async fn own_server(dir: &Path, extra: &[String]) -> anyhow::Result<(ServerProcess, u16)> {
     let program = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"])
         .context(
             "nats-server is not installed: `source tests/harness/up.sh` installs it (Debian package nats-server)",
         )?;
     let port = free_port()?;
-    let dir = std::env::temp_dir().join(e2e::unique_name(name));
-    std::fs::create_dir_all(&dir)?;
     let mut args = vec![
         "-a".to_owned(),
         "127.0.0.1".to_owned(),
@@ -39,12 +45,10 @@ async fn own_server(
         "-sd".to_owned(),
         dir.join("store").display().to_string(),
     ];
-    if let Some(monitor) = monitor {
-        args.extend(["-m".to_owned(), monitor.to_string()]);
-    }
+    args.extend_from_slice(extra);
     let mut server = ServerProcess::new("nats-server", program, args, port, dir.join("server.log"));
     server.start().await?;
-    Ok((server, port, dir))
+    Ok((server, port))
 }
 
 fn config(port: u16) -> NatsConfig {
@@ -56,7 +60,8 @@ fn config(port: u16) -> NatsConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_events_survive_a_nats_server_restart() -> anyhow::Result<()> {
-    let (mut server, port, dir) = own_server("e2e-nats-restart", None).await?;
+    let dir = test_dir("e2e-nats-restart")?;
+    let (mut server, port) = own_server(&dir, &[]).await?;
     let config = || config(port);
     let publisher = NatsBroker::connect(config()).await?;
     let subscriber = NatsBroker::connect(config()).await?;
@@ -94,7 +99,8 @@ async fn a_subscription_closes_its_connection_when_it_is_done() -> anyhow::Resul
     use futures_util::StreamExt;
 
     let monitor = free_port()?;
-    let (mut server, port, dir) = own_server("e2e-nats-connections", Some(monitor)).await?;
+    let dir = test_dir("e2e-nats-connections")?;
+    let (mut server, port) = own_server(&dir, &["-m".to_owned(), monitor.to_string()]).await?;
     let http = reqwest::Client::new();
     let connections = || {
         let http = http.clone();
@@ -156,6 +162,154 @@ async fn a_subscription_closes_its_connection_when_it_is_done() -> anyhow::Resul
     expect(1, "every subscription and delivery gone").await?;
 
     Subscriber::close(&broker).await?;
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Certificate files for a TLS test: a private CA, the server's
+/// certificate for 127.0.0.1 and a client certificate, both signed by it.
+struct Certificates {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, file: &str| {
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        anyhow::Ok((
+            write(&format!("{file}.pem"), cert.pem())?,
+            write(&format!("{file}-key.pem"), key.serialize_pem())?,
+        ))
+    };
+    Ok(Certificates {
+        ca: write("ca.pem", ca_cert.pem())?,
+        server: leaf(
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "server",
+        )?,
+        client: leaf(
+            vec!["client".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "client",
+        )?,
+    })
+}
+
+/// TLS to a server with a private CA that verifies client certificates:
+/// with the CA file and a client certificate, the broker publishes, and a
+/// subscription (on its own connection, with the same settings) receives
+/// and acks. Without the CA file the server's certificate does not check
+/// out: a configuration error, not retried; without the client certificate
+/// the server refuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
+    use broker_adapters::cloudevents::AttributesReader;
+    use broker_adapters::{ErrorKind, EventExt, PublisherExt, SubscribeOptions, Subscriber};
+    use futures_util::StreamExt;
+
+    let dir = test_dir("e2e-nats-tls")?;
+    let certs = certificates(&dir)?;
+    let path = |p: &PathBuf| p.display().to_string();
+    let tls = [
+        "--tls".to_owned(),
+        "--tlscert".to_owned(),
+        path(&certs.server.0),
+        "--tlskey".to_owned(),
+        path(&certs.server.1),
+        "--tlscacert".to_owned(),
+        path(&certs.ca),
+        "--tlsverify".to_owned(),
+    ];
+    let (mut server, port) = own_server(&dir, &tls).await?;
+
+    let trusted = || {
+        config(port)
+            .tls_ca_file(&certs.ca)
+            .tls_client_certificate(&certs.client.0, &certs.client.1)
+    };
+    let broker = NatsBroker::connect(trusted()).await?;
+    let topic = Topic::try_from("tls.events")?;
+    broker.provision(&topic).await?;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g")?)
+        .await?;
+    let id = broker
+        .publish_json(&topic, "dev.backbone.test", "/nats", &7)
+        .await?;
+    let mut delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .context("no delivery over TLS")?
+        .context("the subscription ended")??;
+    assert_eq!(delivery.event().id(), id);
+    assert_eq!(delivery.event().data_as::<u32>()?, 7);
+    delivery.ack().await?;
+    sub.close().await?;
+    Subscriber::close(&broker).await?;
+
+    let unknown_ca =
+        NatsBroker::connect(config(port).tls_client_certificate(&certs.client.0, &certs.client.1))
+            .await
+            .expect_err("the server's certificate is signed by a CA the client does not know");
+    assert!(
+        matches!(unknown_ca.kind(), ErrorKind::Config { key, .. } if key == "tls"),
+        "{unknown_ca:?}"
+    );
+    assert!(!unknown_ca.is_retryable());
+
+    let no_client_certificate = NatsBroker::connect(config(port).tls_ca_file(&certs.ca))
+        .await
+        .expect_err("the server requires a client certificate");
+    assert!(
+        matches!(no_client_certificate.kind(), ErrorKind::Config { key, .. } if key == "tls"),
+        "{no_client_certificate:?}"
+    );
+    assert!(!no_client_certificate.is_retryable());
+
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A client that requires TLS does not talk to a server without it: a
+/// configuration error, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_required_refuses_a_server_without_tls() -> anyhow::Result<()> {
+    use broker_adapters::ErrorKind;
+
+    let dir = test_dir("e2e-nats-plain")?;
+    let (mut server, port) = own_server(&dir, &[]).await?;
+    let err = NatsBroker::connect(config(port).tls_required(true))
+        .await
+        .expect_err("the server offers no TLS");
+    assert!(
+        matches!(err.kind(), ErrorKind::Config { key, .. } if key == "tls"),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -97,6 +97,9 @@ impl fmt::Debug for Auth {
 /// | [`max_ack_pending`](Self::max_ack_pending) | 1000 | `NATS_MAX_ACK_PENDING` |
 /// | [`prefetch`](Self::prefetch) | 64 | `NATS_PREFETCH` |
 /// | [`dead_letter`](Self::dead_letter) | on | `NATS_DEAD_LETTER` (`true` or `false`) |
+/// | [`tls_required`](Self::tls_required) | off (on with a CA file or client certificate, or a `tls://` URL) | `NATS_TLS` (`true` or `false`) |
+/// | [`tls_ca_file`](Self::tls_ca_file) | the system's roots | `NATS_CA` |
+/// | [`tls_client_certificate`](Self::tls_client_certificate) | none | `NATS_CERT` and `NATS_KEY` |
 /// | [`connect_timeout`](Self::connect_timeout) | 5 s | |
 /// | [`request_timeout`](Self::request_timeout) | 10 s | |
 ///
@@ -104,6 +107,15 @@ impl fmt::Debug for Auth {
 /// earlier one. Credentials may also be part of the URL
 /// (`nats://user:password@host:4222`). `Debug` shows neither passwords nor
 /// tokens, wherever they were given.
+///
+/// TLS: the server's certificate is checked against the system's roots, or
+/// against the CA file's certificates when one is set; a client certificate
+/// is presented when the server asks for one (`verify` in its TLS block).
+/// Setting either requires TLS, as does a `tls://` URL; a server that then
+/// offers no TLS, or a certificate that does not check out, is an
+/// [`ErrorKind::Config`] error, not retried. The files are read when the
+/// broker connects: a missing or unreadable one is an [`ErrorKind::Config`]
+/// error naming the setting.
 ///
 /// The stream settings (retention, storage, replicas, max age) apply to the
 /// streams the adapter creates; streams that already exist are used as they
@@ -124,6 +136,16 @@ pub struct NatsConfig {
     max_ack_pending: NonZeroUsize,
     prefetch: NonZeroUsize,
     dead_letter: bool,
+    tls: Tls,
+}
+
+/// The TLS settings: see [`NatsConfig`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Tls {
+    required: bool,
+    ca_file: Option<PathBuf>,
+    /// Certificate and private key files, PEM.
+    client: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for NatsConfig {
@@ -144,6 +166,7 @@ impl Default for NatsConfig {
                 .unwrap_or(NonZeroUsize::MIN),
             prefetch: NonZeroUsize::new(DEFAULT_PREFETCH).unwrap_or(NonZeroUsize::MIN),
             dead_letter: true,
+            tls: Tls::default(),
         }
     }
 }
@@ -279,6 +302,26 @@ impl NatsConfig {
                 "false" | "0" | "no" | "off" => false,
                 _ => return Err(bad_value("NATS_DEAD_LETTER", &flag, "`true` or `false`")),
             };
+        }
+        if let Some(flag) = get("NATS_TLS")? {
+            config.tls.required = match flag.to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(bad_value("NATS_TLS", &flag, "`true` or `false`")),
+            };
+        }
+        if let Some(ca) = get("NATS_CA")? {
+            config = config.tls_ca_file(ca);
+        }
+        match (get("NATS_CERT")?, get("NATS_KEY")?) {
+            (Some(cert), Some(key)) => config = config.tls_client_certificate(cert, key),
+            (Some(_), None) => {
+                return Err(config_error("NATS_CERT", "NATS_KEY is not set with it"));
+            }
+            (None, Some(_)) => {
+                return Err(config_error("NATS_KEY", "NATS_CERT is not set with it"));
+            }
+            (None, None) => {}
         }
         Ok(config)
     }
@@ -426,6 +469,34 @@ impl NatsConfig {
         self
     }
 
+    /// Requires TLS to the server even without a CA file, a client
+    /// certificate or a `tls://` URL (which each require it already).
+    #[must_use]
+    pub fn tls_required(mut self, required: bool) -> Self {
+        self.tls.required = required;
+        self
+    }
+
+    /// Checks the server's certificate against the certificates in this PEM
+    /// file (a private CA) besides the system's roots, and requires TLS.
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents this certificate, with its private key (both PEM files),
+    /// when the server asks for a client certificate, and requires TLS.
+    #[must_use]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls.client = Some((certificate.into(), key.into()));
+        self
+    }
+
     pub(crate) fn server_url(&self) -> &str {
         &self.url
     }
@@ -500,9 +571,25 @@ impl NatsConfig {
                     })?
             }
         };
-        Ok(options
+        let mut options = options
             .connection_timeout(self.connect_timeout)
-            .request_timeout(Some(self.request_timeout)))
+            .request_timeout(Some(self.request_timeout));
+        let Tls {
+            required,
+            ca_file,
+            client,
+        } = &self.tls;
+        if let Some(ca) = ca_file {
+            readable("tls_ca_file", ca)?;
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((certificate, key)) = client {
+            readable("tls_client_certificate", certificate)?;
+            readable("tls_client_certificate", key)?;
+            options = options.add_client_certificate(certificate.clone(), key.clone());
+        }
+        let tls = *required || ca_file.is_some() || client.is_some();
+        Ok(options.require_tls(tls))
     }
 
     /// Checks what the setters cannot.
@@ -541,6 +628,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_ack_pending", &self.max_ack_pending)
             .field("prefetch", &self.prefetch)
             .field("dead_letter", &self.dead_letter)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -573,6 +661,21 @@ pub(crate) fn redact_url(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Fails with a [`ErrorKind::Config`] error naming `key` unless `path` can
+/// be opened for reading (async-nats reads it only while connecting, where a
+/// missing file would look like a failed connection).
+fn readable(key: &str, path: &std::path::Path) -> Result<()> {
+    std::fs::File::open(path).map(drop).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config {
+                key: key.into(),
+                reason: format!("cannot read `{}`", path.display()),
+            },
+            e,
+        )
+    })
 }
 
 fn config_error(key: &str, reason: impl Into<String>) -> Error {
@@ -633,6 +736,10 @@ mod tests {
             ("NATS_MAX_ACK_PENDING", "1"),
             ("NATS_PREFETCH", "8"),
             ("NATS_DEAD_LETTER", "false"),
+            ("NATS_TLS", "TRUE"),
+            ("NATS_CA", "/etc/nats/ca.pem"),
+            ("NATS_CERT", "/etc/nats/client.pem"),
+            ("NATS_KEY", "/etc/nats/client-key.pem"),
         ])
         .expect("valid");
         assert_eq!(config.server_url(), "nats://n1:4222,nats://n2:4222");
@@ -647,6 +754,64 @@ mod tests {
         assert_eq!(config.ack_pending_limit(), 1);
         assert_eq!(config.prefetch_count(), 8);
         assert!(!config.dead_letter_enabled());
+        assert_eq!(
+            config.tls,
+            Tls {
+                required: true,
+                ca_file: Some("/etc/nats/ca.pem".into()),
+                client: Some((
+                    "/etc/nats/client.pem".into(),
+                    "/etc/nats/client-key.pem".into()
+                )),
+            }
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        for (key, value) in [("NATS_CERT", "/c.pem"), ("NATS_KEY", "/k.pem")] {
+            let err = from(&[(key, value)]).expect_err(key);
+            assert!(
+                matches!(err.kind(), ErrorKind::Config { key: got, .. } if got == key),
+                "{err}"
+            );
+        }
+    }
+
+    /// A TLS file that cannot be read is a configuration error naming the
+    /// setting and the file, found before any connection is tried.
+    #[tokio::test]
+    async fn unreadable_tls_files_are_configuration_errors() {
+        let missing = std::env::temp_dir().join("no-such-dir-for-nats-tls/ca.pem");
+        let readable_file = std::env::current_exe().expect("the test binary");
+        for (config, key) in [
+            (NatsConfig::builder().tls_ca_file(&missing), "tls_ca_file"),
+            (
+                NatsConfig::builder().tls_client_certificate(&missing, &readable_file),
+                "tls_client_certificate",
+            ),
+            (
+                NatsConfig::builder().tls_client_certificate(&readable_file, &missing),
+                "tls_client_certificate",
+            ),
+        ] {
+            let err = config.connect_options().await.expect_err(key);
+            match err.kind() {
+                ErrorKind::Config { key: got, reason } => {
+                    assert_eq!(got, key);
+                    assert!(reason.contains("no-such-dir-for-nats-tls"), "{reason}");
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+            assert!(!err.is_retryable());
+        }
+        assert!(
+            NatsConfig::builder()
+                .tls_ca_file(&readable_file)
+                .connect_options()
+                .await
+                .is_ok()
+        );
     }
 
     #[test]
@@ -658,6 +823,7 @@ mod tests {
             ("NATS_STREAM_MAX_AGE", "1h"),
             ("NATS_STREAM_RETENTION", "forever"),
             ("NATS_DEAD_LETTER", "maybe"),
+            ("NATS_TLS", "yes"),
         ] {
             let err = from(&[(key, value)]).expect_err(key);
             match err.kind() {

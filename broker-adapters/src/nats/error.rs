@@ -101,10 +101,44 @@ pub(crate) fn connect(error: ConnectError, timeout: Duration) -> Error {
             error,
         ),
         ConnectErrorKind::TimedOut => classify("connect", Class::Timeout, timeout, error),
+        ConnectErrorKind::Io if tls_failure(&error).is_some() => {
+            let reason = tls_failure(&error)
+                .map(|tls| format!("the TLS handshake with the NATS server failed: {tls}"))
+                .unwrap_or_default();
+            Error::with_source(
+                ErrorKind::Config {
+                    key: "tls".into(),
+                    reason,
+                },
+                error,
+            )
+        }
         ConnectErrorKind::Dns | ConnectErrorKind::Io | ConnectErrorKind::MaxReconnects => {
             classify("connect", Class::Connection, timeout, error)
         }
     }
+}
+
+/// The TLS library's error behind a failed connection, if TLS is what
+/// failed: async-nats reports a failed handshake (a certificate that does
+/// not check out, a server without TLS, a client certificate refused) as an
+/// I/O error wrapping it.
+fn tls_failure(error: &ConnectError) -> Option<&async_nats::rustls::Error> {
+    let mut next = std::error::Error::source(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<async_nats::rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<async_nats::rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// A failed JetStream publish or publish acknowledgement.
