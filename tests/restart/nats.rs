@@ -228,7 +228,7 @@ fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
     use broker_adapters::cloudevents::AttributesReader;
-    use broker_adapters::{ErrorKind, EventExt, PublisherExt, SubscribeOptions, Subscriber};
+    use broker_adapters::{EventExt, PublisherExt, SubscribeOptions, Subscriber};
     use futures_util::StreamExt;
 
     let dir = test_dir("e2e-nats-tls")?;
@@ -270,46 +270,42 @@ async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
     sub.close().await?;
     Subscriber::close(&broker).await?;
 
-    let unknown_ca =
-        NatsBroker::connect(config(port).tls_client_certificate(&certs.client.0, &certs.client.1))
-            .await
-            .expect_err("the server's certificate is signed by a CA the client does not know");
-    assert!(
-        matches!(unknown_ca.kind(), ErrorKind::Config { key, .. } if key == "tls"),
-        "{unknown_ca:?}"
-    );
-    assert!(!unknown_ca.is_retryable());
-
-    let no_client_certificate = NatsBroker::connect(config(port).tls_ca_file(&certs.ca))
-        .await
-        .expect_err("the server requires a client certificate");
-    assert!(
-        matches!(no_client_certificate.kind(), ErrorKind::Config { key, .. } if key == "tls"),
-        "{no_client_certificate:?}"
-    );
-    assert!(!no_client_certificate.is_retryable());
+    refused_as_tls_config(
+        config(port).tls_client_certificate(&certs.client.0, &certs.client.1),
+        "the server's certificate is signed by a CA the client does not know",
+    )
+    .await;
+    refused_as_tls_config(
+        config(port).tls_ca_file(&certs.ca),
+        "the server requires a client certificate",
+    )
+    .await;
 
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
+/// Checks that connecting with `config` fails with a TLS configuration
+/// error, not retried.
+async fn refused_as_tls_config(config: NatsConfig, why: &str) {
+    use broker_adapters::ErrorKind;
+
+    let err = NatsBroker::connect(config).await.expect_err(why);
+    assert!(
+        matches!(err.kind(), ErrorKind::Config { key, .. } if key == "tls"),
+        "{why}: {err:?}"
+    );
+    assert!(!err.is_retryable(), "{why}: {err:?}");
+}
+
 /// A client that requires TLS does not talk to a server without it: a
 /// configuration error, not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_refuses_a_server_without_tls() -> anyhow::Result<()> {
-    use broker_adapters::ErrorKind;
-
     let dir = test_dir("e2e-nats-plain")?;
     let (mut server, port) = own_server(&dir, &[]).await?;
-    let err = NatsBroker::connect(config(port).tls_required(true))
-        .await
-        .expect_err("the server offers no TLS");
-    assert!(
-        matches!(err.kind(), ErrorKind::Config { key, .. } if key == "tls"),
-        "{err:?}"
-    );
-    assert!(!err.is_retryable());
+    refused_as_tls_config(config(port).tls_required(true), "the server offers no TLS").await;
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
