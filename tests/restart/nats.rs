@@ -89,9 +89,10 @@ async fn acked_events_survive_a_nats_server_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each subscription has a connection of its own: it is open while the
-/// subscription is, stays open while a delivery of it is unsettled (so the
-/// delivery can still be acked), and is closed after that. Counted by the
+/// Each subscription has a connection of its own, named after the client,
+/// the topic and the group: it is open while the subscription is, stays
+/// open while a delivery of it is unsettled (so the delivery can still be
+/// acked), and is closed after that. Counted by the
 /// server (`/connz`), so a leaked connection fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_closes_its_connection_when_it_is_done() -> anyhow::Result<()> {
@@ -112,39 +113,53 @@ async fn a_subscription_closes_its_connection_when_it_is_done() -> anyhow::Resul
                 .error_for_status()?
                 .json()
                 .await?;
-            connz["num_connections"]
-                .as_u64()
-                .with_context(|| format!("no num_connections in {connz}"))
+            let mut names = connz["connections"]
+                .as_array()
+                .with_context(|| format!("no connections in {connz}"))?
+                .iter()
+                .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>();
+            names.sort();
+            anyhow::Ok(names)
         }
     };
     // The server counts a closed connection gone shortly after the client
     // closes it.
-    let expect = |n: u64, when: &'static str| {
+    let expect = |n: usize, when: &'static str| {
         let connections = &connections;
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let now = connections().await?;
-                if now == n {
-                    return anyhow::Ok(());
+                if now.len() == n {
+                    return anyhow::Ok(now);
                 }
                 anyhow::ensure!(
                     tokio::time::Instant::now() < deadline,
-                    "{when}: {now} connections, expected {n}"
+                    "{when}: connections {now:?}, expected {n}"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     };
 
-    let broker = NatsBroker::connect(config(port)).await?;
+    let broker = NatsBroker::connect(config(port).client_name("billing")).await?;
     let topic = Topic::try_from("connections.events")?;
     broker.provision(&topic).await?;
     expect(1, "the broker alone").await?;
     let options = || SubscribeOptions::new("g");
     let mut first = broker.subscribe(&topic, options()?).await?;
     let second = broker.subscribe(&topic, options()?).await?;
-    expect(3, "two subscriptions open").await?;
+    let open = expect(3, "two subscriptions open").await?;
+    // Each connection is named, for operators to tell them apart.
+    assert_eq!(
+        open,
+        [
+            "billing",
+            "billing: subscription connections.events g",
+            "billing: subscription connections.events g"
+        ]
+    );
 
     broker
         .publish_json(&topic, "dev.backbone.test", "/nats", &1)

@@ -100,6 +100,7 @@ impl fmt::Debug for Auth {
 /// | [`tls_required`](Self::tls_required) | off (on with a CA file or client certificate, or a `tls://` URL) | `NATS_TLS` (`true` or `false`) |
 /// | [`tls_ca_file`](Self::tls_ca_file) | the system's roots | `NATS_CA` |
 /// | [`tls_client_certificate`](Self::tls_client_certificate) | none | `NATS_CERT` and `NATS_KEY` |
+/// | [`client_name`](Self::client_name) | none | `NATS_CLIENT_NAME` |
 /// | [`connect_timeout`](Self::connect_timeout) | 5 s | |
 /// | [`request_timeout`](Self::request_timeout) | 10 s | |
 ///
@@ -137,6 +138,7 @@ pub struct NatsConfig {
     prefetch: NonZeroUsize,
     dead_letter: bool,
     tls: Tls,
+    client_name: Option<String>,
 }
 
 /// The TLS settings: see [`NatsConfig`].
@@ -167,6 +169,7 @@ impl Default for NatsConfig {
             prefetch: NonZeroUsize::new(DEFAULT_PREFETCH).unwrap_or(NonZeroUsize::MIN),
             dead_letter: true,
             tls: Tls::default(),
+            client_name: None,
         }
     }
 }
@@ -309,6 +312,9 @@ impl NatsConfig {
                 "false" => false,
                 _ => return Err(bad_value("NATS_TLS", &flag, "`true` or `false`")),
             };
+        }
+        if let Some(name) = get("NATS_CLIENT_NAME")? {
+            config.client_name = Some(name);
         }
         if let Some(ca) = get("NATS_CA")? {
             config = config.tls_ca_file(ca);
@@ -469,6 +475,16 @@ impl NatsConfig {
         self
     }
 
+    /// The name the server shows for the broker's connection (in its
+    /// monitoring endpoints and logs), say the service's name. Each
+    /// subscription's own connection is named `<name>: subscription <topic>
+    /// <group>`, or without a client name `subscription <topic> <group>`.
+    #[must_use]
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = Some(name.into());
+        self
+    }
+
     /// Requires TLS to the server even without a CA file, a client
     /// certificate or a `tls://` URL (which each require it already).
     #[must_use]
@@ -495,6 +511,10 @@ impl NatsConfig {
     ) -> Self {
         self.tls.client = Some((certificate.into(), key.into()));
         self
+    }
+
+    pub(crate) fn client_name_value(&self) -> Option<&str> {
+        self.client_name.as_deref()
     }
 
     pub(crate) fn server_url(&self) -> &str {
@@ -629,6 +649,7 @@ impl fmt::Debug for NatsConfig {
             .field("prefetch", &self.prefetch)
             .field("dead_letter", &self.dead_letter)
             .field("tls", &self.tls)
+            .field("client_name", &self.client_name)
             .finish()
     }
 }
@@ -740,6 +761,7 @@ mod tests {
             ("NATS_CA", "/etc/nats/ca.pem"),
             ("NATS_CERT", "/etc/nats/client.pem"),
             ("NATS_KEY", "/etc/nats/client-key.pem"),
+            ("NATS_CLIENT_NAME", "billing"),
         ])
         .expect("valid");
         assert_eq!(config.server_url(), "nats://n1:4222,nats://n2:4222");
@@ -754,6 +776,7 @@ mod tests {
         assert_eq!(config.ack_pending_limit(), 1);
         assert_eq!(config.prefetch_count(), 8);
         assert!(!config.dead_letter_enabled());
+        assert_eq!(config.client_name_value(), Some("billing"));
         assert_eq!(
             config.tls,
             Tls {

@@ -289,34 +289,37 @@ struct Connection {
 }
 
 impl Connection {
-    /// Connects to the server in `config`. The receiver counts the
-    /// connection's reconnections (the first connection is not one).
-    async fn open(config: &NatsConfig) -> Result<(Self, watch::Receiver<u64>)> {
+    /// Connects to the server in `config`, with `name` as the connection's
+    /// name on the server. The receiver counts the connection's
+    /// reconnections (the first connection is not one).
+    async fn open(
+        config: &NatsConfig,
+        name: Option<String>,
+    ) -> Result<(Self, watch::Receiver<u64>)> {
         let connect_timeout = config.connect_timeout_value();
         let (reconnected, reconnects) = watch::channel(0_u64);
         let reconnected = Arc::new(reconnected);
         let disconnected = Arc::new(AtomicBool::new(false));
-        let options = config
-            .connect_options()
-            .await?
-            .event_callback(move |event| {
-                let reconnected = Arc::clone(&reconnected);
-                let disconnected = Arc::clone(&disconnected);
-                async move {
-                    match event {
-                        async_nats::Event::Disconnected => {
-                            disconnected.store(true, Ordering::Release);
-                        }
-                        // The first connection is not a reconnection.
-                        async_nats::Event::Connected
-                            if disconnected.swap(false, Ordering::AcqRel) =>
-                        {
-                            reconnected.send_modify(|n| *n = n.wrapping_add(1));
-                        }
-                        _ => {}
+        let mut options = config.connect_options().await?;
+        if let Some(name) = name {
+            options = options.name(name);
+        }
+        let options = options.event_callback(move |event| {
+            let reconnected = Arc::clone(&reconnected);
+            let disconnected = Arc::clone(&disconnected);
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        disconnected.store(true, Ordering::Release);
                     }
+                    // The first connection is not a reconnection.
+                    async_nats::Event::Connected if disconnected.swap(false, Ordering::AcqRel) => {
+                        reconnected.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    _ => {}
                 }
-            });
+            }
+        });
         // The connect future is large: keep it off the stack.
         let client = Box::pin(options.connect(config.server_url()))
             .await
@@ -343,7 +346,8 @@ impl NatsBroker {
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         config.validate()?;
         let request_timeout = config.request_timeout_value();
-        let (Connection { client, js }, _) = Connection::open(&config).await?;
+        let name = config.client_name_value().map(str::to_owned);
+        let (Connection { client, js }, _) = Connection::open(&config, name).await?;
         check_jetstream(&js, request_timeout).await?;
         let server_max = client.server_info().max_payload;
         let max_event_bytes = match config.event_limit() {

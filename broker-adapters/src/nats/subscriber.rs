@@ -100,7 +100,11 @@ pub(super) async fn subscribe(
     // own, so whatever disturbs it (a message the client cannot read drops
     // the connection) leaves the broker's publishes and other
     // subscriptions alone.
-    let (conn, mut reconnects) = Connection::open(&inner.config).await?;
+    let name = match inner.config.client_name_value() {
+        Some(client) => format!("{client}: subscription {topic} {group}"),
+        None => format!("subscription {topic} {group}"),
+    };
+    let (conn, mut reconnects) = Connection::open(&inner.config, Some(name)).await?;
     let inbox = conn.client.new_inbox();
     let messages = conn
         .client
