@@ -5,7 +5,9 @@
 //! subscription and its deliveries are gone; TLS with a private CA and
 //! client certificates (made by the test) works, and a certificate that
 //! does not check out, a missing client certificate or a server without
-//! TLS are configuration errors.
+//! TLS are configuration errors; user and password, and token,
+//! authentication work for the broker and its subscriptions, and rejected
+//! credentials are configuration errors.
 //!
 //! `source tests/harness/up.sh && cargo test -p e2e --test restart_nats`
 
@@ -242,10 +244,6 @@ fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
 /// the server refuses the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
-    use broker_adapters::cloudevents::AttributesReader;
-    use broker_adapters::{EventExt, PublisherExt, SubscribeOptions, Subscriber};
-    use futures_util::StreamExt;
-
     let dir = test_dir("e2e-nats-tls")?;
     let certs = certificates(&dir)?;
     let path = |p: &PathBuf| p.display().to_string();
@@ -261,29 +259,10 @@ async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
     ];
     let (mut server, port) = own_server(&dir, &tls).await?;
 
-    let trusted = || {
-        config(port)
-            .tls_ca_file(&certs.ca)
-            .tls_client_certificate(&certs.client.0, &certs.client.1)
-    };
-    let broker = NatsBroker::connect(trusted()).await?;
-    let topic = Topic::try_from("tls.events")?;
-    broker.provision(&topic).await?;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::new("g")?)
-        .await?;
-    let id = broker
-        .publish_json(&topic, "dev.backbone.test", "/nats", &7)
-        .await?;
-    let mut delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .context("no delivery over TLS")?
-        .context("the subscription ended")??;
-    assert_eq!(delivery.event().id(), id);
-    assert_eq!(delivery.event().data_as::<u32>()?, 7);
-    delivery.ack().await?;
-    sub.close().await?;
-    Subscriber::close(&broker).await?;
+    let trusted = config(port)
+        .tls_ca_file(&certs.ca)
+        .tls_client_certificate(&certs.client.0, &certs.client.1);
+    round_trip(trusted, "TLS").await?;
 
     refused_as_tls_config(
         config(port).tls_client_certificate(&certs.client.0, &certs.client.1),
@@ -323,5 +302,73 @@ async fn tls_required_refuses_a_server_without_tls() -> anyhow::Result<()> {
     refused_as_tls_config(config(port).tls_required(true), "the server offers no TLS").await;
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Authentication against a server that requires it: with a user and
+/// password, and with a token, the broker publishes and a subscription (on
+/// its own connection, with the same credentials) receives; credentials the
+/// server rejects are a configuration error, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_password_and_token_authentication() -> anyhow::Result<()> {
+    use broker_adapters::ErrorKind;
+
+    for (name, server_args, good, bad) in [
+        (
+            "e2e-nats-user",
+            &["--user", "app", "--pass", "s3cret"][..],
+            config(0).user_and_password("app", "s3cret"),
+            config(0).user_and_password("app", "wrong"),
+        ),
+        (
+            "e2e-nats-token",
+            &["--auth", "t0ken"][..],
+            config(0).token("t0ken"),
+            config(0).token("wrong"),
+        ),
+    ] {
+        let dir = test_dir(name)?;
+        let args: Vec<String> = server_args.iter().map(|a| (*a).to_owned()).collect();
+        let (mut server, port) = own_server(&dir, &args).await?;
+        let url = format!("nats://127.0.0.1:{port}");
+        round_trip(good.url(&url), name).await?;
+        let err = NatsBroker::connect(bad.url(&url))
+            .await
+            .expect_err("the server rejects the credentials");
+        assert!(
+            matches!(err.kind(), ErrorKind::Config { key, .. } if key == "credentials"),
+            "{name}: {err:?}"
+        );
+        assert!(!err.is_retryable(), "{name}: {err:?}");
+        server.stop().await?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Connects with `config`, publishes one event on a new topic and receives
+/// and acks it through a subscription.
+async fn round_trip(config: NatsConfig, what: &str) -> anyhow::Result<()> {
+    use broker_adapters::cloudevents::AttributesReader;
+    use broker_adapters::{PublisherExt, SubscribeOptions, Subscriber};
+    use futures_util::StreamExt;
+
+    let broker = NatsBroker::connect(config).await?;
+    let topic = Topic::try_from("round.trip")?;
+    broker.provision(&topic).await?;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g")?)
+        .await?;
+    let id = broker
+        .publish_json(&topic, "dev.backbone.test", "/nats", &1)
+        .await?;
+    let mut delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .with_context(|| format!("{what}: no delivery"))?
+        .context("the subscription ended")??;
+    anyhow::ensure!(delivery.event().id() == id, "{what}: another event");
+    delivery.ack().await?;
+    sub.close().await?;
+    Subscriber::close(&broker).await?;
     Ok(())
 }
