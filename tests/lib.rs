@@ -16,6 +16,7 @@
 
 pub mod process;
 pub mod restart;
+pub mod tls;
 
 use std::fmt;
 use std::future::IntoFuture;

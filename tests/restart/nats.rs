@@ -184,58 +184,6 @@ async fn a_subscription_closes_its_connection_when_it_is_done() -> anyhow::Resul
     Ok(())
 }
 
-/// Certificate files for a TLS test: a private CA, the server's
-/// certificate for 127.0.0.1 and a client certificate, both signed by it.
-struct Certificates {
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-}
-
-fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-
-    let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
-        let path = dir.join(name);
-        std::fs::write(&path, pem)?;
-        Ok(path)
-    };
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, file: &str| {
-        let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(DnType::CommonName, file);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &issuer)?;
-        anyhow::Ok((
-            write(&format!("{file}.pem"), cert.pem())?,
-            write(&format!("{file}-key.pem"), key.serialize_pem())?,
-        ))
-    };
-    Ok(Certificates {
-        ca: write("ca.pem", ca_cert.pem())?,
-        server: leaf(
-            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            "server",
-        )?,
-        client: leaf(
-            vec!["client".to_owned()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            "client",
-        )?,
-    })
-}
-
 /// TLS to a server with a private CA that verifies client certificates:
 /// with the CA file and a client certificate, the broker publishes, and a
 /// subscription (on its own connection, with the same settings) receives
@@ -245,7 +193,7 @@ fn certificates(dir: &Path) -> anyhow::Result<Certificates> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca_and_client_certificates() -> anyhow::Result<()> {
     let dir = test_dir("e2e-nats-tls")?;
-    let certs = certificates(&dir)?;
+    let certs = e2e::tls::certificates(&dir)?;
     let path = |p: &PathBuf| p.display().to_string();
     let tls = [
         "--tls".to_owned(),

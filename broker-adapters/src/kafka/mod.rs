@@ -105,17 +105,14 @@ impl KafkaBroker {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] for an invalid configuration;
+    /// [`ErrorKind::Config`] for an invalid configuration, and when the
+    /// cluster refuses the TLS handshake (a certificate that does not check
+    /// out) or the SASL authentication (not retryable);
     /// [`ErrorKind::Connection`] if no broker answers within the delivery timeout.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
         let producer = new_producer(&config)?;
-        let probe = producer.clone();
-        let wait = config.delivery_timeout.min(Duration::from_secs(10));
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, wait))
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?
-            .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?;
+        probe(&config).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 producers: Arc::new(ProducerSlot {
@@ -126,6 +123,118 @@ impl KafkaBroker {
             }),
         })
     }
+}
+
+/// Asks the cluster for its metadata with a client of `config`'s settings,
+/// which also reports why the brokers could not be reached when librdkafka
+/// says more than the request's own error: a failed TLS handshake or SASL
+/// authentication reaches only the client's error callback, the request
+/// failing as a mere transport failure.
+async fn probe(config: &KafkaConfig) -> Result<()> {
+    let client: rdkafka::producer::BaseProducer<ProbeContext> = client_config(config)
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| map(e, "create the connection check's client"))?;
+    let deadline = std::time::Instant::now() + config.delivery_timeout.min(Duration::from_secs(10));
+    let (client, fetched) = tokio::task::spawn_blocking(move || {
+        // In short tries, so that a refusal ends the wait at once.
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let fetched = client
+                .client()
+                .fetch_metadata(None, left.min(Duration::from_millis(500)))
+                .map(drop);
+            if fetched.is_ok() || left.is_zero() || client.context().has_refused() {
+                return (client, fetched);
+            }
+            // Serves the error events queued meanwhile to the context.
+            client.poll(Duration::ZERO);
+            if client.context().has_refused() {
+                return (client, fetched);
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?;
+    let Err(e) = fetched else { return Ok(()) };
+    let refused = client
+        .context()
+        .refused
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    Err(match refused {
+        Some((key, reason)) => Error::with_source(
+            ErrorKind::Config {
+                key: key.into(),
+                reason,
+            },
+            e,
+        ),
+        None => Error::with_source(ErrorKind::Connection { system: SYSTEM }, e),
+    })
+}
+
+/// Keeps the first TLS or authentication failure librdkafka reports: as a
+/// client error, or (a failed TLS handshake, a refused SASL login) only as a
+/// log line of the broker connection's failure.
+#[derive(Default)]
+struct ProbeContext {
+    /// The setting to blame and what librdkafka said.
+    refused: std::sync::Mutex<Option<(&'static str, String)>>,
+}
+
+impl ProbeContext {
+    fn has_refused(&self) -> bool {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn keep(&self, key: &'static str, what: &str) {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(|| {
+                (
+                    key,
+                    format!("the Kafka cluster refused the connection: {what}"),
+                )
+            });
+    }
+}
+
+impl rdkafka::ClientContext for ProbeContext {
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        if facility == "FAIL" {
+            if message.contains("SSL handshake failed") {
+                self.keep("security_protocol", message);
+            } else if message.contains("SASL authentication error")
+                || message.contains("Authentication failed")
+            {
+                self.keep("sasl", message);
+            }
+        }
+        // What matters is returned by `connect`.
+        tracing::debug!(facility, message, "librdkafka, checking the connection");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::SSL) => self.keep("security_protocol", reason),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
+                self.keep("sasl", reason)
+            }
+            _ => tracing::debug!(%error, reason, "librdkafka error while checking the connection"),
+        }
+    }
+}
+
+/// The check sends nothing.
+impl rdkafka::producer::ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, (): ()) {}
 }
 
 /// The producer a broker and its subscriptions (for dead letters) share,
@@ -476,5 +585,67 @@ impl Subscriber for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         Publisher::close(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientContext as _;
+    use rdkafka::config::RDKafkaLogLevel;
+
+    use super::*;
+
+    fn refused(context: &ProbeContext) -> Option<&'static str> {
+        context
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|(key, _)| *key)
+    }
+
+    /// librdkafka's own words for a refused handshake or login (2.12, as
+    /// logged for a broker connection's failure) blame the right setting;
+    /// other failures blame none, and the first refusal is kept.
+    #[test]
+    fn refusals_blame_their_setting() {
+        let ssl = "[thrd:ssl://127.0.0.1:9093/bootstrap]: ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified (after 1ms in state SSL_HANDSHAKE)";
+        let sasl = "[thrd:sasl_plaintext://127.0.0.1:9092/bootstrap]: sasl_plaintext://127.0.0.1:9092/bootstrap: SASL authentication error: Authentication failed: Invalid username or password (after 3ms in state AUTH_REQ)";
+        let down = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 0ms in state CONNECT)";
+
+        let context = ProbeContext::default();
+        context.log(RDKafkaLogLevel::Error, "FAIL", down);
+        assert_eq!(refused(&context), None);
+        context.log(RDKafkaLogLevel::Error, "FAIL", ssl);
+        assert_eq!(refused(&context), Some("security_protocol"));
+        context.log(RDKafkaLogLevel::Error, "FAIL", sasl);
+        assert_eq!(
+            refused(&context),
+            Some("security_protocol"),
+            "the first is kept"
+        );
+
+        let context = ProbeContext::default();
+        context.log(RDKafkaLogLevel::Error, "FAIL", sasl);
+        assert_eq!(refused(&context), Some("sasl"));
+
+        let context = ProbeContext::default();
+        context.log(RDKafkaLogLevel::Debug, "BROKER", ssl);
+        assert_eq!(
+            refused(&context),
+            None,
+            "only a connection's failure counts"
+        );
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(refused(&context), None);
+        context.error(
+            KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL authentication error",
+        );
+        assert_eq!(refused(&context), Some("sasl"));
+        assert!(context.has_refused());
     }
 }
