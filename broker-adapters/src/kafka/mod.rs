@@ -610,7 +610,7 @@ mod tests {
     #[test]
     fn refusals_blame_their_setting() {
         let ssl = "[thrd:ssl://127.0.0.1:9093/bootstrap]: ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified (after 1ms in state SSL_HANDSHAKE)";
-        let sasl = "[thrd:sasl_plaintext://127.0.0.1:9092/bootstrap]: sasl_plaintext://127.0.0.1:9092/bootstrap: SASL authentication error: Authentication failed: Invalid username or password (after 3ms in state AUTH_REQ)";
+        let sasl = "[thrd:sasl_plaintext://127.0.0.1:19195/bootstrap]: sasl_plaintext://127.0.0.1:19195/bootstrap: SASL authentication error: SASL SCRAM authentication failed: broker responded with unknown-user (after 25ms in state AUTH_REQ)";
         let down = "[thrd:127.0.0.1:9092/bootstrap]: 127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused (after 0ms in state CONNECT)";
 
         let context = ProbeContext::default();
