@@ -135,33 +135,35 @@ async fn probe(config: &KafkaConfig) -> Result<()> {
         .create_with_context(ProbeContext::default())
         .map_err(|e| map(e, "create the connection check's client"))?;
     let deadline = std::time::Instant::now() + config.delivery_timeout.min(Duration::from_secs(10));
-    let (client, fetched) = tokio::task::spawn_blocking(move || {
+    // The client is also dropped here: librdkafka's destroy may block.
+    let (fetched, refused) = tokio::task::spawn_blocking(move || {
         // In short tries, so that a refusal ends the wait at once.
-        loop {
+        let fetched = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let fetched = client
                 .client()
                 .fetch_metadata(None, left.min(Duration::from_millis(500)))
                 .map(drop);
             if fetched.is_ok() || left.is_zero() || client.context().has_refused() {
-                return (client, fetched);
+                break fetched;
             }
             // Serves the error events queued meanwhile to the context.
             client.poll(Duration::ZERO);
             if client.context().has_refused() {
-                return (client, fetched);
+                break fetched;
             }
-        }
+        };
+        let refused = client
+            .context()
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        (fetched, refused)
     })
     .await
     .map_err(|e| Error::with_source(ErrorKind::Connection { system: SYSTEM }, e))?;
     let Err(e) = fetched else { return Ok(()) };
-    let refused = client
-        .context()
-        .refused
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
     Err(match refused {
         Some((key, reason)) => Error::with_source(
             ErrorKind::Config {
