@@ -339,7 +339,8 @@ impl NatsBroker {
     /// # Errors
     ///
     /// - [`ErrorKind::Config`]: an invalid setting, an unreadable credentials
-    ///   file, or credentials the server rejected (not retryable);
+    ///   or TLS file, credentials the server rejected, or a failed TLS
+    ///   handshake (not retryable);
     /// - [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]: the server
     ///   cannot be reached (retryable);
     /// - [`ErrorKind::Broker`]: JetStream is not enabled on the server.
