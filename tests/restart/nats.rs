@@ -5,9 +5,9 @@
 //! subscription and its deliveries are gone; TLS with a private CA and
 //! client certificates (made by the test) works, and a certificate that
 //! does not check out, a missing client certificate or a server without
-//! TLS are configuration errors; user and password, and token,
-//! authentication work for the broker and its subscriptions, and rejected
-//! credentials are configuration errors.
+//! TLS are configuration errors; user and password, token, and
+//! credentials-file (JWT) authentication work for the broker and its
+//! subscriptions, and rejected credentials are configuration errors.
 //!
 //! `source tests/harness/up.sh && cargo test -p e2e --test restart_nats`
 
@@ -318,5 +318,115 @@ async fn round_trip(config: NatsConfig, what: &str) -> anyhow::Result<()> {
     delivery.ack().await?;
     sub.close().await?;
     Subscriber::close(&broker).await?;
+    Ok(())
+}
+
+/// A credentials file (a user JWT and its nkey seed, as `nsc` writes them)
+/// against a server in operator mode, whose account the test signs with an
+/// operator key of its own: the broker publishes and a subscription (on its
+/// own connection, with the same file) receives; a user the server does not
+/// know is a configuration error, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_authentication() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use broker_adapters::ErrorKind;
+    use serde_json::json;
+
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let jwt = |issuer: &nkeys::KeyPair, claims: serde_json::Value| -> anyhow::Result<String> {
+        let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let body = b64(claims.to_string().as_bytes());
+        let signature = issuer.sign(format!("{header}.{body}").as_bytes())?;
+        Ok(format!("{header}.{body}.{}", b64(&signature)))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let (operator, account) = (
+        nkeys::KeyPair::new_operator(),
+        nkeys::KeyPair::new_account(),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let operator_jwt = jwt(
+        &operator,
+        json!({"jti": "operator", "iat": now, "iss": operator.public_key(),
+               "sub": operator.public_key(), "name": "test operator",
+               "nats": {"system_account": system.public_key(), "type": "operator", "version": 2}}),
+    )?;
+    let system_jwt = jwt(
+        &operator,
+        json!({"jti": "system", "iat": now, "iss": operator.public_key(),
+               "sub": system.public_key(), "name": "SYS",
+               "nats": {"type": "account", "version": 2}}),
+    )?;
+    let account_jwt = jwt(
+        &operator,
+        json!({"jti": "account", "iat": now, "iss": operator.public_key(),
+               "sub": account.public_key(), "name": "app",
+               "nats": {"limits": unlimited, "type": "account", "version": 2}}),
+    )?;
+    let creds = |signer: &nkeys::KeyPair, file: &Path| -> anyhow::Result<()> {
+        let user = nkeys::KeyPair::new_user();
+        let user_jwt = jwt(
+            signer,
+            json!({"jti": "user", "iat": now, "iss": signer.public_key(),
+                   "sub": user.public_key(), "name": "app",
+                   "nats": {"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                            "type": "user", "version": 2}}),
+        )?;
+        let seed = user.seed()?;
+        std::fs::write(
+            file,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )?;
+        Ok(())
+    };
+
+    let dir = test_dir("e2e-nats-creds")?;
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: {account_jwt}\n  {}: {system_jwt}\n}}\n",
+            system.public_key(),
+            account.public_key(),
+            system.public_key()
+        ),
+    )?;
+    let (mut server, port) =
+        own_server(&dir, &["-c".to_owned(), conf.display().to_string()]).await?;
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let good = dir.join("app.creds");
+    creds(&account, &good)?;
+    round_trip(
+        config(0).url(&url).credentials_file(&good),
+        "credentials file",
+    )
+    .await?;
+
+    let stranger = dir.join("stranger.creds");
+    creds(&nkeys::KeyPair::new_account(), &stranger)?;
+    let err = NatsBroker::connect(config(0).url(&url).credentials_file(&stranger))
+        .await
+        .expect_err("a user of an account the server does not know");
+    assert!(
+        matches!(err.kind(), ErrorKind::Config { key, .. } if key == "credentials"),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
