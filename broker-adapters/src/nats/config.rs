@@ -300,18 +300,10 @@ impl NatsConfig {
             config.prefetch = parse_positive("NATS_PREFETCH", &n)?;
         }
         if let Some(flag) = get("NATS_DEAD_LETTER")? {
-            config.dead_letter = match flag.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => return Err(bad_value("NATS_DEAD_LETTER", &flag, "`true` or `false`")),
-            };
+            config.dead_letter = parse_flag("NATS_DEAD_LETTER", &flag)?;
         }
         if let Some(flag) = get("NATS_TLS")? {
-            config.tls.required = match flag.to_ascii_lowercase().as_str() {
-                "true" => true,
-                "false" => false,
-                _ => return Err(bad_value("NATS_TLS", &flag, "`true` or `false`")),
-            };
+            config.tls.required = parse_flag("NATS_TLS", &flag)?;
         }
         if let Some(name) = get("NATS_CLIENT_NAME")? {
             config.client_name = Some(name);
@@ -710,6 +702,15 @@ fn bad_value(key: &str, value: &str, expected: &str) -> Error {
     config_error(key, format!("`{value}` is not one of {expected}"))
 }
 
+/// `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`), any case.
+fn parse_flag(key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(bad_value(key, value, "`true` or `false`")),
+    }
+}
+
 fn parse_positive(key: &str, value: &str) -> Result<NonZeroUsize> {
     value.parse::<NonZeroUsize>().map_err(|e| {
         Error::with_source(
@@ -846,7 +847,7 @@ mod tests {
             ("NATS_STREAM_MAX_AGE", "1h"),
             ("NATS_STREAM_RETENTION", "forever"),
             ("NATS_DEAD_LETTER", "maybe"),
-            ("NATS_TLS", "yes"),
+            ("NATS_TLS", "sometimes"),
         ] {
             let err = from(&[(key, value)]).expect_err(key);
             match err.kind() {

@@ -76,6 +76,16 @@ pub(crate) fn is_not_found(api: &jetstream::Error) -> bool {
 
 /// A failed initial connection.
 pub(crate) fn connect(error: ConnectError, timeout: Duration) -> Error {
+    if let Some(tls) = tls_failure(&error) {
+        let reason = format!("the TLS handshake with the NATS server failed: {tls}");
+        return Error::with_source(
+            ErrorKind::Config {
+                key: "tls".into(),
+                reason,
+            },
+            error,
+        );
+    }
     match error.kind() {
         ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
             Error::with_source(
@@ -101,18 +111,6 @@ pub(crate) fn connect(error: ConnectError, timeout: Duration) -> Error {
             error,
         ),
         ConnectErrorKind::TimedOut => classify("connect", Class::Timeout, timeout, error),
-        ConnectErrorKind::Io if tls_failure(&error).is_some() => {
-            let reason = tls_failure(&error)
-                .map(|tls| format!("the TLS handshake with the NATS server failed: {tls}"))
-                .unwrap_or_default();
-            Error::with_source(
-                ErrorKind::Config {
-                    key: "tls".into(),
-                    reason,
-                },
-                error,
-            )
-        }
         ConnectErrorKind::Dns | ConnectErrorKind::Io | ConnectErrorKind::MaxReconnects => {
             classify("connect", Class::Connection, timeout, error)
         }

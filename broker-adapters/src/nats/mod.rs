@@ -75,9 +75,8 @@
 //! Each subscription opens a connection of its own (with the broker's
 //! settings), on which it pulls, receives and settles; it is closed once the
 //! subscription has ended and its deliveries are gone. Whatever disturbs one
-//! subscription's connection (a slow handler's full inbox, a message the
-//! client cannot read) leaves the broker's publishes and the other
-//! subscriptions alone.
+//! subscription's connection (a message the client cannot read drops it)
+//! leaves the broker's publishes and the other subscriptions alone.
 //!
 //! Settling maps onto JetStream acks, each confirmed by the server before it
 //! returns: [`ack`](crate::Delivery::ack) is `+ACK`,
