@@ -5,6 +5,8 @@
 //! - the relay is killed with SIGKILL mid-stream and started again;
 //! - two relay processes run at once;
 //! - the NATS server (its own, with file storage) is stopped and started;
+//! - the NATS server stays down while 40 MB of rows pile up: the relay's
+//!   resident memory does not grow with them, nor with its retries;
 //! - deliveries are left unacknowledged on purpose and come again.
 //!
 //! Each checks that no event is lost, the order per partition key is kept,
@@ -24,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use broker_adapters::cloudevents::{AttributesReader, Event};
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
-use broker_adapters::{SubscribeOptions, Subscriber, Topic};
+use broker_adapters::{CloudEventBuilder, SubscribeOptions, Subscriber, Topic};
 use e2e::process::{ServerProcess, find_program, free_port};
 use futures_util::StreamExt;
 use orchestrator::{OutboxConfig, Processed};
@@ -57,6 +59,7 @@ both!(
     relay_killed_mid_batch_republishes_on_restart,
     two_relay_processes_lose_nothing_and_keep_order,
     nats_server_restart_loses_nothing,
+    relay_memory_stays_flat_while_the_broker_is_down,
     duplicate_deliveries_have_no_duplicate_effect,
 );
 
@@ -103,6 +106,18 @@ impl RelayProc {
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// The process's resident memory in KiB, from `/proc`.
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.as_ref().context("relay-proc was killed")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("reading /proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
@@ -418,7 +433,9 @@ async fn two_relay_processes_lose_nothing_and_keep_order(backend: Backend) -> an
     db.close().await
 }
 
-async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
+/// A nats-server of the test's own (JetStream, file storage in a fresh
+/// directory), started: the server, its URL and the directory.
+async fn own_nats_server() -> anyhow::Result<(ServerProcess, String, PathBuf)> {
     let program = find_program("nats-server", &["/usr/sbin/nats-server", "/usr/bin/nats-server"])
         .context(
             "nats-server is not installed: `source tests/harness/up.sh` installs it (Debian package nats-server)",
@@ -437,7 +454,11 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
     ];
     let mut server = ServerProcess::new("nats-server", program, args, port, dir.join("server.log"));
     server.start().await?;
-    let nats = format!("nats://127.0.0.1:{port}");
+    Ok((server, format!("nats://127.0.0.1:{port}"), dir))
+}
+
+async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
+    let (mut server, nats, dir) = own_nats_server().await?;
 
     let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
     let topic = provision(&nats).await?;
@@ -469,6 +490,102 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
         stats.deliveries.load(Ordering::SeqCst),
         stats.duplicates.load(Ordering::SeqCst)
     );
+    relay.kill()?;
+    server.stop().await?;
+    db.close().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Events of about 4 KB (`n` and padding), cycling through `keys` keys.
+fn large_events(from: usize, to: usize, keys: usize) -> anyhow::Result<Vec<Event>> {
+    let pad = "x".repeat(4_000);
+    (from..to)
+        .map(|n| {
+            Ok(
+                CloudEventBuilder::new("dev.backbone.outbox.test", "/e2e/outbox")
+                    .partition_key(format!("k{}", n % keys))
+                    .subject(n.to_string())
+                    .json_data(&serde_json::json!({ "n": n, "pad": pad }))
+                    .build()?,
+            )
+        })
+        .collect()
+}
+
+/// Enqueues `rounds` batches of large events (added to `all`) while the
+/// broker is down, then lets the relay retry for 3 s; the relay's resident
+/// memory (KiB) sampled all the while.
+async fn pile_up(
+    db: &Db,
+    topic: &Topic,
+    relay: &mut RelayProc,
+    all: &mut Vec<Event>,
+    rounds: usize,
+) -> anyhow::Result<Vec<u64>> {
+    const BATCH: usize = 500;
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        let from = all.len();
+        let batch = large_events(from, from + BATCH, 16)?;
+        enqueue_in_transactions(db, topic, &batch).await?;
+        all.extend(batch);
+        samples.push(relay.rss_kib()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..30 {
+        relay.check_alive()?;
+        samples.push(relay.rss_kib()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(samples)
+}
+
+/// While the broker is down, rows pile up (10,000 of 4 KB, 40 MB) and the
+/// relay keeps trying with its backoff. Its resident memory is measured
+/// once 4,000 rows are pending (its caches, SQLite's page caches among them,
+/// have grown to their working size by then), and again while 6,000 more
+/// (24 MB) pile up and it retries: it does not grow with what is pending,
+/// nor with the retries. Once the broker is back every event arrives, in
+/// order per key, once.
+async fn relay_memory_stays_flat_while_the_broker_is_down(backend: Backend) -> anyhow::Result<()> {
+    let (mut server, nats, dir) = own_nats_server().await?;
+    let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
+    let topic = provision(&nats).await?;
+    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+
+    // With the broker up, the relay works at its usual size.
+    let mut all = large_events(0, 500, 16)?;
+    enqueue_in_transactions(&db, &topic, &all).await?;
+    wait_effects(&db, 500, &mut [&mut relay]).await?;
+
+    server.stop().await?;
+    let first = pile_up(&db, &topic, &mut relay, &mut all, 8).await?;
+    let base = relay.rss_kib()?;
+    let then = pile_up(&db, &topic, &mut relay, &mut all, 12).await?;
+    let pending = db.pending().await?;
+    let peak = then.iter().copied().max().unwrap_or(base);
+    println!(
+        "{backend:?}: broker down; relay RSS {} MiB at most while 4,000 rows piled up, {} MiB with them pending, \
+         {} MiB at most while 6,000 more (24 MB) piled up and it retried ({pending} rows pending)",
+        first.iter().copied().max().unwrap_or(base) / 1024,
+        base / 1024,
+        peak / 1024,
+    );
+    ensure!(
+        pending >= 10_000,
+        "{pending} rows pending while the broker was down"
+    );
+    ensure!(
+        peak.saturating_sub(base) <= 8 * 1024,
+        "the relay grew from {base} KiB to {peak} KiB while 6,000 rows (24 MB) piled up"
+    );
+
+    server.start().await?;
+    wait_effects(&db, all.len() as i64, &mut [&mut relay]).await?;
+    consumer.stop().await?;
+    check_effects(&db, &all).await?;
     relay.kill()?;
     server.stop().await?;
     db.close().await?;
