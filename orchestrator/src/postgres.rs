@@ -332,6 +332,7 @@ impl Outbox<Postgres> {
             }),
             publisher,
             config,
+            lingering: std::sync::Mutex::default(),
         })
     }
 }

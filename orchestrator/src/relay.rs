@@ -20,7 +20,11 @@
 //! only after the broker acknowledged it: delivery is at least once, with
 //! the event id unchanged so brokers that de-duplicate by id store it once.
 //! A failing partition backs off exponentially (bounded) without holding
-//! its rows in memory; the other partitions keep flowing.
+//! its rows in memory; the other partitions keep flowing. A publish that
+//! outlives [`RelayConfig::publish_timeout`] runs on (the publisher may
+//! still deliver it), and its partition waits for it before it is tried
+//! again, so a publisher is never given a second copy of a partition's
+//! rows while it still holds the first.
 //!
 //! # Order
 //!
@@ -201,6 +205,13 @@ impl RelayConfig {
 
     /// How long one batch publish may take before it counts as a retryable
     /// failure; must be below the lease time (default: half of it).
+    ///
+    /// A publish that outlives it is not dropped, as the publisher may still
+    /// deliver it (a Kafka producer keeps queued records until its own
+    /// `delivery_timeout`): it runs on, for up to ten times this, and its
+    /// partition is not published again until it has ended. So a broker
+    /// that is down holds at most one attempt of each partition, however
+    /// the publisher's own timeout compares with this one.
     #[must_use]
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = Some(timeout);
@@ -306,6 +317,10 @@ impl RelayConfig {
         self.lease_ttl / 3
     }
 }
+
+/// How many publish timeouts a publish that outlived its timeout may run on
+/// before it is given up (its partition waits for it meanwhile).
+const LINGER_TIMEOUTS: u32 = 10;
 
 /// How many times a relay looks again after an in-process signal, at
 /// doubling intervals from 1 ms.
@@ -418,6 +433,10 @@ pub struct Relay {
     pub(crate) wakeup: Box<dyn Wakeup>,
     pub(crate) publisher: Arc<dyn Publisher>,
     pub(crate) config: RelayConfig,
+    /// Publishes that outlived the publish timeout, by partition: they run
+    /// on (the publisher may still deliver them) and their partition is not
+    /// published again until they end.
+    pub(crate) lingering: std::sync::Mutex<HashMap<i32, tokio::task::AbortHandle>>,
 }
 
 impl fmt::Debug for Relay {
@@ -577,6 +596,9 @@ impl Relay {
             if let Err(e) = self.store.release(&self.id).await {
                 warn!(error = %e, "could not release the partition leases; they expire on their own");
             }
+            for (_, attempt) in self.lingering_attempts().drain() {
+                attempt.abort();
+            }
             info!(?report, "relay stopped");
             Ok(report)
         }
@@ -628,11 +650,20 @@ impl Relay {
             let mut worked = !marking.ids.is_empty();
             let mut more = false;
             let now = Instant::now();
-            let skip: Vec<i32> = backoff
+            let mut skip: Vec<i32> = backoff
                 .iter()
                 .filter(|(_, b)| b.until > now)
                 .map(|(p, _)| *p)
                 .collect();
+            {
+                let mut lingering = self.lingering_attempts();
+                lingering.retain(|_, attempt| !attempt.is_finished());
+                for part in lingering.keys() {
+                    if !skip.contains(part) {
+                        skip.push(*part);
+                    }
+                }
+            }
             let keep = matches!(self.config.retention, Retention::Keep(_));
             let folded =
                 self.store.finishes_in_load() && !owned.is_empty() && !marking.ids.is_empty();
@@ -1049,7 +1080,24 @@ impl Relay {
         outcome
     }
 
-    /// Publishes `rows` (one topic) as one batch.
+    fn lingering_attempts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i32, tokio::task::AbortHandle>> {
+        self.lingering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Publishes `rows` (one topic, one partition) as one batch.
+    ///
+    /// The publish runs on a task of its own. If it outlives the publish
+    /// timeout it is not dropped: the publisher may still be delivering it
+    /// (a Kafka producer keeps queued records until its own delivery
+    /// timeout), and sending the rows again beside it would queue a second
+    /// copy while the first is still held. It runs on (up to ten publish
+    /// timeouts) and the partition waits until it ends before it is tried
+    /// again, so a broker that is down holds at most one attempt per
+    /// partition, whatever the publisher's own timeout.
     async fn publish_rows(
         &self,
         rows: &[StoredRow],
@@ -1079,30 +1127,58 @@ impl Relay {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let publish = tokio::time::timeout(
-            self.config.effective_publish_timeout(),
-            self.publisher.publish_batch(&topic, events),
-        );
+        let timeout = self.config.effective_publish_timeout();
+        let mut attempt = {
+            let (publisher, topic) = (Arc::clone(&self.publisher), topic.clone());
+            tokio::spawn(
+                async move {
+                    tokio::time::timeout(
+                        timeout.saturating_mul(LINGER_TIMEOUTS),
+                        publisher.publish_batch(&topic, events),
+                    )
+                    .await
+                }
+                .in_current_span(),
+            )
+        };
         let grace = async {
             shutdown.cancelled().await;
             tokio::time::sleep(self.config.shutdown_grace).await;
         };
         let outcome = tokio::select! {
-            outcome = publish => outcome,
+            outcome = tokio::time::timeout(timeout, &mut attempt) => outcome,
             () = grace => {
+                attempt.abort();
                 warn!("shutdown: in-flight batch abandoned; its rows will be published again");
                 return Err(BatchError::Abandoned);
             }
         };
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::broker("publish a batch", topic.as_str(), e).into()),
-            Err(_) => Err(Error::new(ErrorKind::Broker {
+        let late = || {
+            Error::new(ErrorKind::Broker {
                 operation: "publish a batch in time",
                 topic: topic.to_string(),
                 retryable: true,
             })
+        };
+        match outcome {
+            Ok(Ok(Ok(Ok(())))) => Ok(()),
+            Ok(Ok(Ok(Err(e)))) => Err(Error::broker("publish a batch", topic.as_str(), e).into()),
+            Ok(Ok(Err(_))) => Err(late().into()),
+            Ok(Err(panicked)) => Err(Error::with_source(
+                ErrorKind::Broker {
+                    operation: "publish a batch (the publisher panicked)",
+                    topic: topic.to_string(),
+                    retryable: true,
+                },
+                panicked,
+            )
             .into()),
+            Err(_) => {
+                // Runs on, detached; the partition waits for it.
+                self.lingering_attempts()
+                    .insert(head.part, attempt.abort_handle());
+                Err(late().into())
+            }
         }
     }
 

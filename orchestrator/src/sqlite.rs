@@ -760,6 +760,7 @@ impl Outbox<Sqlite> {
             }),
             publisher,
             config,
+            lingering: std::sync::Mutex::default(),
         })
     }
 }

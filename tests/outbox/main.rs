@@ -17,7 +17,8 @@ use orchestrator::{
     ErrorKind, OutboxConfig, Poison, Processed, RelayConfig, Retention, partition_of,
 };
 use support::{
-    Backend, Db, FlakyPublisher, GatedPublisher, RefusingPublisher, Sink, check_order, event,
+    Backend, Db, FlakyPublisher, GatedPublisher, RefusingPublisher, Sink, SlowPublisher,
+    check_order, event,
 };
 
 macro_rules! both {
@@ -48,6 +49,7 @@ both!(
     partition_count_mismatch_is_refused,
     two_relays_share_partitions_without_duplicates_and_hand_over,
     broker_down_loses_nothing_with_bounded_retries,
+    a_publish_that_outlives_its_timeout_is_not_sent_again_beside_it,
     long_open_transaction_does_not_block_other_partitions,
     published_rows_are_kept_then_purged,
     inbox_skips_a_duplicate_delivery,
@@ -324,6 +326,49 @@ async fn broker_down_loses_nothing_with_bounded_retries(backend: Backend) -> any
     check_order(&all, &got, true)?;
     let report = relay.shutdown().await?;
     ensure!(report.failures > 0 && report.published == 60, "{report:?}");
+    ensure!(db.pending().await? == 0);
+    db.close().await
+}
+
+/// A publish that outlives the relay's publish timeout may still be
+/// delivered by the publisher (a Kafka producer holds queued records until
+/// its own delivery timeout): the relay does not send the partition's rows
+/// again until it has ended, so a broker that is down holds one attempt per
+/// partition, not one per retry.
+async fn a_publish_that_outlives_its_timeout_is_not_sent_again_beside_it(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let slow = Arc::new(SlowPublisher::new(
+        broker.clone(),
+        Duration::from_millis(700),
+    ));
+    slow.slow.store(true, Ordering::SeqCst);
+    let config = fast_relay("r1").publish_timeout(Duration::from_millis(150));
+    let relay = db.relay(slow.clone(), config)?.spawn();
+
+    // One key: one partition.
+    let all = (0..40)
+        .map(|n| event("k", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    db.enqueue(&topic, &all, true).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = slow.attempts.load(Ordering::SeqCst);
+    let most = slow.most_held.load(Ordering::SeqCst);
+    ensure!(attempts >= 2, "the relay kept trying ({attempts} attempts)");
+    ensure!(
+        most == 1,
+        "{most} attempts of one partition held by the publisher at once ({attempts} attempts)"
+    );
+
+    slow.slow.store(false, Ordering::SeqCst);
+    let got = sink.wait_for(all.len(), WAIT).await?;
+    check_order(&all, &got, true)?;
+    let report = relay.shutdown().await?;
+    ensure!(report.failures >= 2 && report.published == 40, "{report:?}");
     ensure!(db.pending().await? == 0);
     db.close().await
 }

@@ -590,6 +590,66 @@ impl Drop for Sink {
     }
 }
 
+/// A publisher that, while `slow` is set, holds each batch for `delay` on
+/// a task of its own (as a Kafka producer keeps queued records until its
+/// delivery timeout, whether or not anyone still awaits them) and then
+/// fails it; counts the batches held at once, and the most there were.
+#[derive(Debug)]
+pub(crate) struct SlowPublisher {
+    inner: Arc<MemoryBroker>,
+    delay: Duration,
+    pub(crate) slow: AtomicBool,
+    pub(crate) attempts: AtomicU64,
+    held: Arc<AtomicU64>,
+    pub(crate) most_held: Arc<AtomicU64>,
+}
+
+impl SlowPublisher {
+    pub(crate) fn new(inner: Arc<MemoryBroker>, delay: Duration) -> Self {
+        Self {
+            inner,
+            delay,
+            slow: AtomicBool::new(false),
+            attempts: AtomicU64::new(0),
+            held: Arc::default(),
+            most_held: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for SlowPublisher {
+    async fn publish(&self, topic: &Topic, event: Event) -> broker_adapters::Result<()> {
+        self.publish_batch(topic, vec![event]).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+    ) -> broker_adapters::Result<()> {
+        if !self.slow.load(Ordering::SeqCst) {
+            return self.inner.publish_batch(topic, events).await;
+        }
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        let held = Arc::clone(&self.held);
+        let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_held.fetch_max(now, Ordering::SeqCst);
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let delay = self.delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            drop(events);
+            held.fetch_sub(1, Ordering::SeqCst);
+            let _ = done.send(());
+        });
+        let _ = finished.await;
+        Err(broker_adapters::Error::new(BrokerErrorKind::Connection {
+            system: "memory",
+        }))
+    }
+}
+
 /// The in-memory broker behind a switch: while `down`, every publish fails
 /// with a retryable connection error.
 #[derive(Debug)]
