@@ -1,6 +1,7 @@
 //! NATS JetStream on a nats-server of the test's own (file storage, a free
 //! loopback port): stopped mid-stream and started again, no event whose
-//! publish returned `Ok` may be lost; and, counted by the server's
+//! publish returned `Ok` may be lost, and a publish that failed while it
+//! was down is not sent once it is back; and, counted by the server's
 //! monitoring endpoint, a subscription's connection is closed once the
 //! subscription and its deliveries are gone; TLS with a private CA and
 //! client certificates (made by the test) works, and a certificate that
@@ -85,6 +86,73 @@ async fn acked_events_survive_a_nats_server_restart() -> anyhow::Result<()> {
         "every acknowledged event delivered"
     );
     assert_eq!(report.refused_while_down, 1);
+
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A publish while the server is down fails (retryable) once the request
+/// timeout has passed, and the client is not left holding the event: it is
+/// not sent when the connection comes back (async-nats would send what it
+/// was handed while disconnected, long after the publish failed; an outbox
+/// relay retrying through an outage would pile up copies in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_failed_while_the_server_was_down_is_not_sent_later() -> anyhow::Result<()> {
+    use broker_adapters::PublisherExt as _;
+
+    let dir = test_dir("e2e-nats-down-publish")?;
+    let (mut server, port) = own_server(&dir, &[]).await?;
+    let broker = NatsBroker::connect(config(port)).await?;
+    let topic = Topic::try_from("down.events")?;
+    broker.provision(&topic).await?;
+    broker
+        .publish_json(&topic, "dev.backbone.test", "/restart", &1)
+        .await?;
+
+    server.stop().await?;
+    let started = std::time::Instant::now();
+    let err = broker
+        .publish_json(&topic, "dev.backbone.test", "/restart", &2)
+        .await
+        .expect_err("the server is down");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed within the request timeout (2 s): {:?}",
+        started.elapsed()
+    );
+
+    server.start().await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match broker
+            .publish_json(&topic, "dev.backbone.test", "/restart", &3)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("publishing after the restart"),
+        }
+    }
+    let client = async_nats::connect(format!("nats://127.0.0.1:{port}")).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(broker.stream_name(&topic))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stored = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .messages;
+    assert_eq!(
+        stored, 2,
+        "the events published while the server was up, not the one that failed while it was down"
+    );
 
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -49,6 +49,13 @@
 //! duplicate window (2 minutes by default) once. `publish` returns after
 //! JetStream's publish acknowledgement: the event is stored.
 //!
+//! While the connection is down, a publish waits for it to come back, up
+//! to [`NatsConfig::request_timeout`], and then fails with a retryable
+//! [`ErrorKind::Connection`]; nothing is handed to async-nats meanwhile.
+//! (async-nats keeps what it is given while disconnected and sends it once
+//! it reconnects, long after the publish failed and its caller sent it
+//! again: memory held through an outage, and stale copies after it.)
+//!
 //! `publish_batch` pipelines: it sends events without waiting for each
 //! acknowledgement, except that an event waits until the one before it with
 //! the same `partitionkey` is stored. Events of one key are therefore stored

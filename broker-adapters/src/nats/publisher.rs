@@ -27,6 +27,9 @@ use crate::event::{EventExt, attributes_size, validate_attributes};
 use crate::telemetry::{self, operation};
 use crate::topic::Topic;
 
+/// How often a publish looks whether a lost connection is back.
+const RECONNECT_POLL: Duration = Duration::from_millis(10);
+
 /// How many acknowledgements one batch awaits at most before sending more.
 const BATCH_WINDOW: usize = 256;
 
@@ -241,6 +244,7 @@ impl Inner {
         let event = &sending.events[i];
         let give_up = Instant::now() + self.timeout();
         loop {
+            self.connected(give_up).await?;
             let message = self.encode(event)?;
             let size = message.size();
             match self
@@ -267,6 +271,24 @@ impl Inner {
                 Err(e) => return Err(self.publish_error(topic, e, size)),
             }
         }
+    }
+
+    /// Waits until the connection is up, at most until `give_up`. While it
+    /// is down nothing is handed to async-nats, which would hold it (up to
+    /// its command channel's capacity) and send it once it reconnects, long
+    /// after this publish failed and its caller (an outbox relay, say) sent
+    /// it again: memory held for an outage, and stale copies afterwards.
+    async fn connected(&self, give_up: Instant) -> Result<()> {
+        while self.client.connection_state() != async_nats::connection::State::Connected {
+            if Instant::now() >= give_up {
+                return Err(Error::with_source(
+                    ErrorKind::Connection { system: SYSTEM },
+                    "the connection to NATS is down; nothing more of the batch was sent",
+                ));
+            }
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+        Ok(())
     }
 
     /// Awaits the oldest outstanding acknowledgement, and releases the next
