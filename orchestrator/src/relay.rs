@@ -759,7 +759,10 @@ impl Relay {
                     self.config.poll_interval
                 };
             until = until.min(next_lease);
-            if let Some(b) = backoff.values().map(|b| b.until).min() {
+            // The partitions this look skipped for their backoff: a backoff
+            // that had ended was looked at (or waits for a publish still
+            // running, whose partition is looked at on a later wake-up).
+            if let Some(b) = backoff.values().map(|b| b.until).filter(|u| *u > now).min() {
                 until = until.min(b);
             }
             let max = until.saturating_duration_since(Instant::now());
