@@ -601,7 +601,7 @@ pub(crate) struct SlowPublisher {
     pub(crate) slow: AtomicBool,
     pub(crate) attempts: AtomicU64,
     held: Arc<AtomicU64>,
-    pub(crate) most_held: Arc<AtomicU64>,
+    pub(crate) most_held: AtomicU64,
 }
 
 impl SlowPublisher {
@@ -612,7 +612,7 @@ impl SlowPublisher {
             slow: AtomicBool::new(false),
             attempts: AtomicU64::new(0),
             held: Arc::default(),
-            most_held: Arc::default(),
+            most_held: AtomicU64::new(0),
         }
     }
 }
@@ -635,15 +635,14 @@ impl Publisher for SlowPublisher {
         let held = Arc::clone(&self.held);
         let now = held.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_held.fetch_max(now, Ordering::SeqCst);
-        let (done, finished) = tokio::sync::oneshot::channel();
         let delay = self.delay;
-        tokio::spawn(async move {
+        // Dropping the handle (the caller gave up) leaves the task running.
+        let _ = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             drop(events);
             held.fetch_sub(1, Ordering::SeqCst);
-            let _ = done.send(());
-        });
-        let _ = finished.await;
+        })
+        .await;
         Err(broker_adapters::Error::new(BrokerErrorKind::Connection {
             system: "memory",
         }))
