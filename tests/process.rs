@@ -86,6 +86,11 @@ impl ServerProcess {
         self.port
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Where its output goes.
     pub fn log(&self) -> &Path {
         &self.log

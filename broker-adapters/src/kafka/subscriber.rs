@@ -301,11 +301,12 @@ pub(super) async fn subscribe(
     let decoder_stop = stop.child_token();
     let decoder = tokio::spawn(decoder.run(to_decode, decoder_stop.clone()));
     let pump = Pump {
-        consumer,
+        consumer: Closing(Some(consumer)),
         shared: Arc::clone(&shared),
         topic: topic.clone(),
         max_buffered: config.max_buffered.get(),
         commit_interval: config.commit_interval,
+        leave_wait: config.session_timeout,
         received,
         spare,
     };
@@ -339,13 +340,77 @@ pub(super) async fn subscribe(
     .await
 }
 
+/// The consumer, left and destroyed on a thread of its own however it is
+/// dropped. librdkafka's close waits for the group coordinator (rdkafka's
+/// `BaseConsumer::drop` polls until it is done), and a broker that keeps
+/// the connection open but does not answer (a network partition) makes it
+/// wait without end. On a runtime's thread that would hold a worker, and
+/// the runtime's shutdown (a pump dropped with its runtime, as when a
+/// service's `main` returns); `spawn_blocking` would hold the shutdown too,
+/// since a runtime waits for its blocking tasks.
+struct Closing(Option<StreamConsumer<Context>>);
+
+impl Closing {
+    /// Runs `last` (with the consumer, before it leaves the group), leaves
+    /// the group and destroys the consumer on a thread of its own; the
+    /// receiver hears when all of it is done.
+    fn close(
+        mut self,
+        last: impl FnOnce(&StreamConsumer<Context>) + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if let Some(consumer) = self.0.take() {
+            on_own_thread(move || {
+                last(&consumer);
+                consumer.unsubscribe();
+                drop(consumer);
+                let _ = done.send(());
+            });
+        }
+        finished
+    }
+}
+
+impl std::ops::Deref for Closing {
+    type Target = StreamConsumer<Context>;
+
+    fn deref(&self) -> &Self::Target {
+        // Taken only by `close` and `drop`, which consume it.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the consumer is taken only when closing"))
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            on_own_thread(move || drop(consumer));
+        }
+    }
+}
+
+/// Runs `work` on a new thread. If none can be started, `work` is dropped
+/// here, the consumer in it with it (blocking as rdkafka's drop does).
+fn on_own_thread(work: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new()
+        .name("kafka-consumer-close".to_owned())
+        .spawn(work)
+    {
+        tracing::error!(error = %e, "no thread to close a Kafka consumer on; closing it here");
+    }
+}
+
 /// Owns the consumer.
 struct Pump {
-    consumer: StreamConsumer<Context>,
+    consumer: Closing,
     shared: Arc<Shared>,
     topic: Topic,
     max_buffered: usize,
     commit_interval: Duration,
+    /// How long `close` waits for the consumer to leave its group: the
+    /// session timeout, after which the group has dropped the member anyway.
+    leave_wait: Duration,
     /// Batches on their way to the decoder.
     received: mpsc::Sender<RawBatch>,
     /// Batches the decoder is done with, for reuse.
@@ -426,6 +491,7 @@ impl Pump {
             shared,
             topic,
             received,
+            leave_wait,
             ..
         } = self;
         drop(received);
@@ -433,26 +499,24 @@ impl Pump {
         if let Err(e) = decoder.await {
             tracing::error!(error = %e, topic = %topic, "kafka decoder task failed");
         }
-        commit(&consumer, &shared, &topic, CommitMode::Sync);
-        {
-            let mut state = shared.lock();
-            state.done = true;
+        // The last commit and leaving the group block until the broker
+        // answers: off the runtime (see `Closing`).
+        let theirs = Arc::clone(&shared);
+        let topic_name = topic.to_string();
+        let left = consumer.close(move |consumer| {
+            commit(consumer, &theirs, &topic, CommitMode::Sync);
+            end(&theirs);
+        });
+        let left = tokio::time::timeout(leave_wait, left).await;
+        end(&shared);
+        if left.is_ok() {
+            return Ok(());
         }
-        shared.changed.notify_waiters();
-        // Leaving the group blocks until the broker answers: off the runtime.
-        tokio::task::spawn_blocking(move || {
-            consumer.unsubscribe();
-            drop(consumer);
-        })
-        .await
-        .map_err(|e| {
-            Error::with_source(
-                ErrorKind::Closed {
-                    what: "kafka consumer",
-                },
-                e,
-            )
-        })
+        tracing::warn!(topic = %topic_name, after = ?leave_wait, "the broker did not answer while the consumer left its group; it goes on leaving on a thread of its own, and offsets not committed yet are delivered again");
+        Err(Error::new(ErrorKind::Timeout {
+            operation: "leaving the Kafka consumer group",
+            after: leave_wait,
+        }))
     }
 
     fn commit(&self, mode: CommitMode) {
@@ -471,6 +535,12 @@ impl Pump {
             buffered >= self.max_buffered
         }
     }
+}
+
+/// Ends the subscription's deliveries.
+fn end(shared: &Shared) {
+    shared.lock().done = true;
+    shared.changed.notify_waiters();
 }
 
 /// Commits the offsets that moved since the last commit.
