@@ -171,3 +171,175 @@ pub async fn acked_events_survive_a_broker_restart(
     report.resubscribed = seen.2;
     Ok(report)
 }
+
+/// How the broker goes away under a subscription in
+/// [`shutdown_is_not_held_up_by_a_gone_broker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gone {
+    /// The process hangs (SIGSTOP): connections stay open and nothing
+    /// answers, as behind a network partition.
+    Frozen,
+    /// The process ends (SIGKILL): connections are refused.
+    Killed,
+}
+
+/// What the service does with its subscription before its runtime ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Closes it.
+    Closed,
+    /// Drops it.
+    Dropped,
+    /// Nothing: the runtime ends with the subscription still in use.
+    Held,
+}
+
+/// One case of [`shutdown_is_not_held_up_by_a_gone_broker`] and what it
+/// measured.
+#[derive(Clone, Copy, Debug)]
+pub struct GoneCase {
+    /// How the broker went away.
+    pub gone: Gone,
+    /// What became of the subscription.
+    pub end: End,
+    /// How long `close` took, if it was called.
+    pub closed: Option<Duration>,
+    /// How long the runtime took to shut down.
+    pub shutdown: Duration,
+}
+
+/// A connected broker, as a publisher and a subscriber, and a topic ready
+/// on it.
+pub type Connected = (Arc<dyn Publisher>, Arc<dyn Subscriber>, Topic);
+
+/// Connects to the broker listening on the given port.
+pub type Connect = fn(u16) -> futures_util::future::BoxFuture<'static, anyhow::Result<Connected>>;
+
+/// A subscription whose broker is gone does not hold up the service that
+/// closes or drops it: for a frozen and a killed broker, and a subscription
+/// closed, dropped, or left in use, `close` returns within `close_within`
+/// (`Ok`, or an error saying the broker did not answer or could not be
+/// reached), and the subscription's runtime
+/// shuts down within 5 s. Each case runs on a broker of its own, from
+/// `start` (a started server), and a runtime of its own on a thread of its
+/// own, so a shutdown that hangs fails the scenario instead of hanging it.
+///
+/// Returns what each case measured.
+///
+/// # Errors
+///
+/// A case failed or took too long.
+pub fn shutdown_is_not_held_up_by_a_gone_broker(
+    mut start: impl FnMut() -> anyhow::Result<ServerProcess>,
+    connect: Connect,
+    close_within: Duration,
+) -> anyhow::Result<Vec<GoneCase>> {
+    let mut report = Vec::new();
+    for gone in [Gone::Frozen, Gone::Killed] {
+        for end in [End::Closed, End::Dropped, End::Held] {
+            let server = start()?;
+            let pid = server.pid().context("the broker runs")?;
+            let port = server.port();
+            let (send, outcome) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = send.send(end_with_broker_gone(connect, port, pid, gone, end));
+            });
+            let outcome = outcome.recv_timeout(Duration::from_secs(90));
+            // Killing it also ends a frozen broker.
+            drop(server);
+            let (closed, shutdown) = outcome
+                .map_err(|_| {
+                    anyhow::anyhow!("{gone:?} broker, subscription {end:?}: not done in 90 s")
+                })?
+                .with_context(|| format!("{gone:?} broker, subscription {end:?}"))?;
+            if let Some(closed) = closed {
+                anyhow::ensure!(
+                    closed < close_within,
+                    "{gone:?} broker: close took {closed:?}"
+                );
+            }
+            anyhow::ensure!(
+                shutdown < Duration::from_secs(5),
+                "{gone:?} broker, subscription {end:?}: the runtime took {shutdown:?} to shut down"
+            );
+            report.push(GoneCase {
+                gone,
+                end,
+                closed,
+                shutdown,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// One case of [`shutdown_is_not_held_up_by_a_gone_broker`]: subscribes on
+/// a runtime of its own, acks one event, takes the broker away, ends the
+/// subscription as `end` says, and returns how long `close` took (if
+/// called) and dropping the runtime.
+fn end_with_broker_gone(
+    connect: Connect,
+    port: u16,
+    pid: u32,
+    gone: Gone,
+    end: End,
+) -> anyhow::Result<(Option<Duration>, Duration)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (closed, held) = runtime.block_on(async {
+        let (publisher, subscriber, topic) = connect(port).await?;
+        let mut sub = subscriber
+            .subscribe(&topic, SubscribeOptions::new("gone")?)
+            .await?;
+        let sent = event(1)?;
+        publisher.publish(&topic, sent.clone()).await?;
+        let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .context("no delivery")?
+            .context("the subscription ended")??;
+        anyhow::ensure!(
+            delivery.event().id() == sent.id(),
+            "another event delivered"
+        );
+        delivery.ack().await?;
+        let signal = match gone {
+            Gone::Frozen => "-STOP",
+            Gone::Killed => "-KILL",
+        };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match end {
+            End::Closed => {
+                let started = std::time::Instant::now();
+                let closed = sub.close().await;
+                let took = started.elapsed();
+                if let Err(e) = closed {
+                    anyhow::ensure!(
+                        matches!(
+                            e.kind(),
+                            broker_adapters::ErrorKind::Timeout { .. }
+                                | broker_adapters::ErrorKind::Connection { .. }
+                        ),
+                        "close failed with {e}"
+                    );
+                }
+                anyhow::Ok((Some(took), None))
+            }
+            End::Dropped => {
+                drop(sub);
+                anyhow::Ok((None, None))
+            }
+            End::Held => anyhow::Ok((None, Some(sub))),
+        }
+    })?;
+    let started = std::time::Instant::now();
+    drop(runtime);
+    let shutdown = started.elapsed();
+    drop(held);
+    Ok((closed, shutdown))
+}

@@ -19,7 +19,9 @@ use anyhow::Context as _;
 use broker_adapters::Topic;
 use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use e2e::process::{ServerProcess, find_program, free_port};
-use e2e::restart::acked_events_survive_a_broker_restart;
+use e2e::restart::{
+    Connect, acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
+};
 
 const EVENTS: usize = 300;
 
@@ -284,146 +286,48 @@ impl TlsTerminator {
 /// for neither.
 #[test]
 fn a_subscription_whose_broker_is_gone_does_not_hold_up_shutdown() -> anyhow::Result<()> {
+    const SESSION: Duration = Duration::from_secs(6);
     let program = tansu()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-gone"));
     std::fs::create_dir_all(&dir)?;
     let starter = tokio::runtime::Runtime::new()?;
-    for gone in [Gone::Frozen, Gone::Killed] {
-        for end in [End::Closed, End::Dropped, End::Held] {
-            let port = free_port()?;
-            let listener = format!("tcp://127.0.0.1:{port}");
-            let args = vec![
-                "broker".to_owned(),
-                "--listener-url".to_owned(),
-                listener.clone(),
-                "--advertised-listener-url".to_owned(),
-                listener,
-                "--storage-engine".to_owned(),
-                "memory://tansu/".to_owned(),
-            ];
-            let mut server =
-                ServerProcess::new("tansu", &program, args, port, dir.join("server.log"));
-            starter.block_on(server.start())?;
-            let pid = server.pid().context("tansu runs")?;
-            // On a thread of its own, so a shutdown that hangs fails the
-            // test instead of hanging it (the server, stopped here, ends it).
-            let (report, outcome) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = report.send(end_with_broker_gone(port, pid, gone, end));
-            });
-            let outcome = outcome.recv_timeout(Duration::from_secs(90));
-            drop(server);
-            let shutdown = outcome
-                .map_err(|_| {
-                    anyhow::anyhow!("{gone:?} broker, subscription {end:?}: not done in 90 s")
-                })?
-                .with_context(|| format!("{gone:?} broker, subscription {end:?}"))?;
-            println!("{gone:?} broker, subscription {end:?}: runtime shut down in {shutdown:?}");
-            assert!(
-                shutdown < Duration::from_secs(5),
-                "{gone:?} broker, subscription {end:?}: the runtime took {shutdown:?} to shut down"
+    let start = || {
+        let port = free_port()?;
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let args = vec![
+            "broker".to_owned(),
+            "--listener-url".to_owned(),
+            listener.clone(),
+            "--advertised-listener-url".to_owned(),
+            listener,
+            "--storage-engine".to_owned(),
+            "memory://tansu/".to_owned(),
+        ];
+        let mut server = ServerProcess::new("tansu", &program, args, port, dir.join("server.log"));
+        starter.block_on(server.start())?;
+        Ok(server)
+    };
+    let connect: Connect = |port| {
+        Box::pin(async move {
+            let broker = Arc::new(
+                KafkaBroker::connect(
+                    KafkaConfig::builder([format!("127.0.0.1:{port}")])
+                        .session_timeout(SESSION)
+                        // The acked event's offset stays uncommitted.
+                        .commit_interval(Duration::from_secs(600)),
+                )
+                .await?,
             );
-        }
+            let topic = Topic::try_from("gone-events")?;
+            broker.create_topic(&topic, 2).await?;
+            anyhow::Ok((broker.clone() as _, broker as _, topic))
+        })
+    };
+    let report =
+        shutdown_is_not_held_up_by_a_gone_broker(start, connect, SESSION + Duration::from_secs(3))?;
+    for case in report {
+        println!("{case:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-/// How the broker went away under a subscription.
-#[derive(Clone, Copy, Debug)]
-enum Gone {
-    /// The process hangs (SIGSTOP): connections stay open, nothing answers.
-    Frozen,
-    /// The process ended: connections are refused.
-    Killed,
-}
-
-/// What the service does with the subscription before its runtime ends.
-#[derive(Clone, Copy, Debug)]
-enum End {
-    /// Closes it, which must give up after the session timeout.
-    Closed,
-    /// Drops it.
-    Dropped,
-    /// Nothing: the runtime ends with it still in use.
-    Held,
-}
-
-/// Session timeout of the subscriptions in
-/// [`a_subscription_whose_broker_is_gone_does_not_hold_up_shutdown`].
-const SESSION: Duration = Duration::from_secs(6);
-
-/// Subscribes on a runtime of its own, acks one event (its offset left
-/// uncommitted), takes the broker away, ends the subscription as `end`
-/// says, and returns how long dropping the runtime took.
-fn end_with_broker_gone(port: u16, pid: u32, gone: Gone, end: End) -> anyhow::Result<Duration> {
-    use broker_adapters::cloudevents::AttributesReader;
-    use broker_adapters::{ErrorKind, PublisherExt, SubscribeOptions, Subscriber};
-    use futures_util::StreamExt;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let held = runtime.block_on(async {
-        let broker = KafkaBroker::connect(
-            KafkaConfig::builder([format!("127.0.0.1:{port}")])
-                .session_timeout(SESSION)
-                .commit_interval(Duration::from_secs(600)),
-        )
-        .await?;
-        let topic = Topic::try_from("gone-events")?;
-        broker.create_topic(&topic, 2).await?;
-        let mut sub = broker
-            .subscribe(&topic, SubscribeOptions::new("g")?)
-            .await?;
-        let id = broker
-            .publish_json(&topic, "dev.backbone.test", "/kafka", &1)
-            .await?;
-        let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .context("no delivery")?
-            .context("the subscription ended")??;
-        assert_eq!(delivery.event().id(), id);
-        delivery.ack().await?;
-        let signal = match gone {
-            Gone::Frozen => "-STOP",
-            Gone::Killed => "-KILL",
-        };
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        match end {
-            End::Closed => {
-                let started = std::time::Instant::now();
-                let closed = sub.close().await;
-                let took = started.elapsed();
-                println!("{gone:?} broker: close returned {closed:?} in {took:?}");
-                assert!(
-                    took < SESSION + Duration::from_secs(3),
-                    "close took {took:?}"
-                );
-                if let Err(e) = closed {
-                    assert!(
-                        matches!(e.kind(), ErrorKind::Timeout { .. }),
-                        "close failed with {e}"
-                    );
-                }
-                Subscriber::close(&broker).await?;
-                anyhow::Ok(None)
-            }
-            End::Dropped => {
-                drop(sub);
-                anyhow::Ok(None)
-            }
-            End::Held => anyhow::Ok(Some(sub)),
-        }
-    })?;
-    let started = std::time::Instant::now();
-    drop(runtime);
-    let took = started.elapsed();
-    drop(held);
-    Ok(took)
 }

@@ -20,7 +20,9 @@ use anyhow::Context as _;
 use broker_adapters::Topic;
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
 use e2e::process::{ServerProcess, find_program, free_port};
-use e2e::restart::acked_events_survive_a_broker_restart;
+use e2e::restart::{
+    Connect, acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
+};
 
 const EVENTS: usize = 300;
 
@@ -495,6 +497,38 @@ async fn credentials_file_authentication() -> anyhow::Result<()> {
     assert!(!err.is_retryable());
 
     server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A NATS subscription whose server is gone (frozen with SIGSTOP, or
+/// killed) does not hold up the service that closes or drops it: `close`
+/// returns within a few request timeouts, and the runtime shuts down at
+/// once.
+#[test]
+fn a_subscription_whose_server_is_gone_does_not_hold_up_shutdown() -> anyhow::Result<()> {
+    let dir = test_dir("e2e-nats-gone")?;
+    let starter = tokio::runtime::Runtime::new()?;
+    let mut n = 0;
+    let start = || {
+        n += 1;
+        let dir = dir.join(n.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let (server, _) = starter.block_on(own_server(&dir, &[]))?;
+        Ok(server)
+    };
+    let connect: Connect = |port| {
+        Box::pin(async move {
+            let broker = Arc::new(NatsBroker::connect(config(port)).await?);
+            let topic = Topic::try_from("gone.events")?;
+            broker.provision(&topic).await?;
+            anyhow::Ok((broker.clone() as _, broker as _, topic))
+        })
+    };
+    let report = shutdown_is_not_held_up_by_a_gone_broker(start, connect, Duration::from_secs(10))?;
+    for case in report {
+        println!("{case:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -989,24 +989,39 @@ impl Pump {
     /// nats-server 2.9 takes a nacked message off its redelivery queue when
     /// every request waiting on the consumer has lost interest, fails to
     /// deliver it and does not put it back.
+    ///
+    /// With the connection down none of this can reach the server (and
+    /// async-nats would keep a flush or a drain waiting until it is back,
+    /// which may be never): the fetched messages come back after their ack
+    /// deadline, and the shutdown fails with a connection error at once.
     async fn shutdown(mut self, failure: Option<Error>) -> Result<()> {
         let mut leftovers = Vec::new();
-        if let Err(e) = self.flush().await {
-            tracing::debug!(error = %e, "could not flush before leaving the group");
-        }
-        match self.messages.drain().await {
-            Ok(()) => {
-                self.forget_pull_request().await;
-                let deadline = Instant::now() + self.inner.timeout();
-                while let Ok(Some(message)) =
-                    tokio::time::timeout_at(deadline, self.messages.next()).await
-                {
-                    self.keep_leftover(message, &mut leftovers);
-                }
+        let connected =
+            self.conn.client.connection_state() == async_nats::connection::State::Connected;
+        if connected {
+            if let Err(e) = self.flush().await {
+                tracing::debug!(error = %e, "could not flush before leaving the group");
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "could not drain the pull inbox");
-                self.forget_pull_request().await;
+            // Like a flush, a drain waits for the connection (see `flush`).
+            let drained =
+                match tokio::time::timeout(self.inner.timeout(), self.messages.drain()).await {
+                    Ok(drained) => drained.map_err(|e| e.to_string()),
+                    Err(elapsed) => Err(elapsed.to_string()),
+                };
+            match drained {
+                Ok(()) => {
+                    self.forget_pull_request().await;
+                    let deadline = Instant::now() + self.inner.timeout();
+                    while let Ok(Some(message)) =
+                        tokio::time::timeout_at(deadline, self.messages.next()).await
+                    {
+                        self.keep_leftover(message, &mut leftovers);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not drain the pull inbox");
+                    self.forget_pull_request().await;
+                }
             }
         }
         let (held, queued, renak) = {
@@ -1023,6 +1038,12 @@ impl Pump {
             (state.gate.drain(), std::mem::take(&mut state.naks), renak)
         };
         self.shared.ready.notify_one();
+        if !connected {
+            tracing::debug!(
+                "the connection is down; what was fetched and not handed out comes back after its ack deadline"
+            );
+            return Err(Error::new(ErrorKind::Connection { system: SYSTEM }));
+        }
         let mut naks: Vec<(u64, jetstream::Message)> = held
             .into_iter()
             .map(|(seq, entry)| (seq, entry.msg))
@@ -1041,13 +1062,17 @@ impl Pump {
         self.flush().await
     }
 
-    /// Sends what waits on the subscription's connection.
+    /// Sends what waits on the subscription's connection, waiting at most
+    /// the request timeout: while the connection is down async-nats keeps
+    /// a flush waiting until it is back, which may be never.
     async fn flush(&self) -> Result<()> {
-        self.conn
-            .client
-            .flush()
-            .await
-            .map_err(|e| error::classify("flush", Class::Connection, self.inner.timeout(), e))
+        let timeout = self.inner.timeout();
+        match tokio::time::timeout(timeout, self.conn.client.flush()).await {
+            Ok(flushed) => {
+                flushed.map_err(|e| error::classify("flush", Class::Connection, timeout, e))
+            }
+            Err(elapsed) => Err(error::classify("flush", Class::Timeout, timeout, elapsed)),
+        }
     }
 
     /// Keeps a message that arrived during shutdown, to nack it.
