@@ -202,8 +202,9 @@ pub struct GoneCase {
     pub gone: Gone,
     /// What became of the subscription.
     pub end: End,
-    /// How long `close` took, if it was called.
-    pub closed: Option<Duration>,
+    /// How long the subscription's `close` took, and then the broker's
+    /// (`Publisher::close`), if they were called.
+    pub closed: Option<(Duration, Duration)>,
     /// How long the runtime took to shut down.
     pub shutdown: Duration,
 }
@@ -217,7 +218,8 @@ pub type Connect = fn(u16) -> futures_util::future::BoxFuture<'static, anyhow::R
 
 /// A subscription whose broker is gone does not hold up the service that
 /// closes or drops it: for a frozen and a killed broker, and a subscription
-/// closed, dropped, or left in use, `close` returns within `close_within`
+/// closed, dropped, or left in use, the subscription's `close` and then
+/// the broker's (`Publisher::close`) each return within `close_within`
 /// (`Ok`, or an error saying the broker did not answer or could not be
 /// reached), and the subscription's runtime
 /// shuts down within 5 s. Each case runs on a broker of its own, from
@@ -252,10 +254,14 @@ pub fn shutdown_is_not_held_up_by_a_gone_broker(
                     anyhow::anyhow!("{gone:?} broker, subscription {end:?}: not done in 90 s")
                 })?
                 .with_context(|| format!("{gone:?} broker, subscription {end:?}"))?;
-            if let Some(closed) = closed {
+            if let Some((closed, broker_closed)) = closed {
                 anyhow::ensure!(
                     closed < close_within,
-                    "{gone:?} broker: close took {closed:?}"
+                    "{gone:?} broker: the subscription's close took {closed:?}"
+                );
+                anyhow::ensure!(
+                    broker_closed < close_within,
+                    "{gone:?} broker: the broker's close took {broker_closed:?}"
                 );
             }
             anyhow::ensure!(
@@ -283,7 +289,7 @@ fn end_with_broker_gone(
     pid: u32,
     gone: Gone,
     end: End,
-) -> anyhow::Result<(Option<Duration>, Duration)> {
+) -> anyhow::Result<(Option<(Duration, Duration)>, Duration)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -328,7 +334,20 @@ fn end_with_broker_gone(
                         "close failed with {e}"
                     );
                 }
-                anyhow::Ok((Some(took), None))
+                let started = std::time::Instant::now();
+                let broker_closed = publisher.close().await;
+                let broker_took = started.elapsed();
+                if let Err(e) = broker_closed {
+                    anyhow::ensure!(
+                        matches!(
+                            e.kind(),
+                            broker_adapters::ErrorKind::Timeout { .. }
+                                | broker_adapters::ErrorKind::Connection { .. }
+                        ),
+                        "closing the broker failed with {e}"
+                    );
+                }
+                anyhow::Ok((Some((took, broker_took)), None))
             }
             End::Dropped => {
                 drop(sub);

@@ -547,11 +547,17 @@ impl Inner {
         self.shutdown.cancel();
     }
 
+    /// Waits at most the request timeout: while the connection is down
+    /// async-nats keeps a flush waiting until it is back, which may be
+    /// never.
     async fn flush(&self) -> Result<()> {
-        self.client
-            .flush()
-            .await
-            .map_err(|e| error::classify("flush", Class::Connection, self.timeout(), e))
+        let timeout = self.timeout();
+        match tokio::time::timeout(timeout, self.client.flush()).await {
+            Ok(flushed) => {
+                flushed.map_err(|e| error::classify("flush", Class::Connection, timeout, e))
+            }
+            Err(elapsed) => Err(error::classify("flush", Class::Timeout, timeout, elapsed)),
+        }
     }
 }
 
