@@ -211,7 +211,15 @@ impl ConsumerContext for Context {
             .shared
             .lock()
             .take_commits(&self.topic, Some(&partitions));
-        if commits.count() > 0
+        if consumer.assignment_lost() {
+            // The session lapsed (a broker that stopped answering, say): the
+            // group has given the partitions away, so the commit would be
+            // refused, and librdkafka's synchronous commit waits for the
+            // coordinator without end, on the runtime's thread that polls.
+            if commits.count() > 0 {
+                tracing::warn!(topic = %self.topic, ?partitions, "partitions lost with the session; events settled since the last commit are delivered again");
+            }
+        } else if commits.count() > 0
             && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
         {
             tracing::warn!(error = %e, topic = %self.topic, "commit before revocation failed; settled events may be delivered again");
