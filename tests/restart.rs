@@ -362,3 +362,108 @@ fn end_with_broker_gone(
     drop(held);
     Ok((closed, shutdown))
 }
+
+/// A broker that stops answering for `freeze` (SIGSTOP) under a running
+/// subscription does not stall the subscription's runtime, and the
+/// subscription goes on once the broker answers again. Runs on a
+/// current-thread runtime of its own, where any blocking call stands the
+/// whole runtime still, and measures the longest gap of a 10 ms timer,
+/// which must stay under 1 s; a watchdog thread thaws the broker after two
+/// minutes whatever happens. `server` is started and left running.
+///
+/// Returns the longest gap and how long the subscription took to receive
+/// a new event once the broker was thawed.
+///
+/// # Errors
+///
+/// The runtime stood still, or the subscription did not go on within 60 s.
+pub fn a_frozen_broker_does_not_stall_a_running_subscription(
+    server: &ServerProcess,
+    connect: Connect,
+    freeze: Duration,
+) -> anyhow::Result<(Duration, Duration)> {
+    let pid = server.pid().context("the broker runs")?.to_string();
+    let port = server.port();
+    let signal = |signal: &str| -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    };
+    let (finished, watchdog) = std::sync::mpsc::channel::<()>();
+    let thaw = pid.clone();
+    let watchdog = std::thread::spawn(move || {
+        if watchdog.recv_timeout(Duration::from_secs(120)).is_err() {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &thaw])
+                .status();
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(async {
+        let (publisher, subscriber, topic) = connect(port).await?;
+        let mut sub = subscriber
+            .subscribe(&topic, SubscribeOptions::new("frozen")?)
+            .await?;
+        let first = event(1)?;
+        publisher.publish(&topic, first.clone()).await?;
+        let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .context("no delivery")?
+            .context("the subscription ended")??;
+        anyhow::ensure!(
+            delivery.event().id() == first.id(),
+            "another event delivered"
+        );
+        delivery.ack().await?;
+
+        signal("-STOP")?;
+        let frozen = std::time::Instant::now();
+        let mut last = std::time::Instant::now();
+        let mut longest = Duration::ZERO;
+        while frozen.elapsed() < freeze {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            longest = longest.max(last.elapsed());
+            last = std::time::Instant::now();
+        }
+        signal("-CONT")?;
+        anyhow::ensure!(
+            longest < Duration::from_secs(1),
+            "the runtime stood still for {longest:?} while the broker was frozen"
+        );
+
+        // The first event may come again: its ack may not have reached the
+        // broker's durable state (a Kafka offset not yet committed).
+        let second = event(2)?;
+        let thawed = std::time::Instant::now();
+        publish_until_acked(
+            &*publisher,
+            &topic,
+            &second,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await?;
+        loop {
+            let mut delivery = tokio::time::timeout(Duration::from_secs(60), sub.next())
+                .await
+                .context("no delivery within 60 s after the broker thawed")?
+                .context("the subscription ended")??;
+            let id = delivery.event().id().to_owned();
+            delivery.ack().await?;
+            if id == second.id() {
+                break;
+            }
+            anyhow::ensure!(id == first.id(), "an event never published: {id}");
+        }
+        let resumed = thawed.elapsed();
+        sub.close().await?;
+        publisher.close().await?;
+        anyhow::Ok((longest, resumed))
+    });
+    let _ = finished.send(());
+    let _ = watchdog.join();
+    outcome
+}

@@ -21,7 +21,8 @@ use broker_adapters::Topic;
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
 use e2e::process::{ServerProcess, find_program, free_port};
 use e2e::restart::{
-    Connect, acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
+    Connect, a_frozen_broker_does_not_stall_a_running_subscription,
+    acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
 };
 
 const EVENTS: usize = 300;
@@ -529,6 +530,34 @@ fn a_subscription_whose_server_is_gone_does_not_hold_up_shutdown() -> anyhow::Re
     for case in report {
         println!("{case:?}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A NATS server frozen (SIGSTOP) for 15 s under a running subscription
+/// does not stall the subscription's runtime, and the subscription goes on
+/// once the server answers again.
+#[test]
+fn a_server_frozen_under_a_subscription_does_not_stall_the_runtime() -> anyhow::Result<()> {
+    let dir = test_dir("e2e-nats-freeze")?;
+    let (server, _) = tokio::runtime::Runtime::new()?.block_on(own_server(&dir, &[]))?;
+    let connect: Connect = |port| {
+        Box::pin(async move {
+            let broker = Arc::new(NatsBroker::connect(config(port)).await?);
+            let topic = Topic::try_from("freeze.events")?;
+            broker.provision(&topic).await?;
+            anyhow::Ok((broker.clone() as _, broker as _, topic))
+        })
+    };
+    let (longest, resumed) = a_frozen_broker_does_not_stall_a_running_subscription(
+        &server,
+        connect,
+        Duration::from_secs(15),
+    )?;
+    println!(
+        "longest timer gap while frozen: {longest:?}; delivering again {resumed:?} after the thaw"
+    );
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
