@@ -279,6 +279,14 @@ pub fn shutdown_is_not_held_up_by_a_gone_broker(
     Ok(report)
 }
 
+/// Whether `e` says the broker did not answer or could not be reached.
+fn unreachable(e: &broker_adapters::Error) -> bool {
+    matches!(
+        e.kind(),
+        broker_adapters::ErrorKind::Timeout { .. } | broker_adapters::ErrorKind::Connection { .. }
+    )
+}
+
 /// One case of [`shutdown_is_not_held_up_by_a_gone_broker`]: subscribes on
 /// a runtime of its own, acks one event, takes the broker away, ends the
 /// subscription as `end` says, and returns how long `close` took (if
@@ -325,27 +333,13 @@ fn end_with_broker_gone(
                 let closed = sub.close().await;
                 let took = started.elapsed();
                 if let Err(e) = closed {
-                    anyhow::ensure!(
-                        matches!(
-                            e.kind(),
-                            broker_adapters::ErrorKind::Timeout { .. }
-                                | broker_adapters::ErrorKind::Connection { .. }
-                        ),
-                        "close failed with {e}"
-                    );
+                    anyhow::ensure!(unreachable(&e), "close failed with {e}");
                 }
                 let started = std::time::Instant::now();
                 let broker_closed = publisher.close().await;
                 let broker_took = started.elapsed();
                 if let Err(e) = broker_closed {
-                    anyhow::ensure!(
-                        matches!(
-                            e.kind(),
-                            broker_adapters::ErrorKind::Timeout { .. }
-                                | broker_adapters::ErrorKind::Connection { .. }
-                        ),
-                        "closing the broker failed with {e}"
-                    );
+                    anyhow::ensure!(unreachable(&e), "closing the broker failed with {e}");
                 }
                 anyhow::Ok((Some((took, broker_took)), None))
             }

@@ -22,8 +22,8 @@ use broker_adapters::Topic;
 use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use e2e::process::{ServerProcess, find_program, free_port};
 use e2e::restart::{
-    Connect, a_frozen_broker_does_not_stall_a_running_subscription,
-    acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
+    a_frozen_broker_does_not_stall_a_running_subscription, acked_events_survive_a_broker_restart,
+    shutdown_is_not_held_up_by_a_gone_broker,
 };
 
 const EVENTS: usize = 300;
@@ -66,18 +66,7 @@ async fn acked_events_survive_a_kafka_broker_restart() -> anyhow::Result<()> {
         bucket.status()
     );
 
-    let port = free_port()?;
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let args = vec![
-        "broker".to_owned(),
-        "--listener-url".to_owned(),
-        listener.clone(),
-        "--advertised-listener-url".to_owned(),
-        listener,
-        "--storage-engine".to_owned(),
-        "s3://tansu/".to_owned(),
-    ];
-    let mut server = ServerProcess::new("tansu", program, args, port, dir.join("server.log"))
+    let mut server = tansu_server(&program, &dir, "s3://tansu/")?
         .in_dir(&dir)
         .env("AWS_ENDPOINT", &s3_url)
         .env("AWS_ALLOW_HTTP", "true")
@@ -85,6 +74,7 @@ async fn acked_events_survive_a_kafka_broker_restart() -> anyhow::Result<()> {
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_DEFAULT_REGION", "us-east-1");
     server.start().await?;
+    let port = server.port();
 
     let config = || {
         KafkaConfig::builder([format!("127.0.0.1:{port}")])
@@ -289,50 +279,83 @@ impl TlsTerminator {
 /// for neither.
 #[test]
 fn a_subscription_whose_broker_is_gone_does_not_hold_up_shutdown() -> anyhow::Result<()> {
-    const SESSION: Duration = Duration::from_secs(6);
     let program = tansu()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-gone"));
     std::fs::create_dir_all(&dir)?;
     let starter = tokio::runtime::Runtime::new()?;
     let start = || {
-        let port = free_port()?;
-        let listener = format!("tcp://127.0.0.1:{port}");
-        let args = vec![
-            "broker".to_owned(),
-            "--listener-url".to_owned(),
-            listener.clone(),
-            "--advertised-listener-url".to_owned(),
-            listener,
-            "--storage-engine".to_owned(),
-            "memory://tansu/".to_owned(),
-        ];
-        let mut server = ServerProcess::new("tansu", &program, args, port, dir.join("server.log"));
+        let mut server = memory_tansu(&program, &dir)?;
         starter.block_on(server.start())?;
         Ok(server)
     };
-    let connect: Connect = |port| {
-        Box::pin(async move {
-            let broker = Arc::new(
-                KafkaBroker::connect(
-                    KafkaConfig::builder([format!("127.0.0.1:{port}")])
-                        .session_timeout(SESSION)
-                        // The acked event's offset stays uncommitted.
-                        .commit_interval(Duration::from_secs(600)),
-                )
-                .await?,
-            );
-            let topic = Topic::try_from("gone-events")?;
-            broker.create_topic(&topic, 2).await?;
-            anyhow::Ok((broker.clone() as _, broker as _, topic))
-        })
-    };
-    let report =
-        shutdown_is_not_held_up_by_a_gone_broker(start, connect, SESSION + Duration::from_secs(3))?;
+    let report = shutdown_is_not_held_up_by_a_gone_broker(
+        start,
+        connect_uncommitted,
+        SESSION + Duration::from_secs(3),
+    )?;
     for case in report {
         println!("{case:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The session timeout of the subscriptions of the tests with a broker
+/// that goes away.
+const SESSION: Duration = Duration::from_secs(6);
+
+/// A Tansu with memory storage on a free port, logging into `dir`; not
+/// started.
+fn memory_tansu(program: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<ServerProcess> {
+    tansu_server(program, dir, "memory://tansu/")
+}
+
+/// A Tansu with the given storage engine on a free port, logging into
+/// `dir`; not started.
+fn tansu_server(
+    program: &std::path::Path,
+    dir: &std::path::Path,
+    storage: &str,
+) -> anyhow::Result<ServerProcess> {
+    let port = free_port()?;
+    let listener = format!("tcp://127.0.0.1:{port}");
+    let args = vec![
+        "broker".to_owned(),
+        "--listener-url".to_owned(),
+        listener.clone(),
+        "--advertised-listener-url".to_owned(),
+        listener,
+        "--storage-engine".to_owned(),
+        storage.to_owned(),
+    ];
+    Ok(ServerProcess::new(
+        "tansu",
+        program,
+        args,
+        port,
+        dir.join("server.log"),
+    ))
+}
+
+/// Connects with the session timeout [`SESSION`], committing offsets only
+/// every ten minutes (so an acked event's offset stays uncommitted), and
+/// creates a topic of two partitions.
+fn connect_uncommitted(
+    port: u16,
+) -> futures_util::future::BoxFuture<'static, anyhow::Result<e2e::restart::Connected>> {
+    Box::pin(async move {
+        let broker = Arc::new(
+            KafkaBroker::connect(
+                KafkaConfig::builder([format!("127.0.0.1:{port}")])
+                    .session_timeout(SESSION)
+                    .commit_interval(Duration::from_secs(600)),
+            )
+            .await?,
+        );
+        let topic = Topic::try_from("gone-events")?;
+        broker.create_topic(&topic, 2).await?;
+        anyhow::Ok((broker.clone() as _, broker as _, topic))
+    })
 }
 
 /// A broker that stops answering for longer than the session timeout
@@ -347,42 +370,14 @@ fn a_subscription_whose_broker_is_gone_does_not_hold_up_shutdown() -> anyhow::Re
 /// current-thread runtime and measures the longest gap of a 10 ms timer.
 #[test]
 fn a_broker_frozen_past_the_session_timeout_does_not_stall_the_runtime() -> anyhow::Result<()> {
-    const SESSION: Duration = Duration::from_secs(6);
     let program = tansu()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-freeze"));
     std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let args = vec![
-        "broker".to_owned(),
-        "--listener-url".to_owned(),
-        listener.clone(),
-        "--advertised-listener-url".to_owned(),
-        listener,
-        "--storage-engine".to_owned(),
-        "memory://tansu/".to_owned(),
-    ];
-    let mut server = ServerProcess::new("tansu", &program, args, port, dir.join("server.log"));
+    let mut server = memory_tansu(&program, &dir)?;
     tokio::runtime::Runtime::new()?.block_on(server.start())?;
-    let connect: Connect = |port| {
-        Box::pin(async move {
-            let broker = Arc::new(
-                KafkaBroker::connect(
-                    KafkaConfig::builder([format!("127.0.0.1:{port}")])
-                        .session_timeout(SESSION)
-                        // The acked event's offset stays uncommitted.
-                        .commit_interval(Duration::from_secs(600)),
-                )
-                .await?,
-            );
-            let topic = Topic::try_from("freeze-events")?;
-            broker.create_topic(&topic, 2).await?;
-            anyhow::Ok((broker.clone() as _, broker as _, topic))
-        })
-    };
     let (longest, resumed) = a_frozen_broker_does_not_stall_a_running_subscription(
         &server,
-        connect,
+        connect_uncommitted,
         SESSION * 2 + Duration::from_secs(3),
     )?;
     println!(

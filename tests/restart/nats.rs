@@ -21,8 +21,8 @@ use broker_adapters::Topic;
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
 use e2e::process::{ServerProcess, find_program, free_port};
 use e2e::restart::{
-    Connect, a_frozen_broker_does_not_stall_a_running_subscription,
-    acked_events_survive_a_broker_restart, shutdown_is_not_held_up_by_a_gone_broker,
+    a_frozen_broker_does_not_stall_a_running_subscription, acked_events_survive_a_broker_restart,
+    shutdown_is_not_held_up_by_a_gone_broker,
 };
 
 const EVENTS: usize = 300;
@@ -518,15 +518,11 @@ fn a_subscription_whose_server_is_gone_does_not_hold_up_shutdown() -> anyhow::Re
         let (server, _) = starter.block_on(own_server(&dir, &[]))?;
         Ok(server)
     };
-    let connect: Connect = |port| {
-        Box::pin(async move {
-            let broker = Arc::new(NatsBroker::connect(config(port)).await?);
-            let topic = Topic::try_from("gone.events")?;
-            broker.provision(&topic).await?;
-            anyhow::Ok((broker.clone() as _, broker as _, topic))
-        })
-    };
-    let report = shutdown_is_not_held_up_by_a_gone_broker(start, connect, Duration::from_secs(10))?;
+    let report = shutdown_is_not_held_up_by_a_gone_broker(
+        start,
+        connect_provisioned,
+        Duration::from_secs(10),
+    )?;
     for case in report {
         println!("{case:?}");
     }
@@ -541,17 +537,9 @@ fn a_subscription_whose_server_is_gone_does_not_hold_up_shutdown() -> anyhow::Re
 fn a_server_frozen_under_a_subscription_does_not_stall_the_runtime() -> anyhow::Result<()> {
     let dir = test_dir("e2e-nats-freeze")?;
     let (server, _) = tokio::runtime::Runtime::new()?.block_on(own_server(&dir, &[]))?;
-    let connect: Connect = |port| {
-        Box::pin(async move {
-            let broker = Arc::new(NatsBroker::connect(config(port)).await?);
-            let topic = Topic::try_from("freeze.events")?;
-            broker.provision(&topic).await?;
-            anyhow::Ok((broker.clone() as _, broker as _, topic))
-        })
-    };
     let (longest, resumed) = a_frozen_broker_does_not_stall_a_running_subscription(
         &server,
-        connect,
+        connect_provisioned,
         Duration::from_secs(15),
     )?;
     println!(
@@ -560,4 +548,16 @@ fn a_server_frozen_under_a_subscription_does_not_stall_the_runtime() -> anyhow::
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Connects with [`config`] and provisions a topic.
+fn connect_provisioned(
+    port: u16,
+) -> futures_util::future::BoxFuture<'static, anyhow::Result<e2e::restart::Connected>> {
+    Box::pin(async move {
+        let broker = Arc::new(NatsBroker::connect(config(port)).await?);
+        let topic = Topic::try_from("gone.events")?;
+        broker.provision(&topic).await?;
+        anyhow::Ok((broker.clone() as _, broker as _, topic))
+    })
 }
