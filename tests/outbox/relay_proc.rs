@@ -96,10 +96,11 @@ async fn main() -> anyhow::Result<()> {
             .context("connecting to NATS")?,
         ),
         (None, Some(bootstrap)) => Arc::new(
-            KafkaBroker::connect(
-                KafkaConfig::builder(bootstrap.split(',').map(str::to_owned))
-                    .delivery_timeout(Duration::from_secs(5)),
-            )
+            // librdkafka's default delivery timeout (30 s): it holds what
+            // it was given that long, across the relay's retries.
+            KafkaBroker::connect(KafkaConfig::builder(
+                bootstrap.split(',').map(str::to_owned),
+            ))
             .await
             .context("connecting to Kafka")?,
         ),
