@@ -287,6 +287,35 @@ fn unreachable(e: &broker_adapters::Error) -> bool {
     )
 }
 
+/// Connects, subscribes as `group`, publishes one event and acks its
+/// delivery: the publisher, the subscription, and the topic and event.
+async fn subscribed(
+    connect: Connect,
+    port: u16,
+    group: &str,
+) -> anyhow::Result<(
+    Arc<dyn Publisher>,
+    broker_adapters::Subscription,
+    (Topic, Event),
+)> {
+    let (publisher, subscriber, topic) = connect(port).await?;
+    let mut sub = subscriber
+        .subscribe(&topic, SubscribeOptions::new(group)?)
+        .await?;
+    let sent = event(1)?;
+    publisher.publish(&topic, sent.clone()).await?;
+    let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .context("no delivery")?
+        .context("the subscription ended")??;
+    anyhow::ensure!(
+        delivery.event().id() == sent.id(),
+        "another event delivered"
+    );
+    delivery.ack().await?;
+    Ok((publisher, sub, (topic, sent)))
+}
+
 /// One case of [`shutdown_is_not_held_up_by_a_gone_broker`]: subscribes on
 /// a runtime of its own, acks one event, takes the broker away, ends the
 /// subscription as `end` says, and returns how long `close` took (if
@@ -303,21 +332,7 @@ fn end_with_broker_gone(
         .enable_all()
         .build()?;
     let (closed, held) = runtime.block_on(async {
-        let (publisher, subscriber, topic) = connect(port).await?;
-        let mut sub = subscriber
-            .subscribe(&topic, SubscribeOptions::new("gone")?)
-            .await?;
-        let sent = event(1)?;
-        publisher.publish(&topic, sent.clone()).await?;
-        let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .context("no delivery")?
-            .context("the subscription ended")??;
-        anyhow::ensure!(
-            delivery.event().id() == sent.id(),
-            "another event delivered"
-        );
-        delivery.ack().await?;
+        let (publisher, sub, _) = subscribed(connect, port, "gone").await?;
         let signal = match gone {
             Gone::Frozen => "-STOP",
             Gone::Killed => "-KILL",
@@ -398,21 +413,7 @@ pub fn a_frozen_broker_does_not_stall_a_running_subscription(
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(async {
-        let (publisher, subscriber, topic) = connect(port).await?;
-        let mut sub = subscriber
-            .subscribe(&topic, SubscribeOptions::new("frozen")?)
-            .await?;
-        let first = event(1)?;
-        publisher.publish(&topic, first.clone()).await?;
-        let mut delivery = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .context("no delivery")?
-            .context("the subscription ended")??;
-        anyhow::ensure!(
-            delivery.event().id() == first.id(),
-            "another event delivered"
-        );
-        delivery.ack().await?;
+        let (publisher, mut sub, (topic, first)) = subscribed(connect, port, "frozen").await?;
 
         signal("-STOP")?;
         let frozen = std::time::Instant::now();
