@@ -380,8 +380,8 @@ fn end_with_broker_gone(
 /// which must stay under 1 s; a watchdog thread thaws the broker after two
 /// minutes whatever happens. `server` is started and left running.
 ///
-/// Returns the longest gap and how long the subscription took to receive
-/// a new event once the broker was thawed.
+/// Prints the longest gap and how long the subscription took to receive a
+/// new event once the broker was thawed.
 ///
 /// # Errors
 ///
@@ -390,7 +390,7 @@ pub fn a_frozen_broker_does_not_stall_a_running_subscription(
     server: &ServerProcess,
     connect: Connect,
     freeze: Duration,
-) -> anyhow::Result<(Duration, Duration)> {
+) -> anyhow::Result<()> {
     let pid = server.pid().context("the broker runs")?.to_string();
     let port = server.port();
     let signal = |signal: &str| -> anyhow::Result<()> {
@@ -456,7 +456,10 @@ pub fn a_frozen_broker_does_not_stall_a_running_subscription(
         let resumed = thawed.elapsed();
         sub.close().await?;
         publisher.close().await?;
-        anyhow::Ok((longest, resumed))
+        println!(
+            "longest timer gap while frozen: {longest:?}; delivering again {resumed:?} after the thaw"
+        );
+        anyhow::Ok(())
     });
     let _ = finished.send(());
     let _ = watchdog.join();

@@ -674,13 +674,14 @@ impl OwnBroker {
     }
 }
 
-/// `retry_for`: how long the relay retries once the last rows piled up.
 /// Held by each memory test while it runs: they run one at a time, so the
 /// relay's share of the machine's two cores is alike from run to run (in
 /// one run beside the Kafka tests, the SQLite relay grew 8.2 MiB where it
 /// grows 0-4 alone).
 static MEMORY_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The memory scenario on `broker`; `retry_for`: how long the relay retries
+/// once the last rows piled up.
 async fn memory_flat(
     backend: Backend,
     broker: &mut OwnBroker,

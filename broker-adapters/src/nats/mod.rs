@@ -547,17 +547,18 @@ impl Inner {
         self.shutdown.cancel();
     }
 
-    /// Waits at most the request timeout: while the connection is down
-    /// async-nats keeps a flush waiting until it is back, which may be
-    /// never.
     async fn flush(&self) -> Result<()> {
-        let timeout = self.timeout();
-        match tokio::time::timeout(timeout, self.client.flush()).await {
-            Ok(flushed) => {
-                flushed.map_err(|e| error::classify("flush", Class::Connection, timeout, e))
-            }
-            Err(elapsed) => Err(error::classify("flush", Class::Timeout, timeout, elapsed)),
-        }
+        flush_within(&self.client, self.timeout()).await
+    }
+}
+
+/// Sends what waits on `client`'s connection, waiting at most `timeout`:
+/// while the connection is down async-nats keeps a flush waiting until it
+/// is back, which may be never.
+async fn flush_within(client: &async_nats::Client, timeout: Duration) -> Result<()> {
+    match tokio::time::timeout(timeout, client.flush()).await {
+        Ok(flushed) => flushed.map_err(|e| error::classify("flush", Class::Connection, timeout, e)),
+        Err(elapsed) => Err(error::classify("flush", Class::Timeout, timeout, elapsed)),
     }
 }
 

@@ -1002,7 +1002,8 @@ impl Pump {
             if let Err(e) = self.flush().await {
                 tracing::debug!(error = %e, "could not flush before leaving the group");
             }
-            // Like a flush, a drain waits for the connection (see `flush`).
+            // Like a flush, a drain waits for the connection (see
+            // `flush_within`).
             let drained =
                 match tokio::time::timeout(self.inner.timeout(), self.messages.drain()).await {
                     Ok(drained) => drained.map_err(|e| e.to_string()),
@@ -1063,16 +1064,9 @@ impl Pump {
     }
 
     /// Sends what waits on the subscription's connection, waiting at most
-    /// the request timeout: while the connection is down async-nats keeps
-    /// a flush waiting until it is back, which may be never.
+    /// the request timeout.
     async fn flush(&self) -> Result<()> {
-        let timeout = self.inner.timeout();
-        match tokio::time::timeout(timeout, self.conn.client.flush()).await {
-            Ok(flushed) => {
-                flushed.map_err(|e| error::classify("flush", Class::Connection, timeout, e))
-            }
-            Err(elapsed) => Err(error::classify("flush", Class::Timeout, timeout, elapsed)),
-        }
+        super::flush_within(&self.conn.client, self.inner.timeout()).await
     }
 
     /// Keeps a message that arrived during shutdown, to nack it.
