@@ -287,3 +287,125 @@ fn a_broker_frozen_past_the_session_timeout_does_not_stall_the_runtime() -> anyh
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the process `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+    Ok(())
+}
+
+/// Thaws a frozen process however the test ends.
+struct Thaw(u32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = signal(self.0, "-CONT");
+    }
+}
+
+/// A batch that fails returns only once every event of it the producer
+/// took has its outcome. The last event of the batch is too large and is
+/// refused before it is sent, while the broker is frozen (SIGSTOP) with the
+/// 100 events before it on their way: `publish_batch` returned the refusal
+/// at once, with those 100 still queued, so a caller sending the batch
+/// again (the outbox relay does) raced its own earlier copies, and one that
+/// failed could be written after a later one of its key. Now it waits for
+/// them (here until the broker is thawed, at most the delivery timeout),
+/// and returns the refusal with all 100 written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow::Result<()> {
+    use broker_adapters::{CloudEventBuilder, ErrorKind, Publisher};
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::Headers as _;
+
+    let program = tansu::program()?;
+    let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-settled"));
+    std::fs::create_dir_all(&dir)?;
+    let mut server = memory_tansu(&program, &dir)?;
+    server.start().await?;
+    let port = server.port();
+    let pid = server.pid().context("the broker's pid")?;
+    let publisher = KafkaBroker::connect(
+        KafkaConfig::builder([format!("127.0.0.1:{port}")])
+            .max_event_bytes(std::num::NonZeroUsize::new(4096).context("positive")?)
+            .delivery_timeout(Duration::from_secs(60)),
+    )
+    .await?;
+    let topic = Topic::try_from("settled-batch")?;
+    publisher.create_topic(&topic, 1).await?;
+    let event = |n: usize, bytes: usize| {
+        CloudEventBuilder::new("t", "/s")
+            .partition_key("k")
+            .subject(n.to_string())
+            .binary_data("application/octet-stream", vec![7u8; bytes])
+            .build()
+    };
+    // The producer id and the topic's leader are known before the freeze.
+    publisher.publish(&topic, event(0, 10)?).await?;
+
+    let mut batch = (1..=100)
+        .map(|n| event(n, 10))
+        .collect::<Result<Vec<_>, _>>()?;
+    batch.push(event(101, 8192)?);
+    signal(pid, "-STOP")?;
+    let thaw = Thaw(pid);
+    let publishing = {
+        let (publisher, topic) = (publisher.clone(), topic.clone());
+        tokio::spawn(async move { publisher.publish_batch(&topic, batch).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let returned_while_frozen = publishing.is_finished();
+    drop(thaw);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), publishing).await??;
+    anyhow::ensure!(
+        !returned_while_frozen,
+        "publish_batch returned while the 100 events before the refused one were on their way"
+    );
+    let refused = outcome
+        .err()
+        .context("the oversized event fails the batch")?;
+    anyhow::ensure!(
+        matches!(refused.kind(), ErrorKind::EventTooLarge { .. }),
+        "{refused}"
+    );
+
+    // What the partition holds: the 101 events, in order.
+    let name = topic.to_string();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let reader: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "settled-batch-reader")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        partitions.add_partition_offset(&name, 0, rdkafka::Offset::Beginning)?;
+        reader.assign(&partitions)?;
+        let mut subjects = Vec::new();
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while subjects.len() < 101 && std::time::Instant::now() < until {
+            if let Some(message) = reader.poll(Duration::from_millis(200)) {
+                let message = message?;
+                let subject = message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "ce_subject"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                subjects.push(subject);
+            }
+        }
+        Ok(subjects)
+    })
+    .await??;
+    let sent: Vec<String> = (0..=100).map(|n| n.to_string()).collect();
+    anyhow::ensure!(written == sent, "written: {written:?}");
+    publisher.close().await?;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

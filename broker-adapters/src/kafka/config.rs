@@ -238,6 +238,14 @@ impl KafkaConfig {
 
     /// How long a publish may wait for the broker's acknowledgement, retries
     /// included (`delivery.timeout.ms`, default 30 s).
+    ///
+    /// The producer keeps the events of a partition in order and, when one
+    /// fails, fails those queued after it too (librdkafka's
+    /// `enable.gapless.guarantee`, on unless set in the options), except
+    /// when events time out: an event that outlives this timeout fails on
+    /// its own, and one sent just after it may still be written. Set it
+    /// well above how long a broker may be away if a retried event must
+    /// never land after a later event of its key.
     #[must_use]
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;

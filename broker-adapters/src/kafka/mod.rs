@@ -61,7 +61,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudevents::Event;
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -329,6 +329,12 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     if !config.options.contains_key("linger.ms") {
         client.set("linger.ms", "2");
     }
+    // A failed record fails every record queued after it for its partition
+    // (a fatal error; the slot replaces the producer), rather than letting
+    // them be written past the gap, ahead of the failed one's retry.
+    if !config.options.contains_key("enable.gapless.guarantee") {
+        client.set("enable.gapless.guarantee", "true");
+    }
     client.create().map_err(|e| map(e, "create producer"))
 }
 
@@ -525,6 +531,13 @@ impl Publisher for KafkaBroker {
     /// each is known only once it is encoded, just before it is enqueued (one
     /// encoding, in memory the next event reuses), so an oversized event
     /// fails the batch after the events before it were sent.
+    ///
+    /// On error, returns only once every enqueued event of the batch has its
+    /// outcome: none is still on its way when the caller sends the batch
+    /// again, which could otherwise land after the retry's copies of the
+    /// events before it. The producer's gap-less guarantee keeps the events
+    /// after a failed one from being written (but see
+    /// [`KafkaConfig::delivery_timeout`](crate::kafka::KafkaConfig)).
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
         for event in &events {
@@ -533,11 +546,26 @@ impl Publisher for KafkaBroker {
         let producer = self.inner.producers.get();
         let sent = async {
             let mut deliveries = Vec::with_capacity(events.len());
+            let mut refused = None;
             for event in &events {
-                let record = self.record(event)?;
-                deliveries.push(acknowledged(self.enqueue(&producer, topic, record).await?));
+                match self.record(event) {
+                    Ok(record) => match self.enqueue(&producer, topic, record).await {
+                        Ok(delivery) => deliveries.push(acknowledged(delivery)),
+                        Err(e) => {
+                            refused = Some(e);
+                            break;
+                        }
+                    },
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
             }
-            try_join_all(deliveries).await.map(|_| ())
+            // The first failure in batch order: a delivery's, or else the
+            // one that stopped the enqueueing.
+            let first_failed = join_all(deliveries).await.into_iter().find_map(Result::err);
+            first_failed.or(refused).map_or(Ok(()), Err)
         };
         sent.await
             .map_err(|e| self.inner.producers.replace_if_fatal(&producer, e))
