@@ -181,6 +181,21 @@ impl ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// Kills it (SIGKILL), as a crash would, and waits for it to exit.
+    ///
+    /// # Errors
+    ///
+    /// The signal could not be sent.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("sending SIGKILL")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -4,7 +4,9 @@
 //!
 //! - the relay is killed with SIGKILL mid-stream and started again;
 //! - two relay processes run at once;
-//! - the NATS server (its own, with file storage) is stopped and started;
+//! - the broker (its own: a NATS server with file storage, stopped; or a
+//!   Tansu on S3 storage, killed with SIGKILL: not run by default, see
+//!   `kafka_crash`) is started again mid-stream;
 //! - the broker (NATS, and Kafka: a Tansu on S3 storage) stays down while
 //!   40 MB of rows pile up: the relay's resident memory does not grow with
 //!   them, nor with its retries;
@@ -17,7 +19,7 @@
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +30,7 @@ use anyhow::{Context as _, bail, ensure};
 use broker_adapters::cloudevents::{AttributesReader, Event};
 use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
 use broker_adapters::nats::{NatsBroker, NatsConfig, Storage};
-use broker_adapters::{CloudEventBuilder, SubscribeOptions, Subscriber, Topic};
+use broker_adapters::{CloudEventBuilder, EventExt, SubscribeOptions, Subscriber, Topic};
 use e2e::process::{ServerProcess, find_program, free_port};
 use e2e::tansu::S3Tansu;
 use futures_util::StreamExt;
@@ -159,6 +161,11 @@ impl RelayProc {
             .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
     }
 
+    /// What it logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(child) = self.child.as_mut()
             && let Some(status) = child.try_wait()?
@@ -182,6 +189,43 @@ struct Stats {
     deliveries: AtomicU64,
     duplicates: AtomicU64,
     withheld: AtomicU64,
+    /// Per partition key, the sequence number of each delivery in the order
+    /// they came, duplicates included: what a failure shows.
+    trail: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Subscriptions and their ends, each after how many deliveries.
+    notes: Mutex<Vec<String>>,
+}
+
+impl Stats {
+    fn record(&self, event: &Event) {
+        self.trail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(event.partition_key().unwrap_or_default().to_owned())
+            .or_default()
+            .push(event.subject().unwrap_or("?").to_owned());
+    }
+
+    fn note(&self, what: &str) {
+        let after = self.deliveries.load(Ordering::SeqCst);
+        self.notes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(format!("after {after} deliveries: {what}"));
+    }
+
+    /// Each key's deliveries, in order, and the subscriptions' comings and
+    /// goings.
+    fn trail(&self) -> String {
+        let trail = self.trail.lock().unwrap_or_else(PoisonError::into_inner);
+        let notes = self.notes.lock().unwrap_or_else(PoisonError::into_inner);
+        trail
+            .iter()
+            .map(|(key, seen)| format!("{key}: {}", seen.join(" ")))
+            .chain(notes.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// Consumes `topic` as a service would: every delivery goes through the
@@ -207,7 +251,10 @@ impl Consumer {
                 while !stop.is_cancelled() {
                     let options = SubscribeOptions::new(CONSUMER)?.ack_wait(Duration::from_secs(5));
                     let mut sub = match broker.subscribe(&topic, options).await {
-                        Ok(sub) => sub,
+                        Ok(sub) => {
+                            stats.note("subscribed");
+                            sub
+                        }
                         Err(_) => {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             continue;
@@ -218,8 +265,19 @@ impl Consumer {
                             () = stop.cancelled() => return Ok(()),
                             next = sub.next() => next,
                         };
-                        let Some(Ok(mut delivery)) = next else { break };
+                        let mut delivery = match next {
+                            Some(Ok(delivery)) => delivery,
+                            Some(Err(e)) => {
+                                stats.note(&format!("the subscription failed: {e:#}"));
+                                break;
+                            }
+                            None => {
+                                stats.note("the subscription ended");
+                                break;
+                            }
+                        };
                         let n = stats.deliveries.fetch_add(1, Ordering::SeqCst) + 1;
+                        stats.record(delivery.event());
                         let outcome = handle_with_retry(&db, delivery.event()).await?;
                         if outcome.is_duplicate() {
                             stats.duplicates.fetch_add(1, Ordering::SeqCst);
@@ -492,16 +550,53 @@ async fn own_nats_server() -> anyhow::Result<(ServerProcess, String, PathBuf)> {
 }
 
 async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
-    let (mut server, nats, dir) = own_nats_server().await?;
+    let mut broker = OwnBroker::nats().await?;
+    restart_loses_nothing(backend, &mut broker).await?;
+    broker.stop().await
+}
 
+/// Not run by default: in about one run in ten here (two of 23, under CPU
+/// load), one partition's events reached the consumer only on a later pass
+/// (the first pass skipped a block of them, a rebalance read them again),
+/// so order per key broke; the relay had seen no error. On failure it
+/// prints each key's deliveries, the subscriptions' comings and goings,
+/// the relay's log, and what the broker served a plain reader of the
+/// topic. README, known gaps.
+mod kafka_crash {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "order per key broke in about 1 run in 10 (README, known gaps); run with --ignored"]
+    async fn postgres() -> anyhow::Result<()> {
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Postgres).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "order per key broke in about 1 run in 10 (README, known gaps); run with --ignored"]
+    async fn sqlite() -> anyhow::Result<()> {
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Sqlite).await
+    }
+}
+
+/// As [`nats_server_restart_loses_nothing`], with Kafka (a Tansu of the
+/// test's own, on S3 storage), killed with SIGKILL rather than stopped.
+async fn kafka_crash_and_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
+    let mut broker = OwnBroker::kafka().await?;
+    restart_loses_nothing(backend, &mut broker).await?;
+    broker.stop().await
+}
+
+async fn restart_loses_nothing(backend: Backend, broker: &mut OwnBroker) -> anyhow::Result<()> {
     let db = Arc::new(Db::open(backend, OutboxConfig::new()).await?);
-    let topic = provision(&nats).await?;
+    let topic = broker.topic().clone();
     let all = events(0, 900, 9)?;
     enqueue_in_transactions(&db, &topic, &all).await?;
-    let consumer = Consumer::start(Arc::clone(&db), Target::nats(&nats), topic.clone(), None);
-    // Paced to about 1,000 events/s, so the stop lands mid-stream: once
-    // the first hundred rows are out, most of the rest are still pending.
-    let mut relay = RelayProc::start(db.url(), &Target::nats(&nats), "a", 50)?;
+    let consumer = Consumer::start(Arc::clone(&db), broker.target(), topic.clone(), None);
+    let observer = match broker.target() {
+        Target::Kafka(bootstrap) => Some(Observer::start(&bootstrap, &topic, 4)?),
+        Target::Nats(_) => None,
+    };
+    // Paced, so the stop lands mid-stream: once the first hundred rows are
+    // out, most of the rest are still pending.
+    let mut relay = RelayProc::start(db.url(), &broker.target(), "a", 50)?;
     let started = tokio::time::Instant::now();
     while db.pending().await? > 800 {
         relay.check_alive()?;
@@ -509,26 +604,127 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    server.stop().await?;
+    match broker {
+        OwnBroker::Nats { server, .. } => server.stop().await?,
+        // Tansu goes on serving for 5 s after SIGTERM, long enough for the
+        // relay to finish: it crashes instead (its S3 storage keeps what it
+        // acknowledged).
+        OwnBroker::Kafka { tansu, .. } => tansu.broker.kill()?,
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pending_while_down = db.pending().await?;
     relay.check_alive()?;
-    server.start().await?;
+    broker.server().start().await?;
 
     wait_effects(&db, 900, &mut [&mut relay]).await?;
     let stats = consumer.stop().await?;
-    check_effects(&db, &all).await?;
+    let served = match observer {
+        Some(observer) => observer.stop()?,
+        None => String::new(),
+    };
+    if let Err(e) = check_effects(&db, &all).await {
+        bail!(
+            "{e:#}\ndeliveries per key, in order:\n{}\nrelay-proc's log:\n{}\n{served}",
+            stats.trail(),
+            relay.log()
+        );
+    }
     ensure!(pending_while_down > 0, "the broker went down mid-stream");
     println!(
-        "{backend:?}: broker restart with {pending_while_down} rows pending; deliveries {}, duplicates skipped {}",
+        "{backend:?}: {} back with {pending_while_down} rows pending; deliveries {}, duplicates skipped {}",
+        broker.name(),
         stats.deliveries.load(Ordering::SeqCst),
         stats.duplicates.load(Ordering::SeqCst)
     );
     relay.kill()?;
-    server.stop().await?;
-    db.close().await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    db.close().await
+}
+
+/// Reads every partition of a Kafka topic from its start as the broker
+/// serves it, with a plain consumer of its own (no group, no commits), and
+/// notes where the offsets it is served jump: what tells a broker that
+/// served a partition out of order from a consumer that lost its place.
+struct Observer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Vec<(i32, i64, String)>>>,
+}
+
+impl Observer {
+    fn start(bootstrap: &str, topic: &Topic, partitions: i32) -> anyhow::Result<Self> {
+        use rdkafka::Message as _;
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use rdkafka::message::Headers as _;
+
+        let reader: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", e2e::unique_name("observer"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for partition in 0..partitions {
+            assignment.add_partition_offset(
+                topic.as_str(),
+                partition,
+                rdkafka::Offset::Beginning,
+            )?;
+        }
+        reader.assign(&assignment)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut served = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    // Errors (the broker away) are librdkafka's to retry.
+                    if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+                        let subject = m
+                            .headers()
+                            .and_then(|h| h.iter().find(|h| h.key == "ce_subject"))
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default();
+                        served.push((m.partition(), m.offset(), subject));
+                    }
+                }
+                Ok(served)
+            })
+        };
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops reading; what was served, partition by partition: each run of
+    /// consecutive offsets as `first..=last (subjects first..last)`.
+    fn stop(self) -> anyhow::Result<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        let served = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the observer panicked"))??;
+        let mut by_partition: BTreeMap<i32, Vec<(i64, String)>> = BTreeMap::new();
+        for (partition, offset, subject) in served {
+            by_partition
+                .entry(partition)
+                .or_default()
+                .push((offset, subject));
+        }
+        let mut out = String::from("served by the broker to a plain reader, per partition:\n");
+        for (partition, records) in by_partition {
+            let mut runs = Vec::new();
+            let mut start = 0;
+            for i in 1..=records.len() {
+                if i == records.len() || records[i].0 != records[i - 1].0 + 1 {
+                    let (first, last) = (&records[start], &records[i - 1]);
+                    runs.push(format!(
+                        "{}..={} (subjects {}..{})",
+                        first.0, last.0, first.1, last.1
+                    ));
+                    start = i;
+                }
+            }
+            out.push_str(&format!("  {partition}: {}\n", runs.join(", ")));
+        }
+        Ok(out)
+    }
 }
 
 /// Events of about 4 KB (`n` and padding), cycling through `keys` keys.
@@ -640,6 +836,13 @@ impl OwnBroker {
         Ok(Self::Kafka { tansu, topic })
     }
 
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Nats { .. } => "NATS",
+            Self::Kafka { .. } => "Kafka",
+        }
+    }
+
     fn target(&self) -> Target {
         match self {
             Self::Nats { url, .. } => Target::nats(url),
@@ -714,10 +917,7 @@ async fn memory_flat(
     println!(
         "{backend:?}: {} down; relay RSS {} MiB at most while 4,000 rows piled up, {} MiB with them pending, \
          {} MiB at most while 6,000 more (24 MB) piled up and it retried ({pending} rows pending)",
-        match broker {
-            OwnBroker::Nats { .. } => "NATS",
-            OwnBroker::Kafka { .. } => "Kafka",
-        },
+        broker.name(),
         first.iter().copied().max().unwrap_or(base) / 1024,
         base / 1024,
         peak / 1024,
