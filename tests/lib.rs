@@ -190,6 +190,18 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{nanos}_{n}", std::process::id())
 }
 
+/// The value of a Kafka record's header `name`, as text (lossily), if it
+/// has one.
+pub fn kafka_header(message: &impl rdkafka::Message, name: &str) -> Option<String> {
+    use rdkafka::message::Headers as _;
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// The host and port of the first address in `url`, which may carry a scheme,
 /// credentials, a path, a query, several comma-separated addresses, or an IPv6
 /// host in brackets; `default_port` when it names no port.

@@ -70,7 +70,7 @@ mod kafka_specific {
     use rdkafka::ClientConfig;
     use rdkafka::Message as _;
     use rdkafka::consumer::{Consumer as _, StreamConsumer};
-    use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     use super::{config, target};
@@ -105,15 +105,6 @@ mod kafka_specific {
             .expect("dead letter in time")
             .expect("dead letter")
             .detach()
-    }
-
-    /// `name`'s value on `m`, as text.
-    fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-        m.headers()?
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     async fn next(sub: &mut Subscription) -> Delivery {
@@ -253,7 +244,7 @@ mod kafka_specific {
         let mut reasons = Vec::new();
         for expected_payload_len in [garbage.len(), 2, 0] {
             let m = dead_letter(&dlq).await;
-            let header = |name: &str| header(&m, name);
+            let header = |name: &str| e2e::kafka_header(&m, name);
             assert_eq!(header("dlq-topic").as_deref(), Some(topic.as_str()));
             assert!(header("dlq-offset").is_some());
             reasons.push(header("dlq-reason").expect("reason"));
@@ -430,7 +421,7 @@ mod kafka_specific {
             let m = dead_letter(&dlq).await;
             assert_eq!(m.payload(), Some(&b"bad-name"[..]), "kept unchanged");
             assert_eq!(m.key(), Some(&b"k"[..]));
-            let reason = header(&m, "dlq-reason").expect("a reason");
+            let reason = e2e::kafka_header(&m, "dlq-reason").expect("a reason");
             assert!(reason.contains("header name is not UTF-8"), "{reason}");
         }
     }

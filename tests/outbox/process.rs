@@ -653,7 +653,6 @@ impl Observer {
     fn start(bootstrap: &str, topic: &Topic, partitions: i32) -> anyhow::Result<Self> {
         use rdkafka::Message as _;
         use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        use rdkafka::message::Headers as _;
 
         let reader: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -677,12 +676,7 @@ impl Observer {
                 while !stop.load(Ordering::SeqCst) {
                     // Errors (the broker away) are librdkafka's to retry.
                     if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
-                        let subject = m
-                            .headers()
-                            .and_then(|h| h.iter().find(|h| h.key == "ce_subject"))
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                            .unwrap_or_default();
+                        let subject = e2e::kafka_header(&m, "ce_subject").unwrap_or_default();
                         served.push((m.partition(), m.offset(), subject));
                     }
                 }

@@ -318,9 +318,7 @@ impl Drop for Thaw {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow::Result<()> {
     use broker_adapters::{CloudEventBuilder, ErrorKind, Publisher};
-    use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    use rdkafka::message::Headers as _;
 
     let program = tansu::program()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-settled"));
@@ -389,14 +387,7 @@ async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow:
         let until = std::time::Instant::now() + Duration::from_secs(20);
         while subjects.len() < 101 && std::time::Instant::now() < until {
             if let Some(message) = reader.poll(Duration::from_millis(200)) {
-                let message = message?;
-                let subject = message
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "ce_subject"))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                subjects.push(subject);
+                subjects.push(e2e::kafka_header(&message?, "ce_subject").unwrap_or_default());
             }
         }
         Ok(subjects)
