@@ -558,7 +558,7 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
 /// Not run by default: in about one run in ten here (two of 23, under CPU
 /// load), one partition's events reached the consumer only on a later pass
 /// (the first pass skipped a block of them, a rebalance read them again),
-/// so order per key broke; the relay had seen no error. On failure it
+/// so order per key broke. On failure it
 /// prints each key's deliveries, the subscriptions' comings and goings,
 /// the relay's log, and what the broker served a plain reader of the
 /// topic. README, known gaps.

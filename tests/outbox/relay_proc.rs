@@ -85,6 +85,13 @@ impl Publisher for Pausing {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The relay's and the adapters' own words (`RUST_LOG`), on stderr: what
+    // a failing test shows of this process.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let inner: Arc<dyn Publisher> = match (&args.nats_url, &args.kafka_bootstrap) {
         (Some(url), _) => Arc::new(
             NatsBroker::connect(
