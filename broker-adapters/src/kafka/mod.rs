@@ -537,7 +537,7 @@ impl Publisher for KafkaBroker {
     /// again, which could otherwise land after the retry's copies of the
     /// events before it. The producer's gap-less guarantee keeps the events
     /// after a failed one from being written (but see
-    /// [`KafkaConfig::delivery_timeout`](crate::kafka::KafkaConfig)).
+    /// [`KafkaConfig::delivery_timeout`]).
     async fn publish_batch(&self, topic: &Topic, events: Vec<Event>) -> Result<()> {
         self.check_open()?;
         for event in &events {
@@ -548,14 +548,12 @@ impl Publisher for KafkaBroker {
             let mut deliveries = Vec::with_capacity(events.len());
             let mut refused = None;
             for event in &events {
-                match self.record(event) {
-                    Ok(record) => match self.enqueue(&producer, topic, record).await {
-                        Ok(delivery) => deliveries.push(acknowledged(delivery)),
-                        Err(e) => {
-                            refused = Some(e);
-                            break;
-                        }
-                    },
+                let enqueued = match self.record(event) {
+                    Ok(record) => self.enqueue(&producer, topic, record).await,
+                    Err(e) => Err(e),
+                };
+                match enqueued {
+                    Ok(delivery) => deliveries.push(acknowledged(delivery)),
                     Err(e) => {
                         refused = Some(e);
                         break;
