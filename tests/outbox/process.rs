@@ -555,22 +555,21 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
     broker.stop().await
 }
 
-/// Not run by default: in about one run in ten here (two of 23, under CPU
-/// load), one partition's events reached the consumer only on a later pass
-/// (the first pass skipped a block of them, a rebalance read them again),
-/// so order per key broke. On failure it
-/// prints each key's deliveries, the subscriptions' comings and goings,
-/// the relay's log, and what the broker served a plain reader of the
-/// topic. README, known gaps.
+/// Not run by default: in two of 37 runs here (under CPU load), one
+/// partition's events reached the consumer only on a later pass (the first
+/// pass skipped a block of them, a rebalance read them again), so order per
+/// key broke. On failure it prints each key's deliveries, the
+/// subscriptions' comings and goings, the relay's log, and what the broker
+/// served a plain reader of the topic. README, known gaps.
 mod kafka_crash {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "order per key broke in about 1 run in 10 (README, known gaps); run with --ignored"]
+    #[ignore = "order per key broke in 2 of 37 runs (README, known gaps); run with --ignored"]
     async fn postgres() -> anyhow::Result<()> {
         super::kafka_crash_and_restart_loses_nothing(super::Backend::Postgres).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "order per key broke in about 1 run in 10 (README, known gaps); run with --ignored"]
+    #[ignore = "order per key broke in 2 of 37 runs (README, known gaps); run with --ignored"]
     async fn sqlite() -> anyhow::Result<()> {
         super::kafka_crash_and_restart_loses_nothing(super::Backend::Sqlite).await
     }
