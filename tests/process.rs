@@ -18,6 +18,22 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Sends `signal` (`-TERM`, `-STOP`, `-CONT`, `-KILL`, ...) to process `pid`.
+///
+/// # Errors
+///
+/// `kill` could not run, or refused.
+pub fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .with_context(|| format!("running kill {signal} {pid}"))?;
+    if !status.success() {
+        bail!("kill {signal} {pid} failed");
+    }
+    Ok(())
+}
+
 /// The first of `candidates` that exists, or a program of that name on `PATH`.
 pub fn find_program(name: &str, candidates: &[&str]) -> Option<PathBuf> {
     candidates
@@ -160,14 +176,7 @@ impl ServerProcess {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .context("sending SIGTERM")?;
-        if !status.success() {
-            bail!("kill -TERM {} failed", child.id());
-        }
+        signal(child.id(), "-TERM")?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while child.try_wait()?.is_none() {
             if tokio::time::Instant::now() > deadline {
@@ -179,9 +188,7 @@ impl ServerProcess {
         }
         Ok(())
     }
-}
 
-impl ServerProcess {
     /// Kills it (SIGKILL), as a crash would, and waits for it to exit.
     ///
     /// # Errors

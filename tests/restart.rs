@@ -337,10 +337,7 @@ fn end_with_broker_gone(
             Gone::Frozen => "-STOP",
             Gone::Killed => "-KILL",
         };
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        crate::process::signal(pid, signal)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         match end {
             End::Closed => {
@@ -391,22 +388,13 @@ pub fn a_frozen_broker_does_not_stall_a_running_subscription(
     connect: Connect,
     freeze: Duration,
 ) -> anyhow::Result<()> {
-    let pid = server.pid().context("the broker runs")?.to_string();
+    let pid = server.pid().context("the broker runs")?;
     let port = server.port();
-    let signal = |signal: &str| -> anyhow::Result<()> {
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
-        Ok(())
-    };
+    let signal = |signal: &str| crate::process::signal(pid, signal);
     let (finished, watchdog) = std::sync::mpsc::channel::<()>();
-    let thaw = pid.clone();
     let watchdog = std::thread::spawn(move || {
         if watchdog.recv_timeout(Duration::from_secs(120)).is_err() {
-            let _ = std::process::Command::new("kill")
-                .args(["-CONT", &thaw])
-                .status();
+            let _ = crate::process::signal(pid, "-CONT");
         }
     });
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -590,7 +590,7 @@ async fn restart_loses_nothing(backend: Backend, broker: &mut OwnBroker) -> anyh
     enqueue_in_transactions(&db, &topic, &all).await?;
     let consumer = Consumer::start(Arc::clone(&db), broker.target(), topic.clone(), None);
     let observer = match broker.target() {
-        Target::Kafka(bootstrap) => Some(Observer::start(&bootstrap, &topic, 4)?),
+        Target::Kafka(bootstrap) => Some(Observer::start(&bootstrap, &topic, KAFKA_PARTITIONS)?),
         Target::Nats(_) => None,
     };
     // Paced, so the stop lands mid-stream: once the first hundred rows are
@@ -649,7 +649,7 @@ struct Observer {
 }
 
 impl Observer {
-    fn start(bootstrap: &str, topic: &Topic, partitions: i32) -> anyhow::Result<Self> {
+    fn start(bootstrap: &str, topic: &Topic, partitions: u16) -> anyhow::Result<Self> {
         use rdkafka::Message as _;
         use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
@@ -659,7 +659,7 @@ impl Observer {
             .set("enable.auto.commit", "false")
             .create()?;
         let mut assignment = rdkafka::TopicPartitionList::new();
-        for partition in 0..partitions {
+        for partition in 0..i32::from(partitions) {
             assignment.add_partition_offset(
                 topic.as_str(),
                 partition,
@@ -807,6 +807,9 @@ enum OwnBroker {
     },
 }
 
+/// Partitions of the topic on a test's own Kafka broker.
+const KAFKA_PARTITIONS: u16 = 4;
+
 impl OwnBroker {
     async fn nats() -> anyhow::Result<Self> {
         let (server, url, dir) = own_nats_server().await?;
@@ -824,7 +827,7 @@ impl OwnBroker {
         let topic = Topic::try_from(e2e::unique_name("outbox").replace('_', "-"))?;
         KafkaBroker::connect(KafkaConfig::builder([tansu.bootstrap()]))
             .await?
-            .create_topic(&topic, 4)
+            .create_topic(&topic, KAFKA_PARTITIONS)
             .await?;
         Ok(Self::Kafka { tansu, topic })
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use broker_adapters::Topic;
 use broker_adapters::kafka::{KafkaBroker, KafkaConfig};
-use e2e::process::{ServerProcess, free_port};
+use e2e::process::{ServerProcess, free_port, signal};
 use e2e::restart::{
     a_frozen_broker_does_not_stall_a_running_subscription, acked_events_survive_a_broker_restart,
     shutdown_is_not_held_up_by_a_gone_broker,
@@ -285,15 +285,6 @@ fn a_broker_frozen_past_the_session_timeout_does_not_stall_the_runtime() -> anyh
     )?;
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// Sends `signal` (`-STOP`, `-CONT`) to the process `pid`.
-fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
     Ok(())
 }
 
