@@ -77,8 +77,9 @@ const CONSUMER: &str = "billing";
 enum Target {
     /// NATS JetStream at this URL.
     Nats(String),
-    /// Kafka with these bootstrap servers.
-    Kafka(String),
+    /// Kafka with these bootstrap servers; the relay's producer idempotent
+    /// or not.
+    Kafka { bootstrap: String, idempotent: bool },
 }
 
 impl Target {
@@ -98,7 +99,7 @@ impl Target {
                 )
                 .await?,
             ),
-            Self::Kafka(bootstrap) => Arc::new(
+            Self::Kafka { bootstrap, .. } => Arc::new(
                 KafkaBroker::connect(
                     KafkaConfig::builder([bootstrap.as_str()])
                         .session_timeout(Duration::from_secs(6))
@@ -120,12 +121,21 @@ impl RelayProc {
     fn start(db_url: &str, broker: &Target, id: &str, pause_ms: u64) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", e2e::unique_name("relay_proc")));
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_relay-proc"))
-            .args(["--database-url", db_url, "--relay-id", id])
-            .args(match broker {
-                Target::Nats(url) => ["--nats-url", url],
-                Target::Kafka(bootstrap) => ["--kafka-bootstrap", bootstrap],
-            })
+        let mut command = Command::new(env!("CARGO_BIN_EXE_relay-proc"));
+        command.args(["--database-url", db_url, "--relay-id", id]);
+        match broker {
+            Target::Nats(url) => command.args(["--nats-url", url]),
+            Target::Kafka {
+                bootstrap,
+                idempotent,
+            } => command.args([
+                "--kafka-bootstrap",
+                bootstrap,
+                "--kafka-idempotence",
+                &idempotent.to_string(),
+            ]),
+        };
+        let child = command
             .args(["--batch-size", "50", "--lease-ms", "3000"])
             .args(["--pause-ms", &pause_ms.to_string()])
             .env("RUST_LOG", "warn")
@@ -555,30 +565,51 @@ async fn nats_server_restart_loses_nothing(backend: Backend) -> anyhow::Result<(
     broker.stop().await
 }
 
-/// Not run by default: in two of 37 runs here (under CPU load), one
-/// partition's events reached the consumer only on a later pass (the first
-/// pass skipped a block of them, a rebalance read them again), so order per
-/// key broke. On failure it prints each key's deliveries, the
-/// subscriptions' comings and goings, the relay's log, and what the broker
-/// served a plain reader of the topic. README, known gaps.
+/// The relay's producer without idempotence, one request in flight
+/// ([`KafkaConfig::idempotence`]): what Tansu on S3 storage needs to lose
+/// nothing across its own crash.
 mod kafka_crash {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "order per key broke in 2 of 37 runs (README, known gaps); run with --ignored"]
     async fn postgres() -> anyhow::Result<()> {
-        super::kafka_crash_and_restart_loses_nothing(super::Backend::Postgres).await
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Postgres, false).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "order per key broke in 2 of 37 runs (README, known gaps); run with --ignored"]
     async fn sqlite() -> anyhow::Result<()> {
-        super::kafka_crash_and_restart_loses_nothing(super::Backend::Sqlite).await
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Sqlite, false).await
+    }
+}
+
+/// Not run by default: with the default, idempotent producer, Tansu 0.6 on
+/// S3 storage killed after saving a batch's sequence and before the batch
+/// answers the batch's retry as a duplicate, and the batch is lost (seen in
+/// 3 of 138 runs here, under CPU load; README, known gaps). The relay
+/// sent it again only because its publish had timed out while the broker
+/// was away, so the order of its key broke instead.
+mod kafka_crash_idempotent {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "Tansu 0.6 on S3 loses an idempotent batch it was killed in the middle of (README, known gaps); run with --ignored"]
+    async fn postgres() -> anyhow::Result<()> {
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Postgres, true).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "Tansu 0.6 on S3 loses an idempotent batch it was killed in the middle of (README, known gaps); run with --ignored"]
+    async fn sqlite() -> anyhow::Result<()> {
+        super::kafka_crash_and_restart_loses_nothing(super::Backend::Sqlite, true).await
     }
 }
 
 /// As [`nats_server_restart_loses_nothing`], with Kafka (a Tansu of the
-/// test's own, on S3 storage), killed with SIGKILL rather than stopped.
-async fn kafka_crash_and_restart_loses_nothing(backend: Backend) -> anyhow::Result<()> {
-    let mut broker = OwnBroker::kafka().await?;
+/// test's own, on S3 storage), killed with SIGKILL rather than stopped; the
+/// relay's producer `idempotent` or not. On failure it prints each key's
+/// deliveries, the subscriptions' comings and goings, the relay's log, and
+/// what the broker served a plain reader of the topic.
+async fn kafka_crash_and_restart_loses_nothing(
+    backend: Backend,
+    idempotent: bool,
+) -> anyhow::Result<()> {
+    let mut broker = OwnBroker::kafka(idempotent).await?;
     restart_loses_nothing(backend, &mut broker).await?;
     broker.stop().await
 }
@@ -590,7 +621,9 @@ async fn restart_loses_nothing(backend: Backend, broker: &mut OwnBroker) -> anyh
     enqueue_in_transactions(&db, &topic, &all).await?;
     let consumer = Consumer::start(Arc::clone(&db), broker.target(), topic.clone(), None);
     let observer = match broker.target() {
-        Target::Kafka(bootstrap) => Some(Observer::start(&bootstrap, &topic, KAFKA_PARTITIONS)?),
+        Target::Kafka { bootstrap, .. } => {
+            Some(Observer::start(&bootstrap, &topic, KAFKA_PARTITIONS)?)
+        }
         Target::Nats(_) => None,
     };
     // Paced, so the stop lands mid-stream: once the first hundred rows are
@@ -641,11 +674,21 @@ async fn restart_loses_nothing(backend: Backend, broker: &mut OwnBroker) -> anyh
 
 /// Reads every partition of a Kafka topic from its start as the broker
 /// serves it, with a plain consumer of its own (no group, no commits), and
-/// notes where the offsets it is served jump: what tells a broker that
-/// served a partition out of order from a consumer that lost its place.
+/// notes where the offsets it is served jump and which keys' events the
+/// broker holds out of order: what tells a broker that stored or served a
+/// partition out of order from a consumer that lost its place.
 struct Observer {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<anyhow::Result<Vec<(i32, i64, String)>>>,
+    thread: std::thread::JoinHandle<anyhow::Result<Vec<Served>>>,
+}
+
+/// One record as the broker served it to the [`Observer`].
+struct Served {
+    partition: i32,
+    offset: i64,
+    key: String,
+    /// The event's subject: its number in the test's sequence.
+    subject: String,
 }
 
 impl Observer {
@@ -675,8 +718,12 @@ impl Observer {
                 while !stop.load(Ordering::SeqCst) {
                     // Errors (the broker away) are librdkafka's to retry.
                     if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
-                        let subject = e2e::kafka_header(&m, "ce_subject").unwrap_or_default();
-                        served.push((m.partition(), m.offset(), subject));
+                        served.push(Served {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                            subject: e2e::kafka_header(&m, "ce_subject").unwrap_or_default(),
+                        });
                     }
                 }
                 Ok(served)
@@ -686,35 +733,67 @@ impl Observer {
     }
 
     /// Stops reading; what was served, partition by partition: each run of
-    /// consecutive offsets as `first..=last (subjects first..last)`.
+    /// consecutive offsets as `first..=last (subjects first..last)`; then,
+    /// for each key whose events the broker holds out of order (an event
+    /// first stored after a later one of its key), every event of the key
+    /// as `subject@offset`.
     fn stop(self) -> anyhow::Result<String> {
         self.stop.store(true, Ordering::SeqCst);
         let served = self
             .thread
             .join()
             .map_err(|_| anyhow::anyhow!("the observer panicked"))??;
-        let mut by_partition: BTreeMap<i32, Vec<(i64, String)>> = BTreeMap::new();
-        for (partition, offset, subject) in served {
+        let mut by_partition: BTreeMap<i32, Vec<&Served>> = BTreeMap::new();
+        let mut by_key: BTreeMap<&str, Vec<&Served>> = BTreeMap::new();
+        for record in &served {
             by_partition
-                .entry(partition)
+                .entry(record.partition)
                 .or_default()
-                .push((offset, subject));
+                .push(record);
+            by_key.entry(&record.key).or_default().push(record);
         }
         let mut out = String::from("served by the broker to a plain reader, per partition:\n");
         for (partition, records) in by_partition {
             let mut runs = Vec::new();
             let mut start = 0;
             for i in 1..=records.len() {
-                if i == records.len() || records[i].0 != records[i - 1].0 + 1 {
-                    let (first, last) = (&records[start], &records[i - 1]);
+                if i == records.len() || records[i].offset != records[i - 1].offset + 1 {
+                    let (first, last) = (records[start], records[i - 1]);
                     runs.push(format!(
                         "{}..={} (subjects {}..{})",
-                        first.0, last.0, first.1, last.1
+                        first.offset, last.offset, first.subject, last.subject
                     ));
                     start = i;
                 }
             }
             out.push_str(&format!("  {partition}: {}\n", runs.join(", ")));
+        }
+        for (key, records) in by_key {
+            // A key's events are numbered in enqueue order; a first copy
+            // below the highest number stored before it is out of order.
+            let mut seen = HashSet::new();
+            let mut highest = None::<u64>;
+            let mut disordered = false;
+            for record in &records {
+                let Ok(n) = record.subject.parse::<u64>() else {
+                    continue;
+                };
+                if seen.insert(n) && highest.is_some_and(|h| n < h) {
+                    disordered = true;
+                }
+                highest = highest.max(Some(n));
+            }
+            if disordered {
+                let stored: Vec<String> = records
+                    .iter()
+                    .map(|r| format!("{}@{}", r.subject, r.offset))
+                    .collect();
+                out.push_str(&format!(
+                    "  key {key} stored out of order (partition {}): {}\n",
+                    records[0].partition,
+                    stored.join(" ")
+                ));
+            }
         }
         Ok(out)
     }
@@ -787,7 +866,7 @@ async fn relay_memory_stays_flat_while_the_broker_is_down(backend: Backend) -> a
 /// rows, that relay grew 16 MiB (PostgreSQL) and 20 MiB (SQLite) and fails
 /// this test.
 async fn relay_memory_stays_flat_while_kafka_is_down(backend: Backend) -> anyhow::Result<()> {
-    let mut broker = OwnBroker::kafka().await?;
+    let mut broker = OwnBroker::kafka(true).await?;
     memory_flat(backend, &mut broker, Duration::from_secs(20)).await?;
     broker.stop().await
 }
@@ -804,6 +883,8 @@ enum OwnBroker {
     Kafka {
         tansu: S3Tansu,
         topic: Topic,
+        /// Whether the relay's producer is idempotent.
+        idempotent: bool,
     },
 }
 
@@ -822,14 +903,19 @@ impl OwnBroker {
         })
     }
 
-    async fn kafka() -> anyhow::Result<Self> {
+    /// A Tansu on S3 storage, the relay's producer `idempotent` or not.
+    async fn kafka(idempotent: bool) -> anyhow::Result<Self> {
         let tansu = S3Tansu::start("outbox-kafka").await?;
         let topic = Topic::try_from(e2e::unique_name("outbox").replace('_', "-"))?;
         KafkaBroker::connect(KafkaConfig::builder([tansu.bootstrap()]))
             .await?
             .create_topic(&topic, KAFKA_PARTITIONS)
             .await?;
-        Ok(Self::Kafka { tansu, topic })
+        Ok(Self::Kafka {
+            tansu,
+            topic,
+            idempotent,
+        })
     }
 
     fn name(&self) -> &'static str {
@@ -842,7 +928,12 @@ impl OwnBroker {
     fn target(&self) -> Target {
         match self {
             Self::Nats { url, .. } => Target::nats(url),
-            Self::Kafka { tansu, .. } => Target::Kafka(tansu.bootstrap()),
+            Self::Kafka {
+                tansu, idempotent, ..
+            } => Target::Kafka {
+                bootstrap: tansu.bootstrap(),
+                idempotent: *idempotent,
+            },
         }
     }
 

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! relay-proc --database-url <postgres://…|sqlite://…> \
-//!            (--nats-url nats://127.0.0.1:4222 | --kafka-bootstrap 127.0.0.1:9092) \
+//!            (--nats-url nats://127.0.0.1:4222 |
+//!             --kafka-bootstrap 127.0.0.1:9092 [--kafka-idempotence false]) \
 //!            --relay-id a [--batch-size 50] [--lease-ms 3000] [--pause-ms 0]
 //! ```
 //!
@@ -40,6 +41,9 @@ struct Args {
     /// The Kafka cluster's bootstrap servers, instead of NATS.
     #[arg(long)]
     kafka_bootstrap: Option<String>,
+    /// Whether the Kafka producer is idempotent (`KafkaConfig::idempotence`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kafka_idempotence: bool,
     /// The relay's id in the lease table.
     #[arg(long)]
     relay_id: String,
@@ -105,9 +109,10 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(bootstrap)) => Arc::new(
             // librdkafka's default delivery timeout (30 s): it holds what
             // it was given that long, across the relay's retries.
-            KafkaBroker::connect(KafkaConfig::builder(
-                bootstrap.split(',').map(str::to_owned),
-            ))
+            KafkaBroker::connect(
+                KafkaConfig::builder(bootstrap.split(',').map(str::to_owned))
+                    .idempotence(args.kafka_idempotence),
+            )
             .await
             .context("connecting to Kafka")?,
         ),

@@ -41,13 +41,15 @@ const RESERVED_KEYS: [&str; 7] = [
 /// | [`session_timeout`](Self::session_timeout) | 45 s | `KAFKA_SESSION_TIMEOUT_MS` |
 /// | [`delivery_timeout`](Self::delivery_timeout) | 30 s | `KAFKA_DELIVERY_TIMEOUT_MS` |
 /// | [`max_event_bytes`](Self::max_event_bytes) | 1 MiB | `KAFKA_MAX_EVENT_BYTES` |
+/// | [`idempotence`](Self::idempotence) | on | `KAFKA_IDEMPOTENCE` (`true` / `false`) |
 /// | [`max_buffered`](Self::max_buffered) | 10,000 per subscription | — |
 /// | [`commit_interval`](Self::commit_interval) | 100 ms | — |
 /// | [`dead_letter_suffix`](Self::dead_letter_suffix) | `.dlq` | — |
 /// | any other librdkafka setting | librdkafka's | `with_option` |
 ///
-/// The producer always uses `acks=all` and `enable.idempotence=true`;
-/// consumers commit offsets only for settled events (`enable.auto.commit=false`).
+/// The producer always uses `acks=all`, and is idempotent unless
+/// [`idempotence`](Self::idempotence) is turned off; consumers commit offsets
+/// only for settled events (`enable.auto.commit=false`).
 /// Plaintext is used only where configured: a cluster not on loopback needs an
 /// explicit [`SecurityProtocol`].
 #[derive(Clone)]
@@ -62,6 +64,7 @@ pub struct KafkaConfig {
     pub(crate) max_buffered: NonZeroUsize,
     pub(crate) commit_interval: Duration,
     pub(crate) dead_letter_suffix: String,
+    pub(crate) idempotence: bool,
     pub(crate) options: BTreeMap<String, String>,
 }
 
@@ -151,6 +154,7 @@ impl KafkaConfig {
             max_buffered: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
             commit_interval: Duration::from_millis(100),
             dead_letter_suffix: ".dlq".into(),
+            idempotence: true,
             options: BTreeMap::new(),
         }
     }
@@ -202,6 +206,9 @@ impl KafkaConfig {
                 .and_then(NonZeroUsize::new)
                 .ok_or_else(|| config_error("KAFKA_MAX_EVENT_BYTES", "must be positive".into()))?;
             config = config.max_event_bytes(n);
+        }
+        if let Some(on) = env("KAFKA_IDEMPOTENCE")? {
+            config = config.idempotence(parse_bool("KAFKA_IDEMPOTENCE", &on)?);
         }
         Ok(config)
     }
@@ -286,6 +293,27 @@ impl KafkaConfig {
         self
     }
 
+    /// Whether the producer is idempotent (`enable.idempotence`, default
+    /// on): the broker drops a retried batch it already has, so a retry
+    /// after a lost acknowledgement writes nothing twice, and up to five
+    /// requests per connection may be in flight with the order per key
+    /// kept.
+    ///
+    /// Turn it off only for a broker that has no idempotent producers, or
+    /// whose producer state does not survive its own crash: Tansu 0.6 on
+    /// S3 storage saves a batch's sequence before the batch, so a crash
+    /// between the two makes it answer the retry as a duplicate and the
+    /// batch is lost (README, known gaps). Off, the producer sends one
+    /// request per connection at a time (`max.in.flight.requests.per.connection=1`),
+    /// so a retry cannot land after a later event of its key; a retry after
+    /// a lost acknowledgement may write the batch twice (at least once:
+    /// the inbox drops the copy).
+    #[must_use]
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
+    }
+
     /// Passes any other librdkafka setting through (TLS files, SASL/OAUTH
     /// settings, `linger.ms`, `client.id`, …).
     #[must_use]
@@ -336,6 +364,25 @@ impl KafkaConfig {
                 "sasl",
                 "SASL needs security.protocol sasl_plaintext or sasl_ssl".into(),
             ));
+        }
+        if !self.idempotence {
+            // Without the broker's sequence checks only one request in
+            // flight keeps a retry ahead of the events sent after it; the
+            // gap-less guarantee needs an idempotent producer.
+            const REORDERS: &str = "a retried event could be written after a later one of its key";
+            const NEEDS_IT: &str = "librdkafka's gap-less guarantee needs an idempotent producer";
+            for (key, allowed, why) in [
+                ("max.in.flight.requests.per.connection", "1", REORDERS),
+                ("max.in.flight", "1", REORDERS),
+                ("enable.gapless.guarantee", "false", NEEDS_IT),
+            ] {
+                if self.options.get(key).is_some_and(|v| v.trim() != allowed) {
+                    return Err(config_error(
+                        key,
+                        format!("with idempotence off it must be {allowed}: {why}"),
+                    ));
+                }
+            }
         }
         if self.session_timeout < Duration::from_millis(1000) {
             return Err(config_error(
@@ -390,6 +437,7 @@ impl fmt::Debug for KafkaConfig {
             .field("max_buffered", &self.max_buffered)
             .field("commit_interval", &self.commit_interval)
             .field("dead_letter_suffix", &self.dead_letter_suffix)
+            .field("idempotence", &self.idempotence)
             .field("options", &options)
             .finish()
     }
@@ -418,6 +466,14 @@ fn env(key: &str) -> Result<Option<String>> {
         Err(std::env::VarError::NotUnicode(_)) => {
             Err(config_error(key, "it is not valid UTF-8".into()))
         }
+    }
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(config_error(key, format!("`{value}` is not true or false"))),
     }
 }
 
@@ -467,6 +523,44 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn without_idempotence_one_request_is_in_flight() {
+        let off = KafkaConfig::builder(["127.0.0.1:9092"]).idempotence(false);
+        assert!(off.validate().is_ok());
+        for (key, value) in [
+            ("max.in.flight.requests.per.connection", "5"),
+            ("max.in.flight", "2"),
+            ("enable.gapless.guarantee", "true"),
+        ] {
+            let err = off
+                .clone()
+                .with_option(key, value)
+                .validate()
+                .expect_err("would let a retry land late");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert!(
+            off.with_option("max.in.flight.requests.per.connection", "1")
+                .validate()
+                .is_ok()
+        );
+        // With idempotence on, librdkafka keeps order with up to five.
+        assert!(
+            KafkaConfig::builder(["127.0.0.1:9092"])
+                .with_option("max.in.flight.requests.per.connection", "5")
+                .validate()
+                .is_ok()
+        );
+        assert!(!parse_bool("KAFKA_IDEMPOTENCE", " False").expect("a bool"));
+        let err = parse_bool("KAFKA_IDEMPOTENCE", "off").expect_err("not a bool");
+        assert!(err.to_string().contains("KAFKA_IDEMPOTENCE"), "{err}");
+        let err = KafkaConfig::builder(["127.0.0.1:9092"])
+            .with_option("enable.idempotence", "false")
+            .validate()
+            .expect_err("only through the typed setting");
+        assert!(err.to_string().contains("enable.idempotence"), "{err}");
     }
 
     #[test]

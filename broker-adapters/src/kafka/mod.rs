@@ -6,8 +6,10 @@
 //!   ([`Binding::KAFKA`](crate::binding::Binding::KAFKA)): binary mode by
 //!   default (`ce_` headers, `content-type`, the data as the value), or
 //!   structured mode; the record key is the event's `partitionkey`, so one
-//!   key stays on one partition. The producer is idempotent with `acks=all`,
-//!   and `publish` returns once every in-sync replica has the record.
+//!   key stays on one partition. The producer is idempotent with `acks=all`
+//!   (idempotence can be turned off for brokers that need it:
+//!   [`KafkaConfig::idempotence`]), and `publish` returns once every in-sync
+//!   replica has the record.
 //!   [`publish_batch`](Publisher::publish_batch) enqueues the whole batch and
 //!   then awaits the acknowledgements, in order. A producer that hits a
 //!   fatal error, or whose producer id and epoch the broker no longer
@@ -312,12 +314,21 @@ fn kafka_code(error: &Error) -> Option<RDKafkaErrorCode> {
         .rdkafka_error_code()
 }
 
-/// A producer for `config`: `acks=all`, idempotent.
+/// A producer for `config`.
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    producer_config(config)
+        .create()
+        .map_err(|e| map(e, "create producer"))
+}
+
+/// The librdkafka settings of a producer for `config`: `acks=all`,
+/// idempotent unless configured otherwise (then one request in flight at a
+/// time).
+fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = client_config(config);
     client
         .set("acks", "all")
-        .set("enable.idempotence", "true")
+        .set("enable.idempotence", config.idempotence.to_string())
         .set(
             "delivery.timeout.ms",
             config.delivery_timeout.as_millis().to_string(),
@@ -329,13 +340,20 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
     if !config.options.contains_key("linger.ms") {
         client.set("linger.ms", "2");
     }
-    // A failed record fails every record queued after it for its partition
-    // (a fatal error; the slot replaces the producer), rather than letting
-    // them be written past the gap, ahead of the failed one's retry.
-    if !config.options.contains_key("enable.gapless.guarantee") {
-        client.set("enable.gapless.guarantee", "true");
+    if config.idempotence {
+        // A failed record fails every record queued after it for its
+        // partition (a fatal error; the slot replaces the producer), rather
+        // than letting them be written past the gap, ahead of the failed
+        // one's retry.
+        if !config.options.contains_key("enable.gapless.guarantee") {
+            client.set("enable.gapless.guarantee", "true");
+        }
+    } else {
+        // No sequence numbers for the broker to order retries by: one
+        // request at a time, so a retry goes before what follows it.
+        client.set("max.in.flight.requests.per.connection", "1");
     }
-    client.create().map_err(|e| map(e, "create producer"))
+    client
 }
 
 impl KafkaBroker {
@@ -622,6 +640,20 @@ mod tests {
     use rdkafka::config::RDKafkaLogLevel;
 
     use super::*;
+
+    #[test]
+    fn a_producer_without_idempotence_has_one_request_in_flight() {
+        let on = producer_config(&KafkaConfig::builder(["127.0.0.1:9092"]));
+        assert_eq!(on.get("enable.idempotence"), Some("true"));
+        assert_eq!(on.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(on.get("max.in.flight.requests.per.connection"), None);
+
+        let off = producer_config(&KafkaConfig::builder(["127.0.0.1:9092"]).idempotence(false));
+        assert_eq!(off.get("enable.idempotence"), Some("false"));
+        assert_eq!(off.get("enable.gapless.guarantee"), None);
+        assert_eq!(off.get("max.in.flight.requests.per.connection"), Some("1"));
+        assert_eq!(off.get("acks"), Some("all"));
+    }
 
     fn refused(context: &ProbeContext) -> Option<&'static str> {
         context
