@@ -130,6 +130,11 @@ impl S3Tansu {
         Ok(Self { broker, s3, dir })
     }
 
+    /// The S3 server's process id, to freeze the broker's storage.
+    pub fn storage_pid(&self) -> Option<u32> {
+        self.s3.pid()
+    }
+
     /// The broker's bootstrap address.
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.broker.port())

@@ -9,6 +9,11 @@
 //! cluster. (The pip-packaged Tansu has no file storage, and its memory
 //! storage ends with the process.)
 //!
+//! Tansu on S3 storage killed while a write to its storage hangs: with an
+//! idempotent producer it can lose a batch it later counts as delivered
+//! (README, known gaps), with `KafkaConfig::idempotence(false)` it loses
+//! nothing.
+//!
 //! Also on a Tansu of its own: TLS with a private CA, through a TLS
 //! terminator in front of Tansu (which serves no TLS itself); and a broker
 //! frozen (SIGSTOP) or killed under a subscription, which must hold up
@@ -390,4 +395,144 @@ async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow:
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Tansu on S3 storage killed in the middle of a produce: the S3 server is
+/// frozen (SIGSTOP) under a producer publishing one key's numbered events
+/// in batches of 50, so Tansu hangs in one of its storage writes; Tansu is
+/// killed, the S3 server thawed (it then serves the write it held) and
+/// Tansu started again. Batches that fail are sent again, as the outbox
+/// relay does. With idempotence off (one request in flight) every event
+/// whose publish returned `Ok` is stored, the key's first copies in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_write_loses_no_acknowledged_event_without_idempotence()
+-> anyhow::Result<()> {
+    killed_mid_write(false).await
+}
+
+/// The same with the default, idempotent producer: Tansu 0.6 saves the
+/// producer's sequence before the batch, so when the kill lands between
+/// the two it answers the batch's retry as a duplicate, librdkafka counts
+/// it as delivered, and it is gone (here in 8 of 8 runs: the batch in
+/// flight at the freeze, events 1000-1049, whose publish returned `Ok`).
+/// Not run by default: it tests Tansu, and shows why the README tells
+/// Tansu users to turn idempotence off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "Tansu 0.6 on S3 loses an idempotent batch it was killed in the middle of (README, known gaps); run with --ignored"]
+async fn a_broker_killed_mid_write_loses_an_idempotent_batch() -> anyhow::Result<()> {
+    killed_mid_write(true).await
+}
+
+async fn killed_mid_write(idempotent: bool) -> anyhow::Result<()> {
+    use broker_adapters::{CloudEventBuilder, Publisher};
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const BATCH: usize = 50;
+    const TOTAL: usize = 4_000;
+    let mut tansu = S3Tansu::start("e2e-kafka-mid-write").await?;
+    let storage = tansu.storage_pid().context("the S3 server's pid")?;
+    let publisher = KafkaBroker::connect(
+        KafkaConfig::builder([tansu.bootstrap()])
+            .idempotence(idempotent)
+            // Nothing times out while the broker is away.
+            .delivery_timeout(Duration::from_secs(60)),
+    )
+    .await?;
+    let topic = Topic::try_from("mid-write")?;
+    publisher.create_topic(&topic, 1).await?;
+
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let publishing = {
+        let (publisher, topic, acknowledged) =
+            (publisher.clone(), topic.clone(), Arc::clone(&acknowledged));
+        tokio::spawn(async move {
+            let mut failures = 0;
+            for start in (0..TOTAL).step_by(BATCH) {
+                let batch = || {
+                    (start..start + BATCH)
+                        .map(|n| {
+                            CloudEventBuilder::new("t", "/s")
+                                .partition_key("k")
+                                .subject(n.to_string())
+                                .binary_data("application/octet-stream", vec![7u8; 100])
+                                .build()
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                };
+                while let Err(e) = publisher.publish_batch(&topic, batch()?).await {
+                    failures += 1;
+                    anyhow::ensure!(failures < 100, "publishing keeps failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                acknowledged.store(start + BATCH, Ordering::SeqCst);
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    // Mid-stream: the storage frozen under a produce, the broker killed.
+    while acknowledged.load(Ordering::SeqCst) < 1_000 {
+        anyhow::ensure!(!publishing.is_finished(), "publishing ended early");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    signal(storage, "-STOP")?;
+    let thaw = Thaw(storage);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tansu.broker.kill()?;
+    drop(thaw);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tansu.broker.start().await?;
+    tokio::time::timeout(Duration::from_secs(120), publishing).await???;
+
+    // Every acknowledged event stored, the first copies in order.
+    let name = topic.to_string();
+    let bootstrap = tansu.bootstrap();
+    let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<usize>> {
+        let reader: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "mid-write-reader")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        partitions.add_partition_offset(&name, 0, rdkafka::Offset::Beginning)?;
+        reader.assign(&partitions)?;
+        let mut stored = Vec::new();
+        let mut idle = std::time::Instant::now();
+        while idle.elapsed() < Duration::from_secs(5) {
+            if let Some(message) = reader.poll(Duration::from_millis(200)) {
+                let subject = e2e::kafka_header(&message?, "ce_subject").unwrap_or_default();
+                stored.push(subject.parse()?);
+                idle = std::time::Instant::now();
+            }
+        }
+        Ok(stored)
+    })
+    .await??;
+    let mut firsts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for n in &stored {
+        if seen.insert(*n) {
+            firsts.push(*n);
+        }
+    }
+    let missing: Vec<usize> = (0..TOTAL).filter(|n| !seen.contains(n)).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} acknowledged events not stored (first {:?}, last {:?}; idempotent: {idempotent})",
+        missing.len(),
+        missing.first(),
+        missing.last()
+    );
+    anyhow::ensure!(
+        firsts.windows(2).all(|w| w[0] < w[1]),
+        "the key's events stored out of order"
+    );
+    println!(
+        "stored {} records for {TOTAL} events ({} copies)",
+        stored.len(),
+        stored.len() - TOTAL
+    );
+    publisher.close().await?;
+    tansu.stop().await
 }
