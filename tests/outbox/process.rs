@@ -583,9 +583,10 @@ mod kafka_crash {
 /// Not run by default: with the default, idempotent producer, Tansu 0.6 on
 /// S3 storage killed after saving a batch's sequence and before the batch
 /// answers the batch's retry as a duplicate, and the batch is lost (seen in
-/// 3 of 138 runs here, under CPU load; README, known gaps). The relay
-/// sent it again only because its publish had timed out while the broker
-/// was away, so the order of its key broke instead.
+/// 3 of 138 runs here, under CPU load; README, known gaps; `restart_kafka`
+/// shows the loss directly). The relay sent it again only because its
+/// publish had timed out while the broker was away, so the order of its key
+/// broke instead.
 mod kafka_crash_idempotent {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "Tansu 0.6 on S3 loses an idempotent batch it was killed in the middle of (README, known gaps); run with --ignored"]
