@@ -314,7 +314,6 @@ impl Drop for Thaw {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow::Result<()> {
     use broker_adapters::{CloudEventBuilder, ErrorKind, Publisher};
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
     let program = tansu::program()?;
     let dir = std::env::temp_dir().join(e2e::unique_name("e2e-kafka-settled"));
@@ -368,27 +367,7 @@ async fn a_failed_batch_returns_once_the_events_it_sent_are_settled() -> anyhow:
     );
 
     // What the partition holds: the 101 events, in order.
-    let name = topic.to_string();
-    let bootstrap = format!("127.0.0.1:{port}");
-    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let reader: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "settled-batch-reader")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut partitions = rdkafka::TopicPartitionList::new();
-        partitions.add_partition_offset(&name, 0, rdkafka::Offset::Beginning)?;
-        reader.assign(&partitions)?;
-        let mut subjects = Vec::new();
-        let until = std::time::Instant::now() + Duration::from_secs(20);
-        while subjects.len() < 101 && std::time::Instant::now() < until {
-            if let Some(message) = reader.poll(Duration::from_millis(200)) {
-                subjects.push(e2e::kafka_header(&message?, "ce_subject").unwrap_or_default());
-            }
-        }
-        Ok(subjects)
-    })
-    .await??;
+    let written = stored_subjects(format!("127.0.0.1:{port}"), &topic).await?;
     let sent: Vec<String> = (0..=100).map(|n| n.to_string()).collect();
     anyhow::ensure!(written == sent, "written: {written:?}");
     publisher.close().await?;
@@ -425,7 +404,6 @@ async fn a_broker_killed_mid_write_loses_an_idempotent_batch() -> anyhow::Result
 
 async fn killed_mid_write(idempotent: bool) -> anyhow::Result<()> {
     use broker_adapters::{CloudEventBuilder, Publisher};
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const BATCH: usize = 50;
@@ -486,29 +464,11 @@ async fn killed_mid_write(idempotent: bool) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(120), publishing).await???;
 
     // Every acknowledged event stored, the first copies in order.
-    let name = topic.to_string();
-    let bootstrap = tansu.bootstrap();
-    let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<usize>> {
-        let reader: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "mid-write-reader")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut partitions = rdkafka::TopicPartitionList::new();
-        partitions.add_partition_offset(&name, 0, rdkafka::Offset::Beginning)?;
-        reader.assign(&partitions)?;
-        let mut stored = Vec::new();
-        let mut idle = std::time::Instant::now();
-        while idle.elapsed() < Duration::from_secs(5) {
-            if let Some(message) = reader.poll(Duration::from_millis(200)) {
-                let subject = e2e::kafka_header(&message?, "ce_subject").unwrap_or_default();
-                stored.push(subject.parse()?);
-                idle = std::time::Instant::now();
-            }
-        }
-        Ok(stored)
-    })
-    .await??;
+    let stored = stored_subjects(tansu.bootstrap(), &topic)
+        .await?
+        .iter()
+        .map(|subject| subject.parse())
+        .collect::<Result<Vec<usize>, _>>()?;
     let mut firsts = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for n in &stored {
@@ -535,4 +495,33 @@ async fn killed_mid_write(idempotent: bool) -> anyhow::Result<()> {
     );
     publisher.close().await?;
     tansu.stop().await
+}
+
+/// The subjects of partition 0 of `topic`, read from its start with a
+/// plain consumer (no group, no commits) until none comes for 2 s (10 s
+/// for the first).
+async fn stored_subjects(bootstrap: String, topic: &Topic) -> anyhow::Result<Vec<String>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    let name = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", e2e::unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        partitions.add_partition_offset(&name, 0, rdkafka::Offset::Beginning)?;
+        reader.assign(&partitions)?;
+        let mut subjects = Vec::new();
+        let mut until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if let Some(message) = reader.poll(Duration::from_millis(200)) {
+                subjects.push(e2e::kafka_header(&message?, "ce_subject").unwrap_or_default());
+                until = std::time::Instant::now() + Duration::from_secs(2);
+            }
+        }
+        Ok(subjects)
+    })
+    .await?
 }
