@@ -248,11 +248,15 @@ impl KafkaConfig {
     ///
     /// The producer keeps the events of a partition in order and, when one
     /// fails, fails those queued after it too (librdkafka's
-    /// `enable.gapless.guarantee`, on unless set in the options), except
-    /// when events time out: an event that outlives this timeout fails on
-    /// its own, and one sent just after it may still be written. Set it
-    /// well above how long a broker may be away if a retried event must
-    /// never land after a later event of its key.
+    /// `enable.gapless.guarantee`, on unless set in the options; without
+    /// [`idempotence`](Self::idempotence) there is no such guarantee: one
+    /// request is in flight and librdkafka retries it before sending the
+    /// next, but a record the broker refuses for good does not stop those
+    /// after it), except when events time out: an event that outlives this
+    /// timeout fails on its own, and one sent just after it may still be
+    /// written. Set it well above how
+    /// long a broker may be away if a retried event must never land after
+    /// a later event of its key.
     #[must_use]
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
