@@ -254,9 +254,8 @@ impl KafkaConfig {
     /// next, but a record the broker refuses for good does not stop those
     /// after it), except when events time out: an event that outlives this
     /// timeout fails on its own, and one sent just after it may still be
-    /// written. Set it well above how
-    /// long a broker may be away if a retried event must never land after
-    /// a later event of its key.
+    /// written. Set it well above how long a broker may be away if a
+    /// retried event must never land after a later event of its key.
     #[must_use]
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
         self.delivery_timeout = timeout;
@@ -308,10 +307,10 @@ impl KafkaConfig {
     /// S3 storage saves a batch's sequence before the batch, so a crash
     /// between the two makes it answer the retry as a duplicate and the
     /// batch is lost (README, known gaps). Off, the producer sends one
-    /// request per connection at a time (`max.in.flight.requests.per.connection=1`),
-    /// so a retry cannot land after a later event of its key; a retry after
-    /// a lost acknowledgement may write the batch twice (at least once:
-    /// the inbox drops the copy).
+    /// request per connection at a time
+    /// (`max.in.flight.requests.per.connection=1`), so a retry cannot land
+    /// after a later event of its key; a retry after a lost acknowledgement
+    /// may write the batch twice (at least once: the inbox drops the copy).
     #[must_use]
     pub fn idempotence(mut self, on: bool) -> Self {
         self.idempotence = on;
