@@ -409,7 +409,7 @@ fn needs_no_escape(bytes: &[u8]) -> bool {
 /// left empty, for the caller to move the payload in once the event is
 /// valid.
 fn build_v10<'n>(
-    attributes: Attributes<'n>,
+    mut attributes: Attributes<'n>,
     payload: &[u8],
 ) -> std::result::Result<std::result::Result<Event, EventBuilderError>, Attributes<'n>> {
     let has = |name: &str| attributes.iter().any(|(n, _)| n == name);
@@ -417,28 +417,50 @@ fn build_v10<'n>(
     if payload.is_empty() == content_type || (payload.is_empty() && schema) {
         return Err(attributes);
     }
-    let mut builder = EventBuilderV10::new();
+    // The builder is taken and returned by value, a copy of the whole
+    // builder each time: the values are sorted out first so that it is
+    // built in one chain, and extensions go into the finished event.
+    let (mut id, mut ty, mut source, mut subject, mut time) = (None, None, None, None, None);
     let (mut content_type, mut schema) = (None, None);
-    for (name, value) in attributes {
-        builder = match name.as_ref() {
-            "id" => builder.id(value),
-            "type" => builder.ty(value),
-            "source" => builder.source(value),
-            "subject" => builder.subject(value),
-            // The common UTC forms are read without chrono's general parser.
-            "time" => match crate::event::parse_rfc3339(&value) {
-                Ok(time) => builder.time(time),
-                Err(_) => builder.time(value),
-            },
-            "datacontenttype" => {
-                content_type = Some(value);
-                builder
+    // What is left in `attributes` are the extensions.
+    attributes.retain_mut(|(name, value)| {
+        let slot = match name.as_ref() {
+            "id" => &mut id,
+            "type" => &mut ty,
+            "source" => &mut source,
+            "subject" => &mut subject,
+            "time" => &mut time,
+            "datacontenttype" => &mut content_type,
+            "dataschema" => &mut schema,
+            _ => return true,
+        };
+        *slot = Some(std::mem::take(value));
+        false
+    });
+    let mut builder = EventBuilderV10::new();
+    match (id, ty, source) {
+        (Some(id), Some(ty), Some(source)) => builder = builder.id(id).ty(ty).source(source),
+        // Not an event: the builder names what is missing.
+        (id, ty, source) => {
+            if let Some(id) = id {
+                builder = builder.id(id);
             }
-            "dataschema" => {
-                schema = Some(value);
-                builder
+            if let Some(ty) = ty {
+                builder = builder.ty(ty);
             }
-            extension => builder.extension(extension, value),
+            if let Some(source) = source {
+                builder = builder.source(source);
+            }
+        }
+    }
+    if let Some(subject) = subject {
+        builder = builder.subject(subject);
+    }
+    if let Some(time) = time {
+        // The common UTC forms are read without chrono's general parser.
+        builder = match crate::event::parse_rfc3339(&time) {
+            Ok(time) => builder.time(time),
+            Err(_) => builder.time(time),
         };
     }
     if let Some(content_type) = content_type {
@@ -448,7 +470,12 @@ fn build_v10<'n>(
             None => builder.data(content_type, data),
         };
     }
-    Ok(builder.build())
+    Ok(builder.build().map(|mut event| {
+        for (name, value) in attributes {
+            event.set_extension(&name, value);
+        }
+        event
+    }))
 }
 
 /// A binary-mode message, fed to the SDK's event builder.
@@ -740,6 +767,25 @@ mod tests {
                 ],
                 b"",
                 "source",
+            ),
+            (
+                vec![
+                    ("ce_specversion", b"1.0"),
+                    ("ce_type", b"t"),
+                    ("ce_source", b"/s"),
+                ],
+                b"",
+                "id",
+            ),
+            (
+                vec![
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"1"),
+                    ("ce_source", b"/s"),
+                    ("ce_partitionkey", b"k"),
+                ],
+                b"",
+                "type",
             ),
             (
                 vec![
