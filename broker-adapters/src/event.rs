@@ -614,34 +614,39 @@ pub(crate) fn attribute_text<'a>(
 /// allocation; a year outside 0–9999 is left to chrono.
 fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
     use chrono::{Datelike as _, Timelike as _};
-    let Some(year) = u32::try_from(time.year()).ok().filter(|y| *y <= 9999) else {
+    // Read once: each of `DateTime`'s accessors converts to local time first.
+    let naive = time.naive_utc();
+    let (date, clock) = (naive.date(), naive.time());
+    let Some(year) = u32::try_from(date.year()).ok().filter(|y| *y <= 9999) else {
         out.push_str(&time.to_rfc3339());
         return;
     };
-    out.reserve("0000-00-00T00:00:00.000000000+00:00".len());
-    let (mut second, mut nano) = (time.second(), time.nanosecond());
+    let (mut second, mut nano) = (clock.second(), clock.nanosecond());
     // A leap second, as chrono writes it.
     if nano >= 1_000_000_000 {
         second += 1;
         nano -= 1_000_000_000;
     }
-    push_digits(out, year, 4);
-    out.push('-');
-    push_digits(out, time.month(), 2);
-    out.push('-');
-    push_digits(out, time.day(), 2);
-    out.push('T');
-    push_digits(out, time.hour(), 2);
-    out.push(':');
-    push_digits(out, time.minute(), 2);
-    out.push(':');
-    push_digits(out, second, 2);
-    let digits = fraction_digits(nano);
-    if digits > 0 {
-        out.push('.');
-        push_digits(out, nano / 10u32.pow(9 - digits), digits);
-    }
-    out.push_str("+00:00");
+    let mut text = *b"0000-00-00T00:00:00.000000000+00:00";
+    put_digits(&mut text[0..4], year);
+    put_digits(&mut text[5..7], date.month());
+    put_digits(&mut text[8..10], date.day());
+    put_digits(&mut text[11..13], clock.hour());
+    put_digits(&mut text[14..16], clock.minute());
+    put_digits(&mut text[17..19], second);
+    let digits = fraction_digits(nano) as usize;
+    let end = if digits == 0 {
+        19
+    } else {
+        put_digits(
+            &mut text[20..20 + digits],
+            nano / 10u32.pow(9 - digits as u32),
+        );
+        20 + digits
+    };
+    text.copy_within(29.., end);
+    // Digits and ASCII punctuation only.
+    out.push_str(std::str::from_utf8(&text[..end + 6]).unwrap_or_default());
 }
 
 /// Parses an RFC 3339 time as [`DateTime::parse_from_rfc3339`] does, in
@@ -734,11 +739,13 @@ fn fraction_digits(nano: u32) -> u32 {
     }
 }
 
-/// Appends the last `width` decimal digits of `value`, zero-padded.
-fn push_digits(out: &mut String, value: u32, width: u32) {
-    for place in (0..width).rev() {
-        let digit = (value / 10u32.pow(place)) % 10;
-        out.push(char::from_digit(digit, 10).unwrap_or('0'));
+/// Writes the last `slot.len()` decimal digits of `value` into `slot`,
+/// zero-padded.
+fn put_digits(slot: &mut [u8], mut value: u32) {
+    for byte in slot.iter_mut().rev() {
+        // A digit: under 10.
+        *byte = b'0' + (value % 10) as u8;
+        value /= 10;
     }
 }
 
