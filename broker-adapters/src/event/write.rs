@@ -204,7 +204,7 @@ fn write_escape(out: &mut Vec<u8>, byte: u8, escape: u8) {
 }
 
 /// Calls `found(index, byte, escape)` for each byte of `bytes` that needs
-/// escaping, in order; words without one are skipped whole.
+/// escaping, in order; blocks and words without one are skipped whole.
 #[inline]
 fn each_escape(bytes: &[u8], mut found: impl FnMut(usize, u8, u8)) {
     let mut scan = |from: usize, part: &[u8]| {
@@ -213,6 +213,19 @@ fn each_escape(bytes: &[u8], mut found: impl FnMut(usize, u8, u8)) {
                 found(from + i, byte, escape);
             }
         }
+    };
+    // A word at a time, then the bytes after the last whole word.
+    let mut words = |from: usize, part: &[u8]| {
+        let chunks = part.chunks_exact(8);
+        let tail = chunks.remainder();
+        for (w, chunk) in chunks.enumerate() {
+            let mut word = [0; 8];
+            word.copy_from_slice(chunk);
+            if needs_escape(u64::from_ne_bytes(word)) {
+                scan(from + w * 8, chunk);
+            }
+        }
+        scan(from + part.len() - tail.len(), tail);
     };
     // Blocks of 32 bytes are checked with a branch-free fold that the
     // compiler turns into vector compares; a block with something to
@@ -224,26 +237,10 @@ fn each_escape(bytes: &[u8], mut found: impl FnMut(usize, u8, u8)) {
             any | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
         });
         if any {
-            for (w, chunk) in block.chunks_exact(8).enumerate() {
-                let mut word = [0; 8];
-                word.copy_from_slice(chunk);
-                if needs_escape(u64::from_ne_bytes(word)) {
-                    scan(b * 32 + w * 8, chunk);
-                }
-            }
+            words(b * 32, block);
         }
     }
-    let from = bytes.len() - rest.len();
-    let words = rest.chunks_exact(8);
-    let tail = words.remainder();
-    for (w, chunk) in words.enumerate() {
-        let mut word = [0; 8];
-        word.copy_from_slice(chunk);
-        if needs_escape(u64::from_ne_bytes(word)) {
-            scan(from + w * 8, chunk);
-        }
-    }
-    scan(bytes.len() - tail.len(), tail);
+    words(bytes.len() - rest.len(), rest);
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
