@@ -634,15 +634,13 @@ fn write_rfc3339(time: &DateTime<Utc>, out: &mut String) {
     put_digits(&mut text[11..13], clock.hour());
     put_digits(&mut text[14..16], clock.minute());
     put_digits(&mut text[17..19], second);
-    let digits = fraction_digits(nano) as usize;
+    let digits = fraction_digits(nano);
+    let end = 20 + digits as usize;
     let end = if digits == 0 {
         19
     } else {
-        put_digits(
-            &mut text[20..20 + digits],
-            nano / 10u32.pow(9 - digits as u32),
-        );
-        20 + digits
+        put_digits(&mut text[20..end], nano / 10u32.pow(9 - digits));
+        end
     };
     text.copy_within(29.., end);
     // Digits and ASCII punctuation only.
