@@ -69,6 +69,9 @@ struct Args {
     /// Which saga set-ups to run (all by default).
     #[arg(long, value_enum)]
     saga_on: Vec<saga::SagaOn>,
+    /// Which databases the outbox benchmark runs on (all by default).
+    #[arg(long, value_enum)]
+    outbox_on: Vec<outbox::OutboxOn>,
     /// Distinct partition keys the events cycle through (Kafka, NATS,
     /// memory and outbox benchmarks). Events of one key are kept in order,
     /// so few keys limit how many a broker without per-key sequencing
@@ -183,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
         figures.extend(nats::run(args.events, args.size, rounds).await?);
     }
     if run(Which::Outbox) {
-        figures.extend(outbox::run(args.events, args.size, rounds).await?);
+        figures.extend(outbox::run(args.events, args.size, rounds, &args.outbox_on).await?);
     }
     if run(Which::Saga) {
         figures.extend(saga::run(args.sagas, &args.saga_on).await?);

@@ -384,10 +384,34 @@ async fn measure(
     Ok(figures)
 }
 
-pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
-    let mut figures = Vec::new();
+/// A database the outbox benchmark runs on (`--outbox-on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OutboxOn {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
 
-    // PostgreSQL: a fresh schema for the raw rows and one for the outbox.
+pub(crate) async fn run(
+    n: usize,
+    size: usize,
+    rounds: usize,
+    only: &[OutboxOn],
+) -> anyhow::Result<Vec<Figure>> {
+    let on = |db: OutboxOn| only.is_empty() || only.contains(&db);
+    let mut figures = Vec::new();
+    if on(OutboxOn::Postgres) {
+        figures.extend(postgres(n, size, rounds).await?);
+    }
+    if on(OutboxOn::Sqlite) {
+        figures.extend(sqlite(n, size, rounds).await?);
+    }
+    Ok(figures)
+}
+
+async fn postgres(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    // A fresh schema for the raw rows and one for the outbox.
     let url = e2e::require(e2e::Server::Postgres)?;
     let raw_schema = e2e::unique_name("bench_raw");
     let pool = raw_sql::pg_pool(&url, &raw_schema).await?;
@@ -402,9 +426,11 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
     let pg = measure(&db, raw, n, size, rounds).await;
     pool.close().await;
     raw_sql::pg_drop(&url, &schema).await?;
-    figures.extend(pg?);
+    pg
+}
 
-    // SQLite: files in a fresh directory.
+async fn sqlite(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    // Files in a fresh directory.
     let dir = std::env::temp_dir().join(e2e::unique_name("bench-outbox-sqlite"));
     std::fs::create_dir_all(&dir)?;
     let result = async {
@@ -423,6 +449,5 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
     .await
     .context("sqlite");
     let _ = std::fs::remove_dir_all(&dir);
-    figures.extend(result?);
-    Ok(figures)
+    result
 }
