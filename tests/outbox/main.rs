@@ -18,7 +18,7 @@ use orchestrator::{
 };
 use support::{
     Backend, Db, FlakyPublisher, GatedPublisher, RefusingPublisher, Sink, SlowPublisher,
-    check_order, event,
+    UnevenPublisher, check_order, event,
 };
 
 macro_rules! both {
@@ -45,6 +45,7 @@ macro_rules! both {
 both!(
     rolled_back_event_is_never_published,
     committed_events_are_published_in_order_per_key,
+    a_backlog_goes_out_in_order_while_partitions_finish_unevenly,
     oversized_event_fails_before_commit,
     partition_count_mismatch_is_refused,
     two_relays_share_partitions_without_duplicates_and_hand_over,
@@ -183,6 +184,39 @@ async fn committed_events_are_published_in_order_per_key(backend: Backend) -> an
     check_order(&all, &got, true)?;
     let report = relay.shutdown().await?;
     ensure!(report.published == 200, "{report:?}");
+    ensure!(db.pending().await? == 0);
+    db.close().await
+}
+
+/// A backlog many looks long (1,600 rows over 40 keys, at most 16 rows of
+/// a partition a look), published through a broker that holds each batch
+/// for a time that depends on its key, so partitions finish in no
+/// particular order and overtake one another: every event once, in order
+/// per key.
+async fn a_backlog_goes_out_in_order_while_partitions_finish_unevenly(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    let mut all = Vec::new();
+    for tx in 0..16 {
+        let events = (0..100)
+            .map(|i| {
+                let n = tx * 100 + i;
+                event(&format!("k{}", n % 40), n)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        db.enqueue(&topic, &events, true).await?;
+        all.extend(events);
+    }
+    let publisher = Arc::new(UnevenPublisher::new(broker.clone()));
+    let relay = db.relay(publisher, fast_relay("r1"))?.spawn();
+    let got = sink.wait_for(all.len(), WAIT).await?;
+    check_order(&all, &got, true)?;
+    let report = relay.shutdown().await?;
+    ensure!(report.published == 1600, "{report:?}");
     ensure!(db.pending().await? == 0);
     db.close().await
 }

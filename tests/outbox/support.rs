@@ -649,6 +649,41 @@ impl Publisher for SlowPublisher {
     }
 }
 
+/// The in-memory broker, each batch held first for 0 to 3 ms by its first
+/// event's partition key, so that the partitions of one look finish in no
+/// particular order.
+#[derive(Debug)]
+pub(crate) struct UnevenPublisher {
+    inner: Arc<MemoryBroker>,
+}
+
+impl UnevenPublisher {
+    pub(crate) fn new(inner: Arc<MemoryBroker>) -> Self {
+        Self { inner }
+    }
+}
+
+#[async_trait]
+impl Publisher for UnevenPublisher {
+    async fn publish(&self, topic: &Topic, event: Event) -> broker_adapters::Result<()> {
+        self.publish_batch(topic, vec![event]).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &Topic,
+        events: Vec<Event>,
+    ) -> broker_adapters::Result<()> {
+        let key = events.first().and_then(|e| e.partition_key()).unwrap_or("");
+        let ms = key
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            % 4;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.inner.publish_batch(topic, events).await
+    }
+}
+
 /// The in-memory broker behind a switch: while `down`, every publish fails
 /// with a retryable connection error.
 #[derive(Debug)]
