@@ -188,9 +188,9 @@ async fn committed_events_are_published_in_order_per_key(backend: Backend) -> an
     db.close().await
 }
 
-/// A backlog many looks long (1,600 rows over 40 keys, at most 16 rows of
-/// a partition a look), published through a broker that holds each batch
-/// for a time that depends on its key, so partitions finish in no
+/// A backlog of 1,600 rows over 40 keys, many batches of 16 rows a
+/// partition, published through a broker that holds each batch for a time
+/// set by its key, so that partitions published at once finish in no
 /// particular order and overtake one another: every event once, in order
 /// per key.
 async fn a_backlog_goes_out_in_order_while_partitions_finish_unevenly(

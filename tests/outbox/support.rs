@@ -649,9 +649,9 @@ impl Publisher for SlowPublisher {
     }
 }
 
-/// The in-memory broker, each batch held first for 0 to 3 ms by its first
-/// event's partition key, so that the partitions of one look finish in no
-/// particular order.
+/// The in-memory broker, each batch held first for 0 to 3 ms, by its first
+/// event's partition key, so that partitions published at once finish in
+/// no particular order.
 #[derive(Debug)]
 pub(crate) struct UnevenPublisher {
     inner: Arc<MemoryBroker>,
