@@ -121,6 +121,16 @@ async fn postgres_marks_leave_the_pool_committing_synchronously() -> anyhow::Res
     db.close().await
 }
 
+/// What most scenarios start from: a fresh outbox with the default
+/// configuration, the in-memory broker, the topic `orders` and a sink on it.
+async fn start(backend: Backend) -> anyhow::Result<(Db, Arc<MemoryBroker>, Topic, Sink)> {
+    let db = Db::open(backend, OutboxConfig::new()).await?;
+    let broker = Arc::new(MemoryBroker::new());
+    let topic = Topic::from_static("orders");
+    let sink = Sink::start(&broker, &topic).await?;
+    Ok((db, broker, topic, sink))
+}
+
 fn fast_relay(id: &str) -> RelayConfig {
     RelayConfig::new()
         .relay_id(id)
@@ -131,10 +141,7 @@ fn fast_relay(id: &str) -> RelayConfig {
 }
 
 async fn rolled_back_event_is_never_published(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let relay = db.relay(broker.clone(), fast_relay("r1"))?.spawn();
 
     let lost = event("k", 0)?;
@@ -162,24 +169,11 @@ async fn rolled_back_event_is_never_published(backend: Backend) -> anyhow::Resul
 }
 
 async fn committed_events_are_published_in_order_per_key(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let relay = db.relay(broker.clone(), fast_relay("r1"))?.spawn();
 
-    let mut all = Vec::new();
     // 20 transactions of 10 events over 7 keys, enqueued while the relay runs.
-    for tx in 0..20 {
-        let events = (0..10)
-            .map(|i| {
-                let n = tx * 10 + i;
-                event(&format!("k{}", n % 7), n)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        db.enqueue(&topic, &events, true).await?;
-        all.extend(events);
-    }
+    let all = db.commit_numbered(&topic, 20, 10, 7).await?;
     let got = sink.wait_for(all.len(), WAIT).await?;
     check_order(&all, &got, true)?;
     let report = relay.shutdown().await?;
@@ -196,21 +190,8 @@ async fn committed_events_are_published_in_order_per_key(backend: Backend) -> an
 async fn a_backlog_goes_out_in_order_while_partitions_finish_unevenly(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
-    let mut all = Vec::new();
-    for tx in 0..16 {
-        let events = (0..100)
-            .map(|i| {
-                let n = tx * 100 + i;
-                event(&format!("k{}", n % 40), n)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        db.enqueue(&topic, &events, true).await?;
-        all.extend(events);
-    }
+    let (db, broker, topic, sink) = start(backend).await?;
+    let all = db.commit_numbered(&topic, 16, 100, 40).await?;
     let publisher = Arc::new(UnevenPublisher::new(broker.clone()));
     let relay = db.relay(publisher, fast_relay("r1"))?.spawn();
     let got = sink.wait_for(all.len(), WAIT).await?;
@@ -275,10 +256,7 @@ async fn partition_count_mismatch_is_refused(backend: Backend) -> anyhow::Result
 async fn two_relays_share_partitions_without_duplicates_and_hand_over(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let ttl = Duration::from_millis(1500);
     let a = db.relay(broker.clone(), fast_relay("a"))?.spawn();
     let b = db.relay(broker.clone(), fast_relay("b"))?.spawn();
@@ -297,17 +275,7 @@ async fn two_relays_share_partitions_without_duplicates_and_hand_over(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let mut all = Vec::new();
-    for tx in 0..30 {
-        let events = (0..10)
-            .map(|i| {
-                let n = tx * 10 + i;
-                event(&format!("k{}", n % 31), n)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        db.enqueue(&topic, &events, true).await?;
-        all.extend(events);
-    }
+    let mut all = db.commit_numbered(&topic, 30, 10, 31).await?;
     let got = sink.wait_for(all.len(), WAIT).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_order(&all, &sink.events(), true).context("no duplicate publish")?;
@@ -348,10 +316,7 @@ async fn two_relays_share_partitions_without_duplicates_and_hand_over(
 }
 
 async fn broker_down_loses_nothing_with_bounded_retries(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let flaky = Arc::new(FlakyPublisher::new(broker.clone()));
     flaky.down.store(true, Ordering::SeqCst);
     let relay = db.relay(flaky.clone(), fast_relay("r1"))?.spawn();
@@ -391,10 +356,7 @@ async fn broker_down_loses_nothing_with_bounded_retries(backend: Backend) -> any
 async fn a_publish_that_outlives_its_timeout_is_not_sent_again_beside_it(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let slow = Arc::new(SlowPublisher::new(
         broker.clone(),
         Duration::from_millis(700),
@@ -458,10 +420,7 @@ fn thread_cpu() -> anyhow::Result<Duration> {
 async fn long_open_transaction_does_not_block_other_partitions(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let relay = db.relay(broker.clone(), fast_relay("r1"))?.spawn();
 
     let slow_part = partition_of("slow", 16);
@@ -527,10 +486,7 @@ async fn long_open_transaction_does_not_block_other_partitions(
 }
 
 async fn published_rows_are_kept_then_purged(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let config = fast_relay("r1")
         .retention(Retention::Keep(Duration::from_secs(2)))
         .purge(7, Duration::from_millis(200));
@@ -669,10 +625,7 @@ async fn refused_marks_republish_the_same_ids_and_lose_nothing(
 async fn relay_crash_between_ack_and_mark_republishes_the_same_ids(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     // The broker acknowledges the batch, then the relay stalls before
     // marking the rows: it is killed in that window.
     let gated = Arc::new(GatedPublisher::new(
@@ -721,10 +674,7 @@ async fn relay_crash_between_ack_and_mark_republishes_the_same_ids(
 }
 
 async fn graceful_shutdown_finishes_the_in_flight_batch(backend: Backend) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let gated = Arc::new(GatedPublisher::new(
         broker.clone(),
         Duration::from_millis(300),
@@ -800,10 +750,7 @@ async fn graceful_shutdown_abandons_a_hung_batch_after_the_grace_time(
 async fn poison_row_blocks_its_partition_by_default_and_is_parked_on_request(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let db = Db::open(backend, OutboxConfig::new()).await?;
-    let broker = Arc::new(MemoryBroker::new());
-    let topic = Topic::from_static("orders");
-    let sink = Sink::start(&broker, &topic).await?;
+    let (db, broker, topic, sink) = start(backend).await?;
     let refusing = Arc::new(RefusingPublisher::new(broker.clone()));
 
     let other = (0..100)

@@ -184,6 +184,27 @@ impl Db {
         })
     }
 
+    /// Commits `txs` transactions of `per_tx` test [`event`]s each, numbered
+    /// from 0 and cycling through the keys `k0` .. `k{keys - 1}`; returns
+    /// them in order.
+    pub(crate) async fn commit_numbered(
+        &self,
+        topic: &Topic,
+        txs: usize,
+        per_tx: usize,
+        keys: usize,
+    ) -> anyhow::Result<Vec<Event>> {
+        let mut all = Vec::with_capacity(txs * per_tx);
+        for tx in 0..txs {
+            let events = (tx * per_tx..(tx + 1) * per_tx)
+                .map(|n| event(&format!("k{}", n % keys), n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            self.enqueue(topic, &events, true).await?;
+            all.extend(events);
+        }
+        Ok(all)
+    }
+
     /// One business transaction: an `orders` row per event and the events,
     /// committed or rolled back.
     pub(crate) async fn enqueue(
