@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use orchestrator::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use orchestrator::sqlx::sqlite::SqlitePool;
 use orchestrator::sqlx::{self, AssertSqlSafe, Postgres, Sqlite, Transaction};
-use orchestrator::{Inbox, Outbox, OutboxConfig, Processed, Relay, RelayConfig};
+use orchestrator::{Inbox, Outbox, OutboxConfig, Processed, Relay, RelayConfig, partition_of};
 use tokio::task::JoinHandle;
 
 /// Which store a scenario runs on.
@@ -671,8 +671,8 @@ impl Publisher for SlowPublisher {
 }
 
 /// The in-memory broker, each batch held first for 0 to 3 ms, by its first
-/// event's partition key, so that partitions published at once finish in
-/// no particular order.
+/// event's partition key (its outbox partition modulo 4), so that
+/// partitions published at once finish in no particular order.
 #[derive(Debug)]
 pub(crate) struct UnevenPublisher {
     inner: Arc<MemoryBroker>,
@@ -696,11 +696,8 @@ impl Publisher for UnevenPublisher {
         events: Vec<Event>,
     ) -> broker_adapters::Result<()> {
         let key = events.first().and_then(|e| e.partition_key()).unwrap_or("");
-        let ms = key
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
-            % 4;
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let ms = partition_of(key, 4);
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
         self.inner.publish_batch(topic, events).await
     }
 }
