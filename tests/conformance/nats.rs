@@ -845,9 +845,42 @@ async fn a_dropped_subscription_releases_its_events_before_its_successor_gets_la
 /// store them ahead of the refused one. Other keys are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_event_holds_back_the_later_events_of_its_key() {
+    let stored = stored_after_a_refusal("nats_prefix", 1).await;
+    assert_eq!(
+        stored.get("a"),
+        Some(&vec![0]),
+        "only a0, the event of `a` before the refused a1, may be stored"
+    );
+}
+
+/// With two events of a key in flight, as `max_in_flight_per_key` documents,
+/// the event after a refused one may be stored ahead of it: a2 was sent
+/// when a0's acknowledgement came, before a1 was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_window_an_event_after_a_refused_one_may_be_stored() {
+    let stored = stored_after_a_refusal("nats_window", 2).await;
+    assert_eq!(
+        stored.get("a"),
+        Some(&vec![0, 2]),
+        "a0, and a2 that was in flight beside the refused a1"
+    );
+}
+
+/// Publishes a batch of keys `a` and `b` (six events each, interleaved) with
+/// `window` events of a key in flight, to a stream that refuses a1 as too
+/// large; returns each key's stored event numbers, in stream order, having
+/// checked that `b`'s are in order.
+async fn stored_after_a_refusal(
+    prefix: &str,
+    window: usize,
+) -> std::collections::HashMap<String, Vec<usize>> {
     const LIMIT: i32 = 2048;
-    let (url, broker) = connect().await;
-    let topic = topic("nats_prefix");
+    let url = e2e::require(Server::Nats).unwrap_or_else(|e| panic!("{e:#}"));
+    let window = NonZeroUsize::new(window).expect("a window");
+    let broker = NatsBroker::connect(config(&url).max_in_flight_per_key(window))
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let topic = topic(prefix);
     let client = async_nats::connect(url.as_str())
         .await
         .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
@@ -894,11 +927,6 @@ async fn a_refused_event_holds_back_the_later_events_of_its_key() {
             serde_json::from_slice(&message.payload).expect("the event's data");
         stored.entry(key).or_default().push(n);
     }
-    assert_eq!(
-        stored.get("a"),
-        Some(&vec![0]),
-        "only a0, the event of `a` before the refused a1, may be stored"
-    );
     let b = stored.get("b").cloned().unwrap_or_default();
     assert_eq!(
         b,
@@ -906,4 +934,20 @@ async fn a_refused_event_holds_back_the_later_events_of_its_key() {
         "`b` is stored in order"
     );
     let _ = js.delete_stream(&name).await;
+    stored
+}
+
+/// With eight events of a key in flight, nothing fails on a healthy
+/// connection, so a key's events are still stored and handled in publish
+/// order: the suite's ordering scenarios, published through such a broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_window_a_healthy_connection_keeps_each_keys_order() {
+    let url = e2e::require(Server::Nats).unwrap_or_else(|e| panic!("{e:#}"));
+    let eight = NonZeroUsize::new(8).expect("eight");
+    let publisher = NatsBroker::connect(config(&url).max_in_flight_per_key(eight))
+        .await
+        .unwrap_or_else(|e| panic!("{:#}", Server::Nats.unreachable(e)));
+    let target = Nats { publisher };
+    broker_adapters::conformance::scenarios::order_per_key(&target).await;
+    broker_adapters::conformance::scenarios::batch_publish_delivers_all_in_order(&target).await;
 }

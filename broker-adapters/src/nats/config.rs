@@ -89,6 +89,7 @@ impl fmt::Debug for Auth {
 /// | [`token`](Self::token) | none | `NATS_TOKEN` |
 /// | [`stream_prefix`](Self::stream_prefix) | `CE_` | `NATS_STREAM_PREFIX` |
 /// | [`publish_mode`](Self::publish_mode) | [`Mode::Binary`] | `NATS_PUBLISH_MODE` (`binary` or `structured`) |
+/// | [`max_in_flight_per_key`](Self::max_in_flight_per_key) | 1 | `NATS_MAX_IN_FLIGHT_PER_KEY` |
 /// | [`max_event_bytes`](Self::max_event_bytes) | the server's `max_payload` | `NATS_MAX_EVENT_BYTES` |
 /// | [`retention`](Self::retention) | [`Retention::Limits`] | `NATS_STREAM_RETENTION` (`limits`, `interest` or `workqueue`) |
 /// | [`storage`](Self::storage) | [`Storage::File`] | `NATS_STREAM_STORAGE` (`file` or `memory`) |
@@ -129,6 +130,7 @@ pub struct NatsConfig {
     request_timeout: Duration,
     stream_prefix: String,
     publish_mode: Mode,
+    max_in_flight_per_key: NonZeroUsize,
     max_event_bytes: Option<NonZeroUsize>,
     retention: Retention,
     storage: Storage,
@@ -159,6 +161,7 @@ impl Default for NatsConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             stream_prefix: DEFAULT_STREAM_PREFIX.to_owned(),
             publish_mode: Mode::Binary,
+            max_in_flight_per_key: NonZeroUsize::MIN,
             max_event_bytes: None,
             retention: Retention::Limits,
             storage: Storage::File,
@@ -253,6 +256,9 @@ impl NatsConfig {
                     ));
                 }
             };
+        }
+        if let Some(n) = get("NATS_MAX_IN_FLIGHT_PER_KEY")? {
+            config.max_in_flight_per_key = parse_positive("NATS_MAX_IN_FLIGHT_PER_KEY", &n)?;
         }
         if let Some(n) = get("NATS_MAX_EVENT_BYTES")? {
             config.max_event_bytes = Some(parse_positive("NATS_MAX_EVENT_BYTES", &n)?);
@@ -395,6 +401,27 @@ impl NatsConfig {
         self
     }
 
+    /// How many events of one `partitionkey` a publish may have sent and
+    /// not yet acknowledged (default 1), like Kafka's
+    /// `max.in.flight.requests.per.connection` without idempotence.
+    ///
+    /// With 1, an event is sent only once the event of its key before it
+    /// is stored, so a failure (the connection lost mid-batch, a stream
+    /// leader change, an event the stream refuses) leaves each key's
+    /// stored events a prefix of its events, and sending the batch again
+    /// keeps the key's order. With more, a key's events are pipelined
+    /// (JetStream stores one connection's messages in the order sent), so
+    /// a publish with few keys goes faster, but after such a failure up to
+    /// `n - 1` later events of the key may be stored ahead of the failed
+    /// one, and its consumers see them first: raise it only where
+    /// consumers do not rely on per-key order after a failed publish.
+    /// Events without a key are never held.
+    #[must_use]
+    pub fn max_in_flight_per_key(mut self, n: NonZeroUsize) -> Self {
+        self.max_in_flight_per_key = n;
+        self
+    }
+
     /// The largest event accepted for publishing, as measured by
     /// [`EventExt::encoded_size`](crate::EventExt::encoded_size), and for
     /// delivery, as the size of the message's payload (default and upper
@@ -529,6 +556,10 @@ impl NatsConfig {
         self.publish_mode
     }
 
+    pub(crate) fn in_flight_per_key(&self) -> usize {
+        self.max_in_flight_per_key.get()
+    }
+
     pub(crate) fn event_limit(&self) -> Option<usize> {
         self.max_event_bytes.map(NonZeroUsize::get)
     }
@@ -632,6 +663,7 @@ impl fmt::Debug for NatsConfig {
             .field("request_timeout", &self.request_timeout)
             .field("stream_prefix", &self.stream_prefix)
             .field("publish_mode", &self.publish_mode)
+            .field("max_in_flight_per_key", &self.max_in_flight_per_key)
             .field("max_event_bytes", &self.max_event_bytes)
             .field("retention", &self.retention)
             .field("storage", &self.storage)
@@ -750,6 +782,7 @@ mod tests {
             ("NATS_TOKEN", "s3cret"),
             ("NATS_STREAM_PREFIX", "EV_"),
             ("NATS_PUBLISH_MODE", "Structured"),
+            ("NATS_MAX_IN_FLIGHT_PER_KEY", "4"),
             ("NATS_MAX_EVENT_BYTES", "4096"),
             ("NATS_STREAM_RETENTION", "workqueue"),
             ("NATS_STREAM_STORAGE", "memory"),
@@ -769,6 +802,7 @@ mod tests {
         assert_eq!(config.auth, Auth::Token("s3cret".into()));
         assert_eq!(config.prefix(), "EV_");
         assert_eq!(config.mode(), Mode::Structured);
+        assert_eq!(config.in_flight_per_key(), 4);
         assert_eq!(config.event_limit(), Some(4096));
         assert_eq!(config.stream_retention(), Retention::WorkQueue);
         assert_eq!(config.stream_storage(), Storage::Memory);
@@ -842,6 +876,7 @@ mod tests {
     fn malformed_values_name_their_variable() {
         for (key, value) in [
             ("NATS_PUBLISH_MODE", "xml"),
+            ("NATS_MAX_IN_FLIGHT_PER_KEY", "0"),
             ("NATS_MAX_EVENT_BYTES", "0"),
             ("NATS_STREAM_REPLICAS", "-1"),
             ("NATS_STREAM_MAX_AGE", "1h"),

@@ -1,8 +1,10 @@
 //! Publishing: CloudEvents encoded with the NATS binding, sent to JetStream
 //! with `Nats-Msg-Id` for de-duplication, acknowledged durably. A batch is
-//! pipelined, except that an event is sent only once the event of its
-//! `partitionkey` before it was acknowledged, so a failure leaves each key's
-//! stored events a prefix of its events in the batch.
+//! pipelined, except that by default an event is sent only once the event of
+//! its `partitionkey` before it was acknowledged, so a failure leaves each
+//! key's stored events a prefix of its events in the batch
+//! ([`NatsConfig::max_in_flight_per_key`](super::NatsConfig::max_in_flight_per_key)
+//! lets more of a key's events be in flight).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -63,36 +65,49 @@ impl Outgoing {
 }
 
 /// A batch on its way: its acknowledgements awaited, and the events held
-/// behind an earlier event of their key that is not yet stored.
+/// behind the events of their key in flight.
 struct Sending<'a> {
     events: &'a [Event],
     /// Each event's partition key, looked up once.
     keys: Vec<Option<&'a str>>,
+    /// How many events of one key may be in flight.
+    per_key: usize,
     /// The first event, in batch order, not looked at yet.
     next: usize,
-    /// Events whose key's previous event is stored: sent before new ones.
+    /// Events released by an acknowledgement of their key (counted in
+    /// flight already): sent before new ones.
     ready: VecDeque<usize>,
-    /// Key → the events held behind the one of that key in flight.
-    held: HashMap<&'a str, VecDeque<usize>>,
+    /// Key → its events in flight (or ready), and those held behind them.
+    keyed: HashMap<&'a str, Key>,
     /// Acknowledgements awaited, oldest first: (ack, event, size).
     pending: VecDeque<(PublishAckFuture, usize, usize)>,
 }
 
+/// One key's part of a [`Sending`].
+#[derive(Default)]
+struct Key {
+    /// Sent or ready, not yet acknowledged.
+    in_flight: usize,
+    /// Waiting for room, in batch order.
+    held: VecDeque<usize>,
+}
+
 impl<'a> Sending<'a> {
-    fn new(events: &'a [Event]) -> Self {
+    fn new(events: &'a [Event], per_key: usize) -> Self {
         Self {
             events,
             keys: events.iter().map(EventExt::partition_key).collect(),
+            per_key: per_key.max(1),
             next: 0,
             ready: VecDeque::new(),
-            held: HashMap::default(),
+            keyed: HashMap::default(),
             pending: VecDeque::new(),
         }
     }
 
     /// The next event that may be sent now, if any: one released by its
     /// key's acknowledgement, else the next in batch order whose key has
-    /// nothing in flight (events behind a key in flight are held).
+    /// room in flight (events behind a full key are held, in order).
     fn take(&mut self) -> Option<usize> {
         if let Some(i) = self.ready.pop_front() {
             return Some(i);
@@ -103,13 +118,14 @@ impl<'a> Sending<'a> {
             let Some(key) = self.keys[i] else {
                 return Some(i);
             };
-            match self.held.entry(key) {
-                Entry::Occupied(mut behind) => behind.get_mut().push_back(i),
-                Entry::Vacant(free) => {
-                    free.insert(VecDeque::new());
-                    return Some(i);
-                }
+            let key = self.keyed.entry(key).or_default();
+            // Nothing is held while the key has room, so sending `i` now
+            // keeps the key's order.
+            if key.in_flight < self.per_key {
+                key.in_flight += 1;
+                return Some(i);
             }
+            key.held.push_back(i);
         }
         None
     }
@@ -119,11 +135,15 @@ impl<'a> Sending<'a> {
         let Some(key) = self.keys[i] else {
             return;
         };
-        if let Entry::Occupied(mut behind) = self.held.entry(key) {
-            match behind.get_mut().pop_front() {
+        if let Entry::Occupied(mut entry) = self.keyed.entry(key) {
+            let key = entry.get_mut();
+            match key.held.pop_front() {
                 Some(next) => self.ready.push_back(next),
                 None => {
-                    behind.remove();
+                    key.in_flight = key.in_flight.saturating_sub(1);
+                    if key.in_flight == 0 {
+                        entry.remove();
+                    }
                 }
             }
         }
@@ -162,12 +182,13 @@ impl Inner {
         // does not hold a second, encoded copy of itself in memory.
         //
         // Events of different keys are pipelined, but an event waits until
-        // the one of its key before it is stored. A connection lost mid-batch
+        // the one of its key before it is stored (by default; the setting
+        // `max_in_flight_per_key` lets more go). A connection lost mid-batch
         // can lose events already written while async-nats sends the ones it
         // still buffered after reconnecting, and a stream leader change can
         // refuse one event and store the next: had the later event of a key
         // been in flight, it could be stored before a retry of the earlier.
-        let mut sending = Sending::new(&events);
+        let mut sending = Sending::new(&events, self.config.in_flight_per_key());
         let subject = Subject::from(topic.as_str());
         loop {
             if let Some(i) = sending.take() {
@@ -179,7 +200,8 @@ impl Inner {
             } else if !sending.pending.is_empty() {
                 self.confirm_oldest(topic, &mut sending).await?;
             } else {
-                // Nothing is held without its key's event pending or ready.
+                // Nothing is held without an event of its key pending or
+                // ready.
                 return Ok(());
             }
         }
@@ -414,6 +436,84 @@ fn header_safe(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sends of a batch, driven as `publish_in_span` drives them but with
+    /// `steps` choosing between sending the next event and confirming the
+    /// oldest: returns each send as (event, key's events then unconfirmed).
+    fn drive(keys: &[Option<u8>], per_key: usize, steps: &[bool]) -> Vec<(usize, usize)> {
+        let events: Vec<Event> = keys
+            .iter()
+            .enumerate()
+            .map(|(n, key)| {
+                let mut event = crate::CloudEventBuilder::new("t", "/s");
+                if let Some(key) = key {
+                    event = event.partition_key(format!("k{key}"));
+                }
+                event.json_data(&n).build().expect("valid")
+            })
+            .collect();
+        let mut sending = Sending::new(&events, per_key);
+        let mut unconfirmed: VecDeque<usize> = VecDeque::new();
+        let mut sent = Vec::new();
+        let mut steps = steps.iter().copied().cycle();
+        loop {
+            let confirm = !unconfirmed.is_empty() && steps.next().unwrap_or(false);
+            if !confirm && let Some(i) = sending.take() {
+                unconfirmed.push_back(i);
+                let of_key = unconfirmed
+                    .iter()
+                    .filter(|&&j| keys[j].is_some() && keys[j] == keys[i])
+                    .count();
+                sent.push((i, of_key));
+            } else if let Some(i) = unconfirmed.pop_front() {
+                sending.stored(i);
+            } else {
+                assert!(sending.keyed.is_empty(), "a key left behind");
+                return sent;
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Every event is sent once, each key's in batch order, with at
+        /// most `per_key` of a key unconfirmed; events without a key are
+        /// never held.
+        #[test]
+        fn a_key_has_at_most_its_window_in_flight_and_keeps_its_order(
+            keys in proptest::collection::vec(proptest::option::of(0u8..4), 0..60),
+            per_key in 1usize..5,
+            steps in proptest::collection::vec(proptest::bool::ANY, 1..16),
+        ) {
+            let sent = drive(&keys, per_key, &steps);
+            let mut order: Vec<usize> = sent.iter().map(|&(i, _)| i).collect();
+            for key in 0u8..4 {
+                let of_key: Vec<usize> =
+                    order.iter().copied().filter(|&i| keys[i] == Some(key)).collect();
+                proptest::prop_assert!(of_key.is_sorted(), "key {} out of order: {:?}", key, of_key);
+            }
+            for &(i, in_flight) in &sent {
+                if keys[i].is_some() {
+                    proptest::prop_assert!(in_flight <= per_key, "event {}: {} in flight", i, in_flight);
+                }
+            }
+            order.sort_unstable();
+            proptest::prop_assert_eq!(order, (0..keys.len()).collect::<Vec<_>>());
+        }
+    }
+
+    /// With a window of `n`, the first `n` events of one key go out before
+    /// any is confirmed; with the default 1, only the first.
+    #[test]
+    fn a_window_lets_a_keys_events_be_pipelined() {
+        let keys = [Some(0); 6];
+        // Send while anything can be sent; confirm only when nothing can.
+        let never_confirm_early = [false];
+        for per_key in 1..=4 {
+            let sent = drive(&keys, per_key, &never_confirm_early);
+            let widest = sent.iter().map(|&(_, n)| n).max();
+            assert_eq!(widest, Some(per_key), "window {per_key}");
+        }
+    }
 
     #[test]
     fn known_header_names_are_the_parsed_ones() {
