@@ -66,6 +66,9 @@
 //! first time are de-duplicated by id. Events of different keys, and events
 //! without a key, may be stored in any order relative to each other. A batch
 //! whose events all share one key costs one round trip per event.
+//! [`NatsConfig::max_in_flight_per_key`] lets more than one event of a key be
+//! in flight: faster with few keys, but a failure can then store later
+//! events of a key ahead of the failed one (its docs say when that matters).
 //!
 //! # Subscribing
 //!
