@@ -2,6 +2,7 @@
 //! publishes wait for the JetStream ack, consumer acks are confirmed by the
 //! server (double ack), and both sides keep many acks in flight.
 
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -18,6 +19,10 @@ use crate::{Figure, best};
 /// Acks and publish acks kept in flight by both sides.
 const WINDOW: usize = 256;
 
+/// Events of one key in flight in the second run of our publish
+/// (`NatsConfig::max_in_flight_per_key`; the default is one).
+pub(crate) const PER_KEY: usize = 8;
+
 pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     e2e::require(e2e::Server::Nats)?;
     let config = || {
@@ -28,10 +33,13 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
             .max_age(Duration::from_secs(600))
     };
     let broker = NatsBroker::connect(config()).await?;
+    let per_key = NonZeroUsize::new(PER_KEY).unwrap_or(NonZeroUsize::MIN);
+    let windowed = NatsBroker::connect(config().max_in_flight_per_key(per_key)).await?;
     let client = async_nats::connect(e2e::nats_url()).await?;
     let js = jetstream::new(client);
 
     let (mut pub_ours, mut pub_raw, mut con_ours, mut con_raw) = (vec![], vec![], vec![], vec![]);
+    let mut pub_windowed = vec![];
     for round in 0..rounds {
         let topic = Topic::try_from(format!("bench.nats.r{round}.p{}", std::process::id()))?;
         let raw_subject = format!("{topic}.raw");
@@ -54,6 +62,21 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         .await?;
         pub_ours.push(ours);
         pub_raw.push(raw);
+        // The same events again, eight of a key in flight, to a topic of
+        // their own: beside the raw figure of this round.
+        let windowed_topic = Topic::try_from(format!("{topic}.per-key"))?;
+        let windowed_stream = windowed.provision(&windowed_topic).await?;
+        pub_windowed.push(
+            crate::publish_timed(
+                "nats publish (ours, 8 per key)",
+                &windowed,
+                &windowed_topic,
+                n,
+                size,
+            )
+            .await?,
+        );
+        let _ = js.delete_stream(&windowed_stream).await;
         let (ours, raw) = crate::in_turn(
             ours_first,
             Box::pin(consume_ours(&broker, &topic, round, n)),
@@ -68,7 +91,13 @@ pub(crate) async fn run(n: usize, size: usize, rounds: usize) -> anyhow::Result<
         eprintln!("nats round {round}: done");
     }
     Ok(vec![
-        Figure::rate("nats.publish", n, best(pub_ours), best(pub_raw)),
+        Figure::rate("nats.publish", n, best(pub_ours), best(pub_raw.clone())),
+        Figure::rate(
+            "nats.publish_8_per_key",
+            n,
+            best(pub_windowed),
+            best(pub_raw),
+        ),
         Figure::rate("nats.consume", n, best(con_ours), best(con_raw)),
     ])
 }

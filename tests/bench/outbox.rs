@@ -17,6 +17,7 @@
 //!   rate (ms; baseline: the target, 25 ms).
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -292,24 +293,37 @@ async fn latency(
 }
 
 /// The brokers relayed to: the adapter, and the raw client of the raw relay.
+/// NATS twice: with the default one event of a key in flight, and with
+/// eight (`NatsConfig::max_in_flight_per_key`).
 async fn brokers() -> anyhow::Result<Vec<(&'static str, Arc<dyn Publisher>, raw_relay::Sink)>> {
     e2e::require(e2e::Server::Nats)?;
     e2e::require(e2e::Server::Kafka)?;
-    let nats = NatsBroker::connect(
-        NatsConfig::builder()
-            .url(e2e::nats_url())
-            .stream_prefix("BENCH_OUTBOX_")
-            .storage(Storage::File)
-            .max_age(Duration::from_secs(600)),
-    )
-    .await?;
+    let nats = |per_key: usize| {
+        NatsBroker::connect(
+            NatsConfig::builder()
+                .url(e2e::nats_url())
+                .stream_prefix("BENCH_OUTBOX_")
+                .storage(Storage::File)
+                .max_age(Duration::from_secs(600))
+                .max_in_flight_per_key(NonZeroUsize::new(per_key).unwrap_or(NonZeroUsize::MIN)),
+        )
+    };
     let kafka = KafkaBroker::connect(
         KafkaConfig::builder(e2e::kafka_bootstrap_servers().split(','))
             .session_timeout(Duration::from_secs(6)),
     )
     .await?;
     Ok(vec![
-        ("nats", Arc::new(nats), raw_relay::Sink::nats().await?),
+        (
+            "nats",
+            Arc::new(nats(1).await?),
+            raw_relay::Sink::nats().await?,
+        ),
+        (
+            "nats_8_per_key",
+            Arc::new(nats(crate::nats::PER_KEY).await?),
+            raw_relay::Sink::nats().await?,
+        ),
         ("kafka", Arc::new(kafka), raw_relay::Sink::kafka()?),
     ])
 }
