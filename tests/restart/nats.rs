@@ -162,6 +162,111 @@ async fn a_publish_that_failed_while_the_server_was_down_is_not_sent_later() -> 
     Ok(())
 }
 
+/// An ack the server cannot confirm, because it is down, fails (retryable)
+/// once the request timeout has passed; once the server is back, acks are
+/// confirmed again on the same subscription, and the group has nothing
+/// left pending. (async-nats keeps the failed ack and sends it after
+/// reconnecting, so the server may count it late, or deliver the event
+/// again: either way nothing is lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_while_the_server_is_down_fails_and_acks_work_once_it_is_back() -> anyhow::Result<()>
+{
+    use broker_adapters::cloudevents::AttributesReader as _;
+    use broker_adapters::{PublisherExt as _, SubscribeOptions, Subscriber as _};
+
+    let dir = test_dir("e2e-nats-down-ack")?;
+    let (mut server, port) = own_server(&dir, &[]).await?;
+    let broker = NatsBroker::connect(config(port)).await?;
+    let topic = Topic::try_from("down.acks")?;
+    broker.provision(&topic).await?;
+    let first_id = broker
+        .publish_json(&topic, "dev.backbone.test", "/restart", &1)
+        .await?;
+    let options = SubscribeOptions::new("g")?.ack_wait(Duration::from_secs(3));
+    let mut sub = broker.subscribe(&topic, options).await?;
+    let mut first = next_within(&mut sub, "the first event").await?;
+    assert_eq!(first.event().id(), first_id);
+
+    server.stop().await?;
+    let started = std::time::Instant::now();
+    let err = first.ack().await.expect_err("the server is down");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed within the request timeout (2 s): {:?}",
+        started.elapsed()
+    );
+    drop(first);
+
+    server.start().await?;
+    let second_id = loop {
+        match broker
+            .publish_json(&topic, "dev.backbone.test", "/restart", &2)
+            .await
+        {
+            Ok(id) => break id,
+            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("publishing after the restart"),
+        }
+    };
+    loop {
+        let mut delivery = next_within(&mut sub, "the second event").await?;
+        let id = delivery.event().id().to_owned();
+        anyhow::ensure!(
+            id == first_id || id == second_id,
+            "an event never published: {id}"
+        );
+        delivery
+            .ack()
+            .await
+            .with_context(|| format!("acking {id} with the server back"))?;
+        if id == second_id {
+            break;
+        }
+    }
+
+    let client = async_nats::connect(format!("nats://127.0.0.1:{port}")).await?;
+    let js = async_nats::jetstream::new(client);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(broker.stream_name(&topic))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .get_consumer("g")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = consumer.info().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(
+        (
+            info.num_ack_pending,
+            info.num_pending,
+            info.ack_floor.stream_sequence
+        ),
+        (0, 0, 2),
+        "both events acked, nothing pending: {info:?}"
+    );
+
+    sub.close().await?;
+    broker.close().await?;
+    server.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The subscription's next delivery, within 30 s.
+async fn next_within(
+    sub: &mut broker_adapters::Subscription,
+    what: &str,
+) -> anyhow::Result<broker_adapters::Delivery> {
+    use futures_util::StreamExt as _;
+    tokio::time::timeout(Duration::from_secs(30), sub.next())
+        .await
+        .with_context(|| format!("{what}: nothing within 30 s"))?
+        .with_context(|| format!("{what}: the subscription ended"))?
+        .map_err(anyhow::Error::from)
+}
+
 /// Each subscription has a connection of its own, named after the client,
 /// the topic and the group: it is open while the subscription is, stays
 /// open while a delivery of it is unsettled (so the delivery can still be

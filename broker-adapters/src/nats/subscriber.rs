@@ -22,6 +22,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use async_nats::client::RequestErrorKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, FromConsumer, pull};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::ConsumerErrorKind;
@@ -495,18 +496,34 @@ struct NatsAcker {
 
 impl NatsAcker {
     /// Sends `kind` and waits for the server to confirm it.
+    ///
+    /// A request on the client's shared reply subscription, where
+    /// async-nats' `double_ack_with` subscribes to a fresh inbox for each
+    /// ack and unsubscribes after it: three protocol operations, and the
+    /// server's work on its subscriptions, for every ack.
     async fn confirmed(&self, kind: NatsAck, operation: &'static str) -> Result<()> {
-        self.msg.double_ack_with(kind).await.map_err(|e| {
-            let timed_out = e
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-            let class = if timed_out {
-                Class::Timeout
-            } else {
-                Class::Connection
-            };
-            error::classify(operation, class, self.timeout, e)
-        })
+        let Some(reply) = self.msg.reply.clone() else {
+            return Err(error::classify(
+                operation,
+                Class::Permanent,
+                self.timeout,
+                "the message has no reply subject to ack on",
+            ));
+        };
+        let request = async_nats::Request::new()
+            .payload(kind.into())
+            .timeout(Some(self.timeout));
+        match self.msg.context.client().send_request(reply, request).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let class = if e.kind() == RequestErrorKind::TimedOut {
+                    Class::Timeout
+                } else {
+                    Class::Connection
+                };
+                Err(error::classify(operation, class, self.timeout, e))
+            }
+        }
     }
 }
 
