@@ -1,6 +1,6 @@
 //! The NATS JetStream adapter beside raw async-nats with the same ack mode:
 //! publishes wait for the JetStream ack, consumer acks are confirmed by the
-//! server (double ack), and both sides keep many acks in flight.
+//! server (a request it answers), and both sides keep many acks in flight.
 
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
@@ -242,9 +242,20 @@ async fn ack(mut delivery: Delivery) -> broker_adapters::Result<()> {
     delivery.ack().await.map(|_| ())
 }
 
+/// The raw client's confirmed ack, as ours sends it: a request on the
+/// client's shared reply subscription. (async-nats' own `double_ack`
+/// subscribes to a fresh inbox for each ack; the raw side measured with it
+/// ran at 0.6–0.8 of this rate.)
 async fn raw_ack(message: jetstream::Message) -> anyhow::Result<()> {
+    let reply = message
+        .reply
+        .clone()
+        .context("a JetStream message has a reply subject")?;
     message
-        .double_ack()
+        .context
+        .client()
+        .request(reply, "+ACK".into())
         .await
+        .map(|_| ())
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
