@@ -917,6 +917,13 @@ async fn stored_after_a_refusal(
         .publish_batch(&topic, batch)
         .await
         .expect_err("the stream refuses a1");
+    // A fence: JetStream stores one connection's messages in the order
+    // sent, so once this is acknowledged, whatever the batch sent before
+    // it is stored too.
+    broker
+        .publish(&topic, event("fence", 0, 10))
+        .await
+        .expect("the fence stored");
 
     let mut stream = js.get_stream(&name).await.expect("stream");
     let last = stream.info().await.expect("info").state.last_sequence;
