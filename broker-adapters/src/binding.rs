@@ -218,11 +218,13 @@ impl Binding {
                 continue;
             };
             let text = std::str::from_utf8(raw).map_err(|e| decode_error("a header value", e))?;
-            let value = self.unescape(text)?;
             if attr == "specversion" {
-                spec_version.get_or_insert(value);
+                if spec_version.is_none() {
+                    spec_version = Some(self.unescape_borrowed(text)?);
+                }
                 continue;
             }
+            let value = self.unescape(text)?;
             if !attributes.iter().any(|(n, _)| *n == attr) {
                 attributes.push((attr, value));
             }
@@ -251,7 +253,7 @@ impl Binding {
                 ),
             ));
         };
-        let spec_version = SpecVersion::try_from(spec_version.as_str())
+        let spec_version = SpecVersion::try_from(spec_version.as_ref())
             .map_err(|e| decode_error("the spec version", e))?;
         if spec_version == SpecVersion::V10 {
             match build_v10(attributes, payload.bytes()) {
@@ -290,6 +292,15 @@ impl Binding {
         Cow::Owned(out)
     }
 
+    /// [`unescape`](Self::unescape), borrowing `value` when it has nothing
+    /// to unescape.
+    fn unescape_borrowed<'v>(&self, value: &'v str) -> Result<Cow<'v, str>> {
+        if !self.percent_encode || !value.contains('%') {
+            return Ok(Cow::Borrowed(value));
+        }
+        self.unescape(value).map(Cow::Owned)
+    }
+
     fn unescape(&self, value: &str) -> Result<String> {
         if !self.percent_encode || !value.contains('%') {
             return Ok(value.to_owned());
@@ -322,11 +333,17 @@ impl Binding {
     }
 }
 
-/// `name` without `prefix`, compared case-insensitively.
+/// `name` without `prefix` (lowercase ASCII), compared case-insensitively.
 fn strip_prefix_ignore_case<'n>(name: &'n str, prefix: &str) -> Option<&'n str> {
     let n = prefix.len();
     let head = name.as_bytes().get(..n)?;
-    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+    // A byte at a time: the prefixes are three bytes, too short for the
+    // general comparison's set-up to pay.
+    if head
+        .iter()
+        .zip(prefix.as_bytes())
+        .all(|(&h, &p)| h.to_ascii_lowercase() == p)
+    {
         name.get(n..)
     } else {
         None
