@@ -123,6 +123,7 @@ pub(super) async fn subscribe(
         }),
         ready: Notify::new(),
         wake_pump: Notify::new(),
+        client: conn.client.clone(),
     });
     let cancel = inner.shutdown.child_token();
     let pump = Pump {
@@ -300,6 +301,8 @@ struct Shared {
     ready: Notify,
     /// Woken when the gate has room again or a nack is queued.
     wake_pump: Notify,
+    /// The subscription's connection, which the ackers' requests go over.
+    client: async_nats::Client,
 }
 
 struct State {
@@ -513,7 +516,7 @@ impl NatsAcker {
         let request = async_nats::Request::new()
             .payload(kind.into())
             .timeout(Some(self.timeout));
-        match self.msg.context.client().send_request(reply, request).await {
+        match self.shared.client.send_request(reply, request).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 let class = if e.kind() == RequestErrorKind::TimedOut {
