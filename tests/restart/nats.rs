@@ -119,27 +119,10 @@ async fn a_publish_that_failed_while_the_server_was_down_is_not_sent_later() -> 
         .publish_json(&topic, "dev.backbone.test", "/restart", &2)
         .await
         .expect_err("the server is down");
-    assert!(err.is_retryable(), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "failed within the request timeout (2 s): {:?}",
-        started.elapsed()
-    );
+    failed_in_time(&err, started);
 
     server.start().await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match broker
-            .publish_json(&topic, "dev.backbone.test", "/restart", &3)
-            .await
-        {
-            Ok(_) => break,
-            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e).context("publishing after the restart"),
-        }
-    }
+    publish_once_back(&broker, &topic, 3).await?;
     let client = async_nats::connect(format!("nats://127.0.0.1:{port}")).await?;
     let js = async_nats::jetstream::new(client);
     let mut stream = js
@@ -190,25 +173,9 @@ async fn an_ack_while_the_server_is_down_fails_and_acks_work_once_it_is_back() -
     server.stop().await?;
     let started = std::time::Instant::now();
     let err = first.ack().await.expect_err("the server is down");
-    assert!(err.is_retryable(), "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "failed within the request timeout (2 s): {:?}",
-        started.elapsed()
-    );
+    failed_in_time(&err, started);
     server.start().await?;
-    let second_id = loop {
-        match broker
-            .publish_json(&topic, "dev.backbone.test", "/restart", &2)
-            .await
-        {
-            Ok(id) => break id,
-            Err(e) if e.is_retryable() && started.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e).context("publishing after the restart"),
-        }
-    };
+    let second_id = publish_once_back(&broker, &topic, 2).await?;
     loop {
         let mut delivery = next_within(&mut sub, "the second event").await?;
         let id = delivery.event().id().to_owned();
@@ -258,6 +225,35 @@ async fn an_ack_while_the_server_is_down_fails_and_acks_work_once_it_is_back() -
     server.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `err`, from an operation begun at `started` with the server down, is
+/// retryable and came within the request timeout (2 s), with room to spare.
+fn failed_in_time(err: &broker_adapters::Error, started: std::time::Instant) {
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed within the request timeout (2 s): {:?}",
+        started.elapsed()
+    );
+}
+
+/// Publishes `n` once the restarted server takes it (within 30 s); its id.
+async fn publish_once_back(broker: &NatsBroker, topic: &Topic, n: u32) -> anyhow::Result<String> {
+    use broker_adapters::PublisherExt as _;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match broker
+            .publish_json(topic, "dev.backbone.test", "/restart", &n)
+            .await
+        {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("publishing after the restart"),
+        }
+    }
 }
 
 /// The subscription's next delivery, within 30 s.
