@@ -33,24 +33,22 @@ macro_rules! now_ms {
 }
 
 /// A relay's mark of the published rows whose ids are the parameter
-/// `$ids`: deleted, or stamped with the publish time (`keep`). It names
-/// `no_wait`, a `with` part that has the statement commit without waiting
-/// for the WAL flush (a mark lost in a database crash only publishes its
-/// rows again, with the same event ids, as a relay killed before marking
-/// does).
+/// `$ids`: deleted, or stamped with the publish time when the parameter
+/// `$keep` is true, by the function `orchestrator_outbox_mark` (see its
+/// migration for why a function). It names `no_wait`, a `with` part that
+/// has the statement commit without waiting for the WAL flush (a mark lost
+/// in a database crash only publishes its rows again, with the same event
+/// ids, as a relay killed before marking does). Its one column is the
+/// number of rows marked.
 macro_rules! pg_mark {
-    (delete, $ids:literal) => {
-        concat!("delete from orchestrator_outbox", pg_mark!(where $ids))
-    };
-    (keep, $ids:literal) => {
+    ($ids:literal, $keep:literal) => {
         concat!(
-            "update orchestrator_outbox set published_ms = ",
-            now_ms!(),
-            pg_mark!(where $ids)
+            "select orchestrator_outbox_mark(",
+            $ids,
+            ", ",
+            $keep,
+            ") as marked from no_wait"
         )
-    };
-    (where $ids:literal) => {
-        concat!(" where id = any(", $ids, ") and exists (select 1 from no_wait)")
     };
 }
 
@@ -63,9 +61,10 @@ macro_rules! pg_no_wait {
 
 /// A relay's look: the oldest pending rows (at most `$3` per partition,
 /// none with an id in `$4`) of the partitions whose lease `$1` holds,
-/// except those in `$2`; after `$with`.
+/// except those in `$2`; after `$with`, and with the condition `$and`
+/// (empty, or starting with ` and `) beside the lease's.
 macro_rules! pg_look {
-    ($with:expr) => {
+    ($with:expr, $and:expr) => {
         concat!(
             $with,
             "select o.part, o.id, o.topic, o.payload, ",
@@ -75,7 +74,9 @@ macro_rules! pg_look {
              where p.part = l.part and p.published_ms is null and p.failed_ms is null \
              and p.id <> all($4) order by p.id limit $3) o where l.owner = $1 and l.expires_ms > ",
             now_ms!(),
-            " and l.part <> all($2) order by o.part, o.id"
+            " and l.part <> all($2)",
+            $and,
+            " order by o.part, o.id"
         )
     };
 }
@@ -512,7 +513,7 @@ impl RelayStore for PgRelayStore {
         limit: i64,
     ) -> Result<Vec<StoredRow>> {
         self.look(
-            pg_look!(""),
+            pg_look!("", ""),
             relay,
             skip,
             exclude,
@@ -534,24 +535,29 @@ impl RelayStore for PgRelayStore {
         keep: bool,
         limit: i64,
     ) -> Result<Vec<StoredRow>> {
-        // The mark (a data-modifying part, run whether or not the load reads
-        // it) does not change what the load sees, which leaves the marked
-        // rows out by id.
+        // The mark runs once, before the load, as the condition every row
+        // of the look meets (a condition that names no row is checked
+        // before the rows are read, whether or not there are any). It does
+        // not change what the load sees (the statement's snapshot is taken
+        // before it), which leaves the marked rows out by id.
         macro_rules! marking {
-            ($how:ident) => {
-                pg_look!(concat!(
-                    "with ",
-                    pg_no_wait!(),
-                    ", marked as (",
-                    pg_mark!($how, "$4"),
-                    ") "
-                ))
+            ($keep:literal) => {
+                pg_look!(
+                    concat!(
+                        "with ",
+                        pg_no_wait!(),
+                        ", marked as (",
+                        pg_mark!("$4", $keep),
+                        ") "
+                    ),
+                    " and (select marked from marked) is not null"
+                )
             };
         }
         let sql = if keep {
-            marking!(keep)
+            marking!("true")
         } else {
-            marking!(delete)
+            marking!("false")
         };
         let operation = "mark outbox rows published and load pending ones";
         self.look(sql, relay, skip, exclude, limit, operation).await
@@ -577,13 +583,9 @@ impl RelayStore for PgRelayStore {
     }
 
     async fn finish(&self, ids: &[i64], keep: bool) -> Result<()> {
-        let query = if keep {
-            sqlx::query(concat!("with ", pg_no_wait!(), " ", pg_mark!(keep, "$1")))
-        } else {
-            sqlx::query(concat!("with ", pg_no_wait!(), " ", pg_mark!(delete, "$1")))
-        };
-        query
+        sqlx::query(concat!("with ", pg_no_wait!(), " ", pg_mark!("$1", "$2")))
             .bind(ids)
+            .bind(keep)
             .execute(&self.pool)
             .await
             .map_err(|e| Error::db("mark outbox rows published", e))?;

@@ -121,6 +121,67 @@ async fn postgres_marks_leave_the_pool_committing_synchronously() -> anyhow::Res
     db.close().await
 }
 
+/// A relay's mark on PostgreSQL finds its rows through the primary key
+/// whatever plan the connection has cached: with generic plans forced (as a
+/// cached plan made while the table was small is used after it grew), a
+/// mark of some rows, deleted or kept, scans no heap. A sequential scan
+/// there reads every dead row the queue table has piled up since its last
+/// vacuum, on every mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_marks_never_scan_the_whole_outbox() -> anyhow::Result<()> {
+    let db = Db::open(Backend::Postgres, OutboxConfig::new()).await?;
+    let Db::Pg { pool, .. } = &db else {
+        bail!("a PostgreSQL database");
+    };
+    let topic = Topic::from_static("orders");
+    for n in 0..20 {
+        db.enqueue(&topic, &[event(&format!("k{n}"), n)?], true)
+            .await?;
+    }
+    let ids: Vec<i64> = sqlx::query_scalar("select id from orchestrator_outbox order by id")
+        .fetch_all(pool)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("set plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await?;
+    for (keep, marked) in [(true, &ids[..5]), (false, &ids[5..10])] {
+        // The statistics of this transaction alone.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let n: i64 = sqlx::query_scalar("select orchestrator_outbox_mark($1, $2)")
+            .bind(marked)
+            .bind(keep)
+            .fetch_one(&mut *tx)
+            .await?;
+        ensure!(n == 5, "marked {n} rows of 5 (keep: {keep})");
+        let seq_scans: i64 = sqlx::query_scalar(
+            "select seq_scan from pg_stat_xact_user_tables where relid = 'orchestrator_outbox'::regclass",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        ensure!(
+            seq_scans == 0,
+            "a mark (keep: {keep}) scanned the whole outbox {seq_scans} time(s)"
+        );
+        tx.commit().await?;
+    }
+    sqlx::query("reset plan_cache_mode")
+        .execute(&mut *conn)
+        .await?;
+    drop(conn);
+    let (pending, published, left): (i64, i64, i64) = sqlx::query_as(
+        "select count(*) filter (where published_ms is null), count(published_ms), count(*) \
+         from orchestrator_outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    ensure!(
+        (pending, published, left) == (10, 5, 15),
+        "after the marks: {pending} pending, {published} kept as published, {left} rows"
+    );
+    db.close().await
+}
+
 /// What most scenarios start from: a fresh outbox with the default
 /// configuration, the in-memory broker, the topic `orders` and a sink on it.
 async fn start(backend: Backend) -> anyhow::Result<(Db, Arc<MemoryBroker>, Topic, Sink)> {
