@@ -124,9 +124,9 @@ async fn postgres_marks_leave_the_pool_committing_synchronously() -> anyhow::Res
 /// A relay's mark on PostgreSQL finds its rows through the primary key
 /// whatever plan the connection has cached: with generic plans forced (as a
 /// cached plan made while the table was small is used after it grew), a
-/// mark of some rows, deleted or kept, scans no heap. A sequential scan
-/// there reads every dead row the queue table has piled up since its last
-/// vacuum, on every mark.
+/// mark of some rows, deleted or kept, makes no sequential scan of the
+/// outbox. Such a scan reads every dead row the queue table has piled up
+/// since its last vacuum, on every mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_marks_never_scan_the_whole_outbox() -> anyhow::Result<()> {
     let db = Db::open(Backend::Postgres, OutboxConfig::new()).await?;
