@@ -706,6 +706,9 @@ impl Inbox<Postgres> {
             now_ms!(),
             " - $1 order by processed_ms limit $2)"
         ))
+        // Planned on each call, for the inbox as it is then: a plan cached
+        // while the inbox was small would go on reading all of it.
+        .persistent(false)
         .bind(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .execute(&self.pool)
